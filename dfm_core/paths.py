@@ -1,0 +1,209 @@
+"""Conditional probability paths p_t(x | x1), factorised over positions (eq 1).
+
+* :class:`MixturePath`: eq 2, ``(1 - kappa_t(x1)) p(x) + kappa_t(x1) delta_{x1}(x)``, with any source PMF
+  and any (possibly token-dependent) scheduler.
+* :class:`MetricPath`: eq 27, ``softmax(-beta_t d(x, x1))`` with a distance matrix or a callable and
+  ``beta_t`` from eq 108.
+
+Both give the conditional PMF and its time derivative over the whole vocabulary (shape (..., V)),
+which is all the kinetic-optimal velocities need, and draw ``x_t ~ p_t(. | x1)`` for a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dfm_core.schedulers import BetaSchedule, Scheduler
+from dfm_core.sources import sample_source
+
+__all__ = ["ProbabilityPath", "MixturePath", "MetricPath"]
+
+
+class ProbabilityPath:
+    """Interface of a factorised conditional path over a vocabulary of size ``vocab_size``."""
+
+    vocab_size: int
+
+    def probs(self, x1: Tensor, t: Tensor) -> Tensor:
+        """p_t(. | x1) for every position: (..., V). ``t`` broadcasts against ``x1``."""
+        raise NotImplementedError
+
+    def probs_dt(self, x1: Tensor, t: Tensor) -> Tensor:
+        """d/dt p_t(. | x1): (..., V)."""
+        raise NotImplementedError
+
+    def sample(self, x1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_t ~ p_t(. | x1) independently per position."""
+        probs = self.probs(x1, t)
+        flat = probs.reshape(-1, probs.shape[-1]).to(torch.float64).clamp_min(0.0)
+        return torch.multinomial(flat, 1, generator=generator).reshape(x1.shape)
+
+    def sample_source(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Draw x_0 from the source p_0 (identical for every x1)."""
+        raise NotImplementedError
+
+
+class MixturePath(ProbabilityPath):
+    """Mixture path of eq 2 with source PMF ``source`` (V,) and scheduler ``scheduler``."""
+
+    def __init__(self, source: Tensor, scheduler: Scheduler) -> None:
+        source = torch.as_tensor(source, dtype=torch.float64)
+        if source.ndim != 1:
+            raise ValueError("the source PMF must have shape (V,)")
+        self.source = source / source.sum()
+        self.scheduler = scheduler
+        self.vocab_size = int(source.shape[0])
+        nz = torch.nonzero(self.source).flatten()
+        self.mask_id: int | None = int(nz[0]) if len(nz) == 1 else None
+
+    def _source_like(self, like: Tensor) -> Tensor:
+        return self.source.to(device=like.device, dtype=like.dtype)
+
+    def kappa(self, x1: Tensor, t: Tensor) -> Tensor:
+        return self.scheduler.kappa(_as_time(t, x1), x1)
+
+    def probs(self, x1: Tensor, t: Tensor) -> Tensor:
+        k = self.kappa(x1, t).unsqueeze(-1)
+        p = self._source_like(k)
+        onehot = torch.nn.functional.one_hot(x1, self.vocab_size).to(k.dtype)
+        return (1.0 - k) * p + k * onehot
+
+    def probs_dt(self, x1: Tensor, t: Tensor) -> Tensor:
+        dk = self.scheduler.d_kappa(_as_time(t, x1), x1).unsqueeze(-1)
+        p = self._source_like(dk)
+        onehot = torch.nn.functional.one_hot(x1, self.vocab_size).to(dk.dtype)
+        return dk * (onehot - p)
+
+    def sample(self, x1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        k = self.kappa(x1, t)
+        u = torch.rand(x1.shape, generator=generator, device=x1.device, dtype=k.dtype)
+        x0 = self.sample_source(tuple(x1.shape), generator=generator, device=x1.device)
+        return torch.where(u < k, x1, x0)
+
+    def sample_source(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        if self.mask_id is not None:
+            return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
+        return sample_source(self.source, shape, generator=generator, device=device)
+
+    def __repr__(self) -> str:
+        src = f"mask={self.mask_id}" if self.mask_id is not None else f"V={self.vocab_size}"
+        return f"MixturePath({src}, {self.scheduler!r})"
+
+
+class MetricPath(ProbabilityPath):
+    """Metric-induced path of eq 27: p_t(x | x1) = softmax(-beta_t d(x, x1)).
+
+    Args:
+        distance: either a (V, V) tensor with ``distance[x1, x] = d(x, x1)`` (>= 0, zero only on the
+            diagonal), or a callable mapping ``x1`` (...,) to distances (..., V) (e.g. computed from
+            embeddings as in eq 107 without storing a V x V matrix).
+        beta: the schedule beta_t (eq 108).
+        vocab_size: required when ``distance`` is a callable.
+    """
+
+    def __init__(
+        self,
+        distance: Tensor | Callable[[Tensor], Tensor],
+        beta: BetaSchedule | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        self.beta = beta or BetaSchedule()
+        if callable(distance) and not isinstance(distance, Tensor):
+            if vocab_size is None:
+                raise ValueError("vocab_size is required with a callable distance")
+            self._distance_fn = distance
+            self.vocab_size = int(vocab_size)
+        else:
+            d = torch.as_tensor(distance)
+            if d.ndim != 2 or d.shape[0] != d.shape[1]:
+                raise ValueError("distance must be a square (V, V) matrix")
+            if (d < 0).any() or (d.diagonal() != 0).any():
+                raise ValueError("distance must be non-negative with a zero diagonal")
+            self._matrix = d
+            self._distance_fn = None
+            self.vocab_size = int(d.shape[0])
+
+    @classmethod
+    def from_embeddings(
+        cls, embeddings: Tensor, power: float = 1.0, beta: BetaSchedule | None = None
+    ) -> MetricPath:
+        """d(x, y) = ||emb(x) - emb(y)||_2^power (eq 107), evaluated on demand."""
+        emb = embeddings.detach()
+
+        def dist(x1: Tensor) -> Tensor:
+            e = emb.to(x1.device)
+            return torch.cdist(e[x1].reshape(-1, e.shape[-1]), e).reshape(*x1.shape, e.shape[0]) ** power
+
+        return cls(dist, beta=beta, vocab_size=int(emb.shape[0]))
+
+    @classmethod
+    def ordinal(
+        cls, vocab_size: int, low: float = -1.0, high: float = 1.0, beta: BetaSchedule | None = None
+    ) -> MetricPath:
+        """d(x, y) = |v(x) - v(y)| with tokens placed evenly on [low, high] (pixel values, sec 8.3)."""
+        v = torch.linspace(low, high, vocab_size, dtype=torch.float64)
+        return cls((v[:, None] - v[None, :]).abs(), beta=beta)
+
+    def distances(self, x1: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """d(., x1) for every position: (..., V)."""
+        if self._distance_fn is not None:
+            d = self._distance_fn(x1)
+        else:
+            d = self._matrix.to(x1.device)[x1]
+        return d.to(dtype) if dtype is not None else d
+
+    def _beta_terms(self, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t = _as_time(t, x1)
+        dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+        t = t.to(dtype)
+        d = self.distances(x1, dtype)
+        return t, d, self.beta.beta(t.clamp(max=1.0 - 1e-7)).unsqueeze(-1)
+
+    def probs(self, x1: Tensor, t: Tensor) -> Tensor:
+        t, d, b = self._beta_terms(x1, t)
+        p = torch.softmax(-b * d, dim=-1)
+        onehot = torch.nn.functional.one_hot(x1, self.vocab_size).to(p.dtype)
+        return torch.where((t >= 1.0).unsqueeze(-1), onehot, p)
+
+    def probs_dt(self, x1: Tensor, t: Tensor) -> Tensor:
+        t, d, b = self._beta_terms(x1, t)
+        p = torch.softmax(-b * d, dim=-1)
+        db = self.beta.d_beta(t.clamp(max=1.0 - 1e-7)).unsqueeze(-1)
+        mean_d = (p * d).sum(-1, keepdim=True)
+        dp = -db * p * (d - mean_d)
+        return torch.where((t >= 1.0).unsqueeze(-1), torch.zeros_like(dp), dp)
+
+    def sample_source(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        # beta_0 = 0: p_0 is uniform for every x1.
+        return torch.randint(self.vocab_size, shape, generator=generator, device=device)
+
+    def __repr__(self) -> str:
+        return f"MetricPath(V={self.vocab_size}, {self.beta!r})"
+
+
+def _as_time(t: Tensor | float, x1: Tensor) -> Tensor:
+    """Broadcast t to x1's shape. A (B,) time against (B, L, ...) tokens is aligned on the batch dim."""
+    t = torch.as_tensor(t, device=x1.device)
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    while t.ndim < x1.ndim:
+        t = t.unsqueeze(-1)
+    return t.expand(x1.shape)
