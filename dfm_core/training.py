@@ -1,0 +1,788 @@
+"""The training loop every app shares: AdamW, warmup + cosine LR, grad clipping, EMA, bf16, checkpoints.
+
+An app supplies a model, a ``loss_fn(model, batch, generator) -> scalar`` (e.g. the cross-entropy of
+eq 11 of the KO-DFM paper on ``path.sample`` draws), and a batch source; :func:`train` does the rest:
+
+* AdamW with linear warmup then cosine decay (or constant), gradient-norm clipping, an EMA of the
+  weights (validation runs on the EMA weights), bf16 autocast on CUDA, optional ``torch.compile``;
+* ``run_dir/metrics.jsonl`` (one JSON object per log/eval event) and a tqdm bar (loss, lr, items/s);
+* ``run_dir/last.pt`` every ``ckpt_every`` steps and at the end, ``run_dir/best.pt`` by validation
+  loss, both written atomically. A checkpoint holds the model, optimizer, scheduler, EMA, step, the
+  data and loss generators and the global python/numpy/torch RNG states, so a run killed after ``k``
+  steps and resumed ends with exactly the weights of an uninterrupted run;
+* weights exported for release as safetensors with JSON metadata (:func:`export_safetensors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import struct
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "EMA",
+    "TrainConfig",
+    "TrainResult",
+    "WarmupSchedule",
+    "config_from_dict",
+    "export_safetensors",
+    "load_checkpoint",
+    "load_config",
+    "load_safetensors",
+    "resolve_device",
+    "seed_everything",
+    "train",
+]
+
+C = TypeVar("C")
+
+LossFn = Callable[[nn.Module, Any, torch.Generator], Tensor]
+ValLossFn = Callable[[nn.Module, torch.Generator], Tensor | float]
+BatchSource = Callable[[torch.Generator], Any] | Iterable[Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Build the dataclass ``cls`` from ``data``, rejecting unknown keys with a clear error.
+
+    Lists become tuples for tuple-typed fields (TOML and JSON have no tuples).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.__name__} key(s): {', '.join(unknown)}; valid keys are: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        if isinstance(value, list) and "tuple" in str(fields[key].type):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike, cls: type[C], section: str | None = None) -> C:
+    """Load a dataclass config from a ``.toml`` or ``.json`` file.
+
+    Args:
+        path: the file.
+        cls: the dataclass (e.g. :class:`TrainConfig`).
+        section: read only this top-level table (e.g. ``"train"`` in a file with ``[train]`` and
+            ``[model]`` tables); None for the whole file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown suffix, unknown keys, or a missing section.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".toml":
+        import tomllib
+
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        raise ValueError(f"config must be a .toml or .json file, got {path}")
+    if section is not None:
+        if section not in data:
+            raise ValueError(f"{path} has no [{section}] section (it has: {', '.join(data) or 'none'})")
+        data = data[section]
+    try:
+        return config_from_dict(cls, data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of :func:`train`.
+
+    Attributes:
+        steps: total optimizer steps.
+        batch_size: items per step (used by the app's batch source; reported as items/s).
+        lr: peak learning rate.
+        weight_decay: AdamW decoupled weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warmup from ``lr / warmup_steps`` to ``lr``.
+        lr_schedule: ``"cosine"`` (decay to ``min_lr_ratio * lr`` at ``steps``) or ``"constant"``.
+        min_lr_ratio: floor of the cosine schedule, as a fraction of ``lr``.
+        grad_clip: max global gradient norm; ``<= 0`` disables clipping.
+        ema_decay: EMA decay; 0 makes the EMA a copy of the weights.
+        bf16: bf16 autocast for forward/loss (on CUDA only; CPU runs stay fp32).
+        eval_every: validation every this many steps (and at the end); 0 disables.
+        eval_batches: batches per validation.
+        ckpt_every: write ``last.pt`` every this many steps (and at the end); 0 only at the end.
+        log_every: append a train record to ``metrics.jsonl`` every this many steps.
+        seed: seeds the weights' init (by the caller), the data and loss generators and dropout.
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
+        compile: wrap the model in ``torch.compile`` for the forward passes.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    bf16: bool = True
+    eval_every: int = 1000
+    eval_batches: int = 10
+    ckpt_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.steps < 0 or self.warmup_steps < 0:
+            raise ValueError("steps and warmup_steps must be >= 0")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return config_from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class WarmupSchedule:
+    """LR multiplier: linear warmup ``(s + 1) / W`` then cosine to ``min_ratio`` at ``total``, or constant.
+
+    A callable object (not a lambda) so ``LambdaLR.state_dict`` round-trips it.
+    """
+
+    def __init__(self, warmup: int, total: int, kind: str = "cosine", min_ratio: float = 0.0) -> None:
+        self.warmup, self.total, self.kind, self.min_ratio = warmup, total, kind, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters.
+
+    .. math:: \\bar\\theta \\leftarrow d_n \\bar\\theta + (1 - d_n)\\theta,\\qquad
+              d_n = \\min(d, (1 + n) / (10 + n))
+
+    The warmup ``d_n`` (``warmup=True``) keeps short runs from averaging in the random init.
+
+    Args:
+        model: the model whose parameters are tracked (shadows are fp32 copies on its device).
+        decay: the asymptotic decay ``d``.
+        warmup: use ``d_n`` rather than ``d``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow: dict[str, Tensor] = {
+            name: p.detach().clone().float()
+            for name, p in model.named_parameters()
+            if p.dtype.is_floating_point
+        }
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the shadow weights towards ``model``'s."""
+        d = self.current_decay()
+        self.num_updates += 1
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite ``model``'s parameters with the shadow weights."""
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                p.copy_(self.shadow[name])
+
+    @contextmanager
+    def average_parameters(self, model: nn.Module) -> Iterator[None]:
+        """Temporarily swap the EMA weights into ``model`` (restored on exit)."""
+        backup = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.shadow}
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in backup:
+                        p.copy_(backup[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "shadow": self.shadow,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state lacks parameters: {sorted(missing)[:5]}")
+        self.decay = state["decay"]
+        self.warmup = state["warmup"]
+        self.num_updates = state["num_updates"]
+        for name, value in state["shadow"].items():
+            if name in self.shadow:
+                self.shadow[name].copy_(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint IO
+# --------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via ``write(tmp_path)`` into a temp file next to ``path``, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _rng_state(data_gen: torch.Generator, loss_gen: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data_gen": data_gen.get_state(),
+        "loss_gen": loss_gen.get_state(),
+    }
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], data_gen: torch.Generator, loss_gen: torch.Generator) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    data_gen.set_state(state["data_gen"])
+    loss_gen.set_state(state["loss_gen"])
+
+
+def _architecture(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in _unwrap(model).state_dict().items()}
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Read a ``last.pt``/``best.pt`` written by :func:`train`; optionally load its weights into ``model``.
+
+    Args:
+        path: the checkpoint.
+        model: if given, receives the weights (strictly).
+        use_ema: load the EMA weights rather than the raw ones.
+        map_location: where tensors go.
+
+    Returns:
+        The checkpoint dict (keys ``model``, ``ema``, ``optimizer``, ``scheduler``, ``step``, ``rng``,
+        ``config``, ``metadata``, ``architecture``, ``best_val_loss``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint written by dfm_core.training.train")
+    if model is not None:
+        target = _unwrap(model)
+        target.load_state_dict(ckpt["model"])
+        if use_ema and ckpt.get("ema") is not None:
+            with torch.no_grad():
+                for name, p in target.named_parameters():
+                    if name in ckpt["ema"]["shadow"]:
+                        p.copy_(ckpt["ema"]["shadow"][name])
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------------
+# safetensors export
+# --------------------------------------------------------------------------------------------------
+
+
+def export_safetensors(
+    model_or_state: nn.Module | Mapping[str, Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save weights as a safetensors file with JSON metadata in its header, atomically.
+
+    Args:
+        model_or_state: a module (``torch.compile`` wrappers are unwrapped) or a state dict.
+        path: destination (``.safetensors``).
+        metadata: JSON-serialisable values, stored as JSON strings in the header.
+        dtype: cast floating-point tensors to this dtype (e.g. ``torch.bfloat16`` halves the file).
+
+    Returns:
+        The written path.
+    """
+    from safetensors.torch import save_file
+
+    state = _unwrap(model_or_state).state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {}
+    for name, value in state.items():
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[name] = value.contiguous().clone()  # safetensors refuses shared storage
+    header = {"format": "pt"}
+    for key, value in (metadata or {}).items():
+        header[str(key)] = json.dumps(value)
+    path = Path(path)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def load_safetensors(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load weights and metadata written by :func:`export_safetensors`.
+
+    Returns:
+        ``(state_dict, metadata)``, metadata values JSON-decoded (non-JSON strings kept as strings).
+
+    Raises:
+        FileNotFoundError: no file.
+        ValueError: the file is not a safetensors checkpoint (e.g. a torch ``.pt`` zip, truncated or
+            corrupt data).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"safetensors checkpoint not found: {path}")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK":
+            raise ValueError(
+                f"{path} is not a safetensors checkpoint: it looks like a torch .pt (zip) file; "
+                "use dfm_core.training.load_checkpoint for those"
+            )
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors checkpoint: file too short ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or 8 + n > size:
+            raise ValueError(
+                f"{path} is not a safetensors checkpoint: bad header length {n} for {size} bytes"
+            )
+        try:
+            json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors checkpoint: header is not JSON ({e})") from e
+    device = str(map_location)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            raw_meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError and friends: truncated or inconsistent data
+        raise ValueError(f"{path} is not a valid safetensors checkpoint ({type(e).__name__}: {e})") from e
+    meta: dict[str, Any] = {}
+    for key, value in raw_meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return state, meta
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        step: the final step.
+        final_loss: mean training loss over the last logging window (nan if no step ran).
+        best_val_loss: best validation loss on the EMA weights (inf if never validated).
+        run_dir: the run directory.
+        last_checkpoint: ``run_dir/last.pt``.
+        best_checkpoint: ``run_dir/best.pt`` or None.
+        resumed_from: the step the run resumed from, or None for a fresh run.
+        wall_time_s: seconds spent in this call.
+        ema: the EMA (``ema.copy_to(model)`` for the averaged weights).
+    """
+
+    step: int
+    final_loss: float
+    best_val_loss: float
+    run_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    resumed_from: int | None
+    wall_time_s: float
+    ema: EMA = field(repr=False)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(
+            batch, **{f.name: _to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)}
+        )
+    return batch
+
+
+def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _check_resumable(
+    ckpt: Mapping[str, Any], model: nn.Module, config: TrainConfig, metadata: Mapping
+) -> None:
+    saved, current = ckpt["architecture"], _architecture(model)
+    if saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        details = "; ".join(f"{k}: saved {saved.get(k)} vs model {current.get(k)}" for k in diff[:5])
+        raise ValueError(
+            f"cannot resume: the checkpoint's architecture differs from the model ({len(diff)} tensors, "
+            f"e.g. {details}). Use a new run_dir or resume=False."
+        )
+    saved_meta = ckpt.get("metadata") or {}
+    if "model_config" in saved_meta and "model_config" in metadata:
+        if saved_meta["model_config"] != metadata["model_config"]:
+            raise ValueError(
+                "cannot resume: metadata['model_config'] differs from the checkpoint's "
+                f"({saved_meta['model_config']} vs {metadata['model_config']}). Use a new run_dir or resume=False."
+            )
+    old = ckpt["config"]
+    changed = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
+    if changed:
+        warnings.warn(f"resuming with a changed TrainConfig (saved -> now): {changed}", stacklevel=3)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_batches: BatchSource,
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    val_loss_fn: ValLossFn | None = None,
+    resume: bool = True,
+    extra_metadata: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` to minimise ``loss_fn``; see the module docstring for what it writes.
+
+    Args:
+        model: the network (moved to the configured device; its parameters are trained in place).
+        loss_fn: ``loss_fn(model, batch, generator) -> scalar``; ``generator`` lives on the training
+            device and is the only randomness the loss should use (e.g. for ``t`` and ``x_t``), so
+            resumed runs replay it exactly.
+        train_batches: ``train_batches(generator) -> batch`` drawing with the CPU ``generator`` (exactly
+            resumable), or an iterable of batches (restarted from its start on resume, with a warning).
+            Tensors in tuples, lists, dicts and dataclasses are moved to the device.
+        config: :class:`TrainConfig`.
+        run_dir: directory for ``metrics.jsonl``, ``last.pt``, ``best.pt``, ``config.json``.
+        val_loss_fn: ``val_loss_fn(model, generator) -> scalar`` on one validation batch, called
+            ``eval_batches`` times with a generator re-seeded identically at every validation, under
+            ``torch.no_grad`` with the EMA weights swapped in.
+        resume: continue from ``run_dir/last.pt`` if present (refused if the architecture differs).
+        extra_metadata: JSON-serialisable facts stored in checkpoints and ``config.json`` (e.g.
+            ``{"model_config": ...}``, which must also match on resume).
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # JSON round trip: fails early on non-serialisable metadata and makes resume comparisons exact
+    metadata = json.loads(json.dumps(dict(extra_metadata or {})))
+    device = resolve_device(config.device)
+    use_bf16 = config.bf16 and device.type == "cuda"
+    last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
+
+    model.to(device)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupSchedule(config.warmup_steps, config.steps, config.lr_schedule, config.min_lr_ratio)
+    )
+    ema = EMA(model, config.ema_decay)
+    data_gen = torch.Generator().manual_seed(config.seed)
+    loss_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+
+    step, best_val, resumed_from = 0, math.inf, None
+    resumed_window = {"loss_sum": 0.0, "steps": 0}  # a partly filled logging window, for identical logs
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path, map_location=device)
+        _check_resumable(ckpt, model, config, metadata)
+        _unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        ema.load_state_dict(ckpt["ema"])
+        ckpt["rng"]["torch"] = ckpt["rng"]["torch"].cpu()
+        ckpt["rng"]["data_gen"] = ckpt["rng"]["data_gen"].cpu()
+        ckpt["rng"]["loss_gen"] = ckpt["rng"]["loss_gen"].cpu()
+        ckpt["rng"]["cuda"] = [s.cpu() for s in ckpt["rng"]["cuda"]]
+        _set_rng_state(ckpt["rng"], data_gen, loss_gen)
+        step = resumed_from = int(ckpt["step"])
+        best_val = float(ckpt.get("best_val_loss", math.inf))
+        resumed_window = ckpt.get("log_window", {"loss_sum": 0.0, "steps": 0})
+        _truncate_metrics(metrics_path, step)
+        if not callable(train_batches):
+            warnings.warn(
+                "train_batches is an iterable: resuming restarts it from its beginning", stacklevel=2
+            )
+        del ckpt
+    else:
+        if metrics_path.exists():
+            metrics_path.unlink()
+        # dropout and any global-RNG use are seeded too (weights were initialised by the caller)
+        seed_everything(config.seed)
+    (run_dir / "config.json").write_text(
+        json.dumps({"train": config.to_dict(), "metadata": metadata}, indent=2) + "\n"
+    )
+
+    forward_model = torch.compile(model) if config.compile else model
+    batches = None if callable(train_batches) else iter(train_batches)
+
+    def next_batch() -> Any:
+        batch = train_batches(data_gen) if batches is None else next(batches)  # type: ignore[operator]
+        return _to_device(batch, device)
+
+    def autocast():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    def checkpoint(path: Path) -> None:
+        state = {
+            "model": _unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict(),
+            "step": step,
+            "best_val_loss": best_val,
+            "log_window": {"loss_sum": float(window_loss), "steps": window_steps},
+            "rng": _rng_state(data_gen, loss_gen),
+            "config": config.to_dict(),
+            "metadata": metadata,
+            "architecture": _architecture(model),
+            "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
+        }
+        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def validate() -> float:
+        val_gen = torch.Generator(device=device).manual_seed(config.seed + 2)
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        try:
+            with ema.average_parameters(model), torch.no_grad(), autocast():
+                for _ in range(config.eval_batches):
+                    total += float(val_loss_fn(forward_model, val_gen))  # type: ignore[misc]
+        finally:
+            model.train(was_training)
+        return total / max(1, config.eval_batches)
+
+    start_time = time.perf_counter()
+    window_loss = torch.tensor(resumed_window["loss_sum"], device=device)
+    window_steps, window_start = int(resumed_window["steps"]), time.perf_counter()
+    final_loss = math.nan
+    clean = True  # state is consistent (between steps) and may be checkpointed on interrupt
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    model.train()
+    try:
+        while step < config.steps:
+            clean = False
+            batch = next_batch()
+            with autocast():
+                loss = loss_fn(forward_model, batch, loss_gen)
+            loss.backward()
+            clip = config.grad_clip if config.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            ema.update(model)
+            step += 1
+            clean = True
+            window_loss += loss.detach().float()
+            window_steps += 1
+
+            if step % config.log_every == 0 or step == config.steps:
+                final_loss = float(window_loss) / window_steps
+                if not math.isfinite(final_loss):
+                    raise FloatingPointError(
+                        f"non-finite training loss {final_loss} at step {step}; last good checkpoint: {last_path}"
+                    )
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step,
+                    "loss": final_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "items_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+                    "time_s": time.perf_counter() - start_time,
+                }
+                _append_jsonl(metrics_path, record)
+                bar.set_postfix(
+                    loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}", items_s=f"{record['items_per_s']:.0f}"
+                )
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            bar.update(1)
+
+            if val_loss_fn is not None and config.eval_every > 0:
+                if step % config.eval_every == 0 or step == config.steps:
+                    val = validate()
+                    _append_jsonl(metrics_path, {"step": step, "val_loss": val, "ema": True})
+                    if val < best_val:
+                        best_val = val
+                        checkpoint(best_path)
+            if (config.ckpt_every > 0 and step % config.ckpt_every == 0) or step == config.steps:
+                checkpoint(last_path)
+    except KeyboardInterrupt:
+        if clean and step > 0:
+            checkpoint(last_path)
+        raise
+    finally:
+        bar.close()
+    if step == (resumed_from or 0) and not last_path.exists():
+        checkpoint(last_path)  # zero-step run: still leave a valid checkpoint
+    return TrainResult(
+        step=step,
+        final_loss=final_loss,
+        best_val_loss=best_val,
+        run_dir=run_dir,
+        last_checkpoint=last_path,
+        best_checkpoint=best_path if best_path.exists() else None,
+        resumed_from=resumed_from,
+        wall_time_s=time.perf_counter() - start_time,
+        ema=ema,
+    )

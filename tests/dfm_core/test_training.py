@@ -1,0 +1,297 @@
+"""The shared training loop: learning, exact resume, checkpoints, configs, safetensors export."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfm_core.nn import DiT
+from dfm_core.training import (
+    EMA,
+    TrainConfig,
+    WarmupSchedule,
+    _atomic_write,
+    export_safetensors,
+    load_checkpoint,
+    load_config,
+    load_safetensors,
+    train,
+)
+
+V, L = 8, 6
+
+
+def tiny_model(seed: int = 0, hidden: int = 16, dropout: float = 0.1) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(V, hidden=hidden, depth=1, heads=2, max_len=L, dropout=dropout)
+
+
+def batches(generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, V, (16, L), generator=generator)
+
+
+def denoise_loss(model, x1, generator):
+    """A toy masked-denoising loss: keep each token with prob t, replace the rest by token 0."""
+    t = torch.rand(x1.shape[0], generator=generator, device=x1.device)
+    keep = torch.rand(x1.shape, generator=generator, device=x1.device) < t[:, None]
+    xt = torch.where(keep, x1, torch.zeros_like(x1))
+    return F.cross_entropy(model(xt, t).reshape(-1, V), x1.reshape(-1))
+
+
+def val_loss(model, generator):
+    return denoise_loss(model, batches(generator), generator)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(
+        steps=12,
+        batch_size=16,
+        lr=1e-2,
+        warmup_steps=2,
+        ema_decay=0.9,
+        eval_every=6,
+        eval_batches=2,
+        ckpt_every=4,
+        log_every=3,
+        device="cpu",
+        seed=3,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_a_toy_task(tmp_path):
+    result = train(
+        tiny_model(dropout=0.0),
+        denoise_loss,
+        batches,
+        config(steps=60, log_every=10, eval_every=30),
+        tmp_path,
+        val_loss_fn=val_loss,
+        progress=False,
+    )
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert result.step == 60 and len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0]
+    assert losses[0] < math.log(V) + 0.1
+    records = read_metrics(tmp_path)
+    assert {"step", "loss", "lr", "grad_norm", "items_per_s"} <= set(records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [30, 60]
+    assert result.best_checkpoint == tmp_path / "best.pt"
+    assert math.isfinite(result.best_val_loss)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    full = tiny_model()
+    train(full, denoise_loss, batches, config(), tmp_path / "full", val_loss_fn=val_loss, progress=False)
+
+    calls = {"n": 0}
+
+    def dying_loss(model, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 7:  # dies in step 7; the last checkpoint is at step 4
+            raise RuntimeError("killed")
+        return denoise_loss(model, batch, generator)
+
+    run = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_model(), dying_loss, batches, config(), run, val_loss_fn=val_loss, progress=False)
+    assert load_checkpoint(run / "last.pt")["step"] == 4
+
+    resumed = tiny_model(seed=123)  # a different init: everything must come from the checkpoint
+    result = train(resumed, denoise_loss, batches, config(), run, val_loss_fn=val_loss, progress=False)
+    assert result.resumed_from == 4 and result.step == 12
+
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ema_full = load_checkpoint(tmp_path / "full" / "last.pt")["ema"]["shadow"]
+    for name, value in result.ema.shadow.items():
+        assert torch.equal(value, ema_full[name]), name
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("time_s", "items_per_s")} for r in records]
+
+    # the killed run's records past step 4 were dropped, so the log reads like one run
+    assert strip(read_metrics(run)) == strip(read_metrics(tmp_path / "full"))
+
+
+def test_checkpoint_contents_and_atomicity(tmp_path):
+    model = tiny_model()
+    cfg = config(steps=5, ckpt_every=2)
+    train(
+        model,
+        denoise_loss,
+        batches,
+        cfg,
+        tmp_path,
+        extra_metadata={"model_config": {"hidden": 16}},
+        progress=False,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "last.pt", "metrics.jsonl"]
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert {"model", "optimizer", "scheduler", "ema", "step", "rng", "config", "metadata"} <= set(ckpt)
+    assert ckpt["step"] == 5
+    assert TrainConfig.from_dict(ckpt["config"]) == cfg
+    assert ckpt["metadata"] == {"model_config": {"hidden": 16}}
+    fresh = tiny_model(seed=9)
+    load_checkpoint(tmp_path / "last.pt", fresh, use_ema=True)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, ckpt["ema"]["shadow"][name])
+    load_checkpoint(tmp_path / "last.pt", fresh, use_ema=False)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable training checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_text("old")
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        _atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_resume_refuses_a_different_architecture(tmp_path):
+    train(
+        tiny_model(hidden=16),
+        denoise_loss,
+        batches,
+        config(steps=2),
+        tmp_path,
+        progress=False,
+        extra_metadata={"model_config": {"hidden": 16, "causal": False}},
+    )
+    with pytest.raises(ValueError, match="architecture differs"):
+        train(tiny_model(hidden=8), denoise_loss, batches, config(steps=4), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="model_config"):
+        train(
+            tiny_model(hidden=16),
+            denoise_loss,
+            batches,
+            config(steps=4),
+            tmp_path,
+            progress=False,
+            extra_metadata={"model_config": {"hidden": 16, "causal": True}},
+        )
+    with pytest.warns(UserWarning, match="changed TrainConfig"):
+        result = train(
+            tiny_model(hidden=16), denoise_loss, batches, config(steps=4), tmp_path, progress=False
+        )
+    assert result.resumed_from == 2 and result.step == 4
+    # resume=False starts over
+    assert (
+        train(
+            tiny_model(hidden=8),
+            denoise_loss,
+            batches,
+            config(steps=1),
+            tmp_path,
+            resume=False,
+            progress=False,
+        ).resumed_from
+        is None
+    )
+
+
+def test_iterable_batches_and_nan_detection(tmp_path):
+    data = [batches(torch.Generator().manual_seed(i)) for i in range(3)]
+    result = train(
+        tiny_model(), denoise_loss, data, config(steps=3, eval_every=0), tmp_path / "a", progress=False
+    )
+    assert result.step == 3
+
+    def nan_loss(model, batch, generator):
+        return denoise_loss(model, batch, generator) * float("nan")
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(tiny_model(), nan_loss, batches, config(steps=3), tmp_path / "b", progress=False)
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupSchedule(warmup=4, total=14, kind="cosine", min_ratio=0.1)
+    assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s(4) == pytest.approx(1.0) and s(9) == pytest.approx(0.55) and s(14) == pytest.approx(0.1)
+    assert WarmupSchedule(0, 10, "constant")(7) == 1.0
+
+
+def test_ema_update_and_swap():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5, warmup=False)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], before + 0.5)
+    with ema.average_parameters(model):
+        assert torch.allclose(model.weight, before + 0.5)
+    assert torch.allclose(model.weight, before + 1.0)
+    assert EMA(model, decay=0.999).current_decay() == pytest.approx(0.1)  # warmup (1 + n) / (10 + n)
+
+
+def test_config_files(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nsteps = 5\nlr = 1e-3\nbetas = [0.9, 0.95]\n\n[model]\nhidden = 8\n")
+    cfg = load_config(toml, TrainConfig, section="train")
+    assert cfg.steps == 5 and cfg.betas == (0.9, 0.95)
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(js, TrainConfig) == cfg
+    js.write_text(json.dumps({"steps": 5, "learning_rate": 1.0}))
+    with pytest.raises(ValueError, match="unknown TrainConfig key\\(s\\): learning_rate"):
+        load_config(js, TrainConfig)
+    with pytest.raises(ValueError, match="no \\[optim\\] section"):
+        load_config(toml, TrainConfig, section="optim")
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.toml", TrainConfig)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
+def test_safetensors_round_trip(tmp_path):
+    model = tiny_model()
+    meta = {"model_config": {"hidden": 16, "depth": 1}, "step": 7, "note": "ema weights", "tags": [1, 2]}
+    path = export_safetensors(model, tmp_path / "w.safetensors", meta)
+    state, loaded_meta = load_safetensors(path)
+    assert {k: loaded_meta[k] for k in meta} == meta
+    for name, value in model.state_dict().items():
+        assert torch.equal(state[name], value), name
+    export_safetensors(model.state_dict(), tmp_path / "w16.safetensors", meta, dtype=torch.bfloat16)
+    state16, _ = load_safetensors(tmp_path / "w16.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in state16.values())
+    fresh = tiny_model(seed=5)
+    fresh.load_state_dict(state)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_safetensors_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_safetensors(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, this is not a tensor file at all")
+    with pytest.raises(ValueError, match="not a safetensors checkpoint"):
+        load_safetensors(junk)
+    pt = tmp_path / "model.pt"
+    torch.save(tiny_model().state_dict(), pt)
+    with pytest.raises(ValueError, match="torch .pt"):
+        load_safetensors(pt)
+    good = export_safetensors(tiny_model(), tmp_path / "good.safetensors", {})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="safetensors checkpoint"):
+        load_safetensors(truncated)
