@@ -1,0 +1,428 @@
+"""MP-20 data: find or download the split CSVs, parse CIFs, tokenize, cache, and batch.
+
+The splits are the CDVAE ones (Xie et al. 2021): ``{train,val,test}.csv[.gz]`` with at least the columns
+``material_id`` and ``cif``. Where they live is decided by :func:`resolve_data_dir`; a missing split is
+downloaded from ``DEFAULT_BASE_URL`` (CDVAE's repository) into that directory.
+
+Data flow::
+
+    load_split -> load_structures -> CrystalTokenizer.encode -> load_token_dataset (cached .pt)
+               -> collate_tokens -> (tokens (B, 6 + 4A), num_atoms (B,))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from pymatgen.core import Structure
+from tqdm.auto import tqdm
+
+from matgen.tokenizer import (
+    PAD_ID,
+    TOKENIZER_VERSION,
+    CrystalTokenizer,
+    TokenizationError,
+    num_atoms_from_length,
+    sequence_length,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "SPLITS",
+    "DownloadError",
+    "TokenizedSplit",
+    "atom_count_distribution",
+    "collate_tokens",
+    "default_token_cache_dir",
+    "ensure_split_file",
+    "load_split",
+    "load_structures",
+    "load_token_dataset",
+    "pad_to_atoms",
+    "resolve_data_dir",
+    "sample_atom_counts",
+]
+
+DEFAULT_BASE_URL = "https://raw.githubusercontent.com/txie-93/cdvae/main/data/mp_20"
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("material_id", "cif")
+_CACHE_FORMAT = 1
+
+
+class DownloadError(OSError):
+    """A split file is missing locally and could not be downloaded."""
+
+
+# ---------------------------------------------------------------------------- locating files
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def _user_cache_root() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "matgen"
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """Directory holding the MP-20 split files.
+
+    Precedence: the explicit ``data_dir``, then ``$MATGEN_DATA``, then ``$XDG_CACHE_HOME/matgen/mp_20``
+    (``~/.cache/matgen/mp_20`` when ``XDG_CACHE_HOME`` is unset). The directory need not exist yet.
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("MATGEN_DATA")
+    if env:
+        return Path(env).expanduser()
+    return _user_cache_root() / "mp_20"
+
+
+def default_token_cache_dir() -> Path:
+    """Where tokenized splits are cached: ``$MATGEN_CACHE`` or ``$XDG_CACHE_HOME/matgen/tokens``."""
+    env = os.environ.get("MATGEN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return _user_cache_root() / "tokens"
+
+
+def _find_split_file(split: str, directory: Path) -> Path | None:
+    for name in (f"{split}.csv.gz", f"{split}.csv"):
+        candidate = directory / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(url: str, target: Path, timeout: float) -> None:
+    """Download ``url`` to ``target`` via a temp file in the same directory and an atomic rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+            with tqdm(
+                total=int(total) if total and total.isdigit() else None,
+                unit="B",
+                unit_scale=True,
+                desc=f"downloading {target.name}",
+                leave=False,
+            ) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        with tmp.open("r", encoding="utf-8", errors="replace") as handle:
+            header = handle.readline()
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DownloadError(
+                f"downloaded {url} but it does not look like an MP-20 CSV (header lacks {missing}): "
+                f"{header[:120]!r}"
+            )
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def ensure_split_file(
+    split: str,
+    data_dir: str | Path | None = None,
+    base_url: str = DEFAULT_BASE_URL,
+    download: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Path of ``{split}.csv.gz`` or ``{split}.csv``, downloading ``{base_url}/{split}.csv`` if absent.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        data_dir: see :func:`resolve_data_dir`.
+        base_url: where ``{split}.csv`` can be fetched (``https://``, ``http://`` or ``file://``).
+        download: if False, a missing file raises ``FileNotFoundError`` instead of being fetched.
+        timeout: socket timeout in seconds.
+
+    Raises:
+        ValueError: unknown split.
+        FileNotFoundError: missing and ``download=False``.
+        DownloadError: missing and the download failed; the message names the URL and the target path.
+    """
+    _check_split(split)
+    directory = resolve_data_dir(data_dir)
+    found = _find_split_file(split, directory)
+    if found is not None:
+        return found
+    url = f"{base_url.rstrip('/')}/{split}.csv"
+    target = directory / f"{split}.csv"
+    if not download:
+        raise FileNotFoundError(
+            f"no {split}.csv.gz or {split}.csv in {directory}; pass download=True to fetch {url}, "
+            f"or point MATGEN_DATA at a directory holding the MP-20 CSVs"
+        )
+    try:
+        _download(url, target, timeout)
+    except DownloadError:
+        raise
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise DownloadError(
+            f"could not download MP-20 split {split!r} from {url} to {target}: {exc}"
+        ) from exc
+    return target
+
+
+# ---------------------------------------------------------------------------- reading
+def load_split(split: str, data_dir: str | Path | None = None, limit: int | None = None) -> pd.DataFrame:
+    """Read one split as a DataFrame (columns include ``material_id`` and ``cif``).
+
+    An unnamed index column (as in CDVAE's CSVs) is dropped. ``limit`` keeps the first rows only.
+    """
+    path = ensure_split_file(split, data_dir)
+    frame = pd.read_csv(path, nrows=limit)
+    frame = frame.loc[:, [c for c in frame.columns if not str(c).startswith("Unnamed:")]]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the required columns {missing}; found {list(frame.columns)}")
+    frame["material_id"] = frame["material_id"].astype(str)
+    return frame.reset_index(drop=True)
+
+
+def _parse_cifs(
+    frame: pd.DataFrame, progress: bool, desc: str
+) -> tuple[list[str], list[Structure], dict[str, str]]:
+    """Parse every CIF; returns (ids, structures, {id: reason} for rows that failed)."""
+    ids: list[str] = []
+    structures: list[Structure] = []
+    failed: dict[str, str] = {}
+    rows = zip(frame["material_id"].tolist(), frame["cif"].tolist(), strict=True)
+    with warnings.catch_warnings():
+        # pymatgen warns per CIF about rounded coordinates; thousands of those drown real problems.
+        warnings.simplefilter("ignore")
+        for material_id, cif in tqdm(rows, total=len(frame), desc=desc, disable=not progress):
+            if not isinstance(cif, str) or not cif.strip():
+                failed[material_id] = "empty CIF"
+                continue
+            try:
+                structure = Structure.from_str(cif, fmt="cif")
+            except Exception as exc:  # pymatgen raises many types for bad CIFs
+                failed[material_id] = f"CIF parse error: {type(exc).__name__}: {exc}"
+                continue
+            ids.append(material_id)
+            structures.append(structure)
+    return ids, structures, failed
+
+
+def load_structures(
+    split: str, data_dir: str | Path | None = None, limit: int | None = None, progress: bool = True
+) -> tuple[list[str], list[Structure]]:
+    """Parse a split's CIFs with pymatgen; unparsable rows are skipped with one warning counting them.
+
+    Returns:
+        ``(material_ids, structures)``, in file order.
+    """
+    frame = load_split(split, data_dir, limit)
+    ids, structures, failed = _parse_cifs(frame, progress, desc=f"parsing {split} CIFs")
+    if failed:
+        examples = ", ".join(list(failed)[:3])
+        warnings.warn(
+            f"skipped {len(failed)} of {len(frame)} {split} rows whose CIF did not parse (e.g. {examples})",
+            stacklevel=2,
+        )
+    return ids, structures
+
+
+# ---------------------------------------------------------------------------- tokens
+@dataclass
+class TokenizedSplit:
+    """A tokenized split.
+
+    Attributes:
+        ids: material ids of the kept crystals, in file order.
+        tokens: one LongTensor of shape ``(6 + 4 * num_atoms[i],)`` per crystal.
+        num_atoms: ``(N,)`` atom counts.
+        skipped: ``{material_id: reason}`` for rows that did not parse or tokenize.
+    """
+
+    ids: list[str]
+    tokens: list[torch.LongTensor]
+    num_atoms: torch.LongTensor
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cache_path(split_file: Path, split: str, limit: int | None, cache_dir: Path) -> Path:
+    key = hashlib.sha256(
+        f"{_sha256(split_file)}|{TOKENIZER_VERSION}|{limit}|{_CACHE_FORMAT}".encode()
+    ).hexdigest()[:20]
+    return cache_dir / f"mp20-{split}-{key}.pt"
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+
+
+def _load_cached(path: Path) -> TokenizedSplit:
+    """Read a cache file; raises on anything unexpected so the caller can rebuild."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != _CACHE_FORMAT or payload.get("tokenizer_version") != TOKENIZER_VERSION:
+        raise ValueError("cache written by another version")
+    flat, num_atoms, ids = payload["flat"], payload["num_atoms"], list(payload["ids"])
+    lengths = [sequence_length(n) for n in num_atoms.tolist()]
+    if len(ids) != len(lengths) or sum(lengths) != flat.numel():
+        raise ValueError("inconsistent cache contents")
+    tokens = list(torch.split(flat, lengths)) if lengths else []
+    return TokenizedSplit(ids, tokens, num_atoms.long(), dict(payload["skipped"]))
+
+
+def load_token_dataset(
+    split: str,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TokenizedSplit:
+    """Parse and tokenize a split, caching the result.
+
+    Parsing all 27k train CIFs takes a minute or two, so the result is stored as a ``.pt`` file in
+    ``cache_dir`` (default :func:`default_token_cache_dir`), keyed by the sha256 of the split file, the
+    tokenizer version and ``limit``. Writes are atomic; an unreadable cache is rebuilt.
+
+    Rows that fail to parse or tokenize are left out and listed in ``TokenizedSplit.skipped``.
+    """
+    split_file = ensure_split_file(split, data_dir)
+    path = None
+    if cache:
+        path = _cache_path(
+            split_file, split, limit, Path(cache_dir) if cache_dir else default_token_cache_dir()
+        )
+        if path.exists():
+            try:
+                return _load_cached(path)
+            except Exception as exc:  # corrupt, truncated or foreign: rebuild
+                warnings.warn(f"ignoring unreadable token cache {path} ({exc}); rebuilding", stacklevel=2)
+
+    frame = load_split(split, data_dir, limit)
+    ids, structures, skipped = _parse_cifs(frame, progress, desc=f"tokenizing {split}")
+    tokenizer = CrystalTokenizer()
+    kept_ids: list[str] = []
+    tokens: list[torch.LongTensor] = []
+    for material_id, structure in zip(ids, structures, strict=True):
+        try:
+            tokens.append(tokenizer.encode(structure))
+        except TokenizationError as exc:
+            skipped[material_id] = f"tokenization error: {exc}"
+            continue
+        kept_ids.append(material_id)
+    num_atoms = torch.tensor([num_atoms_from_length(t.numel()) for t in tokens], dtype=torch.long)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(frame)} {split} rows (see .skipped)", stacklevel=2)
+
+    result = TokenizedSplit(kept_ids, tokens, num_atoms, skipped)
+    if path is not None:
+        flat = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.long)
+        payload = {
+            "format": _CACHE_FORMAT,
+            "tokenizer_version": TOKENIZER_VERSION,
+            "ids": kept_ids,
+            "flat": flat,
+            "num_atoms": num_atoms,
+            "skipped": skipped,
+        }
+        try:
+            _save_atomic(payload, path)
+        except OSError as exc:  # a read-only cache must not stop training
+            warnings.warn(f"could not write token cache {path}: {exc}", stacklevel=2)
+    return result
+
+
+# ---------------------------------------------------------------------------- batching
+def pad_to_atoms(tokens: torch.LongTensor, max_atoms: int) -> torch.LongTensor:
+    """Pad (with PAD) or trim trailing PAD so the last dim is ``6 + 4 * max_atoms``.
+
+    Args:
+        tokens: ``(L,)`` or ``(B, L)``.
+        max_atoms: target atom count.
+
+    Raises:
+        ValueError: if trimming would drop non-PAD tokens.
+    """
+    target = sequence_length(max_atoms)
+    length = tokens.shape[-1]
+    if length > target:
+        if bool((tokens[..., target:] != PAD_ID).any()):
+            raise ValueError(f"sequence of length {length} holds more than max_atoms={max_atoms} atoms")
+        return tokens[..., :target]
+    return torch.nn.functional.pad(tokens, (0, target - length), value=PAD_ID)
+
+
+def collate_tokens(seqs: list[torch.LongTensor]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Stack variable-length crystal sequences, PAD-padded to the batch's largest atom count.
+
+    Returns:
+        ``tokens`` of shape ``(B, 6 + 4 * A)`` with ``A = max(num_atoms)``, and ``num_atoms`` ``(B,)``.
+    """
+    if not seqs:
+        raise ValueError("collate_tokens needs at least one sequence")
+    num_atoms = torch.tensor([num_atoms_from_length(s.numel()) for s in seqs], dtype=torch.long)
+    max_atoms = int(num_atoms.max())
+    batch = torch.stack([pad_to_atoms(s.long(), max_atoms) for s in seqs])
+    return batch, num_atoms
+
+
+def atom_count_distribution(num_atoms: torch.Tensor, max_atoms: int | None = None) -> torch.Tensor:
+    """Empirical distribution of atom counts, indexed by the count itself.
+
+    Args:
+        num_atoms: ``(N,)`` atom counts (all >= 1).
+        max_atoms: length of the support; defaults to ``num_atoms.max()``.
+
+    Returns:
+        float Tensor ``p`` of shape ``(max_atoms + 1,)`` with ``p[k] = P(count = k)`` and ``p[0] = 0``,
+        so ``torch.multinomial(p, n, replacement=True)`` draws counts directly.
+    """
+    num_atoms = torch.as_tensor(num_atoms).long().flatten()
+    if num_atoms.numel() == 0:
+        raise ValueError("num_atoms is empty")
+    if int(num_atoms.min()) < 1:
+        raise ValueError("atom counts must be >= 1")
+    largest = int(num_atoms.max())
+    max_atoms = largest if max_atoms is None else max_atoms
+    if max_atoms < largest:
+        raise ValueError(f"max_atoms={max_atoms} is smaller than the largest count {largest}")
+    counts = torch.bincount(num_atoms, minlength=max_atoms + 1).double()
+    return counts / counts.sum()
+
+
+def sample_atom_counts(
+    distribution: torch.Tensor, n: int, generator: torch.Generator | None = None
+) -> torch.LongTensor:
+    """Draw ``n`` atom counts from :func:`atom_count_distribution`'s output; returns ``(n,)``."""
+    return torch.multinomial(distribution.double(), n, replacement=True, generator=generator)
