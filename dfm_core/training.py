@@ -239,7 +239,7 @@ class EMA:
         self.num_updates = 0
         self.shadow: dict[str, Tensor] = {
             name: p.detach().clone().float()
-            for name, p in model.named_parameters()
+            for name, p in _unwrap(model).named_parameters()
             if p.dtype.is_floating_point
         }
 
@@ -253,20 +253,21 @@ class EMA:
         """Move the shadow weights towards ``model``'s."""
         d = self.current_decay()
         self.num_updates += 1
-        for name, p in model.named_parameters():
+        for name, p in _unwrap(model).named_parameters():
             if name in self.shadow:
                 self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite ``model``'s parameters with the shadow weights."""
-        for name, p in model.named_parameters():
+        for name, p in _unwrap(model).named_parameters():
             if name in self.shadow:
                 p.copy_(self.shadow[name])
 
     @contextmanager
     def average_parameters(self, model: nn.Module) -> Iterator[None]:
         """Temporarily swap the EMA weights into ``model`` (restored on exit)."""
+        model = _unwrap(model)
         backup = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.shadow}
         self.copy_to(model)
         try:

@@ -295,3 +295,12 @@ def test_safetensors_bad_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(ValueError, match="safetensors checkpoint"):
         load_safetensors(truncated)
+
+
+def test_ema_and_export_see_through_torch_compile(tmp_path):
+    model = tiny_model()
+    compiled = torch.compile(model)  # lazy: nothing is compiled until called
+    ema = EMA(compiled, decay=0.9)
+    assert set(ema.shadow) == {name for name, _ in model.named_parameters()}
+    state, _ = load_safetensors(export_safetensors(compiled, tmp_path / "c.safetensors", {}))
+    assert set(state) == set(model.state_dict())
