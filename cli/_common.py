@@ -20,4 +20,12 @@ def version_option(app_name: str):
             typer.echo(f"{app_name} {package_version()}")
             raise typer.Exit()
 
-    return typer.Option(False, "--version", help="Print the version and exit.", callback=_callback, is_eager=True)
+    return typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_callback, is_eager=True
+    )
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print an error in red to stderr and exit with ``code`` (nothing is lost: callers write atomically)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)

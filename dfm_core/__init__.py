@@ -29,6 +29,7 @@ from dfm_core.schedulers import (
     LinearScheduler,
     PolynomialScheduler,
     Scheduler,
+    make_scheduler,
 )
 from dfm_core.sources import data_statistics_source, mask_source, token_statistics, uniform_source
 from dfm_core.velocities import (
@@ -61,6 +62,7 @@ __all__ = [
     "data_statistics_source",
     "fair_elbo",
     "general_elbo_integrand",
+    "make_scheduler",
     "make_velocity",
     "mask_source",
     "mixture_elbo_integrand",

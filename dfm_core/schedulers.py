@@ -19,6 +19,7 @@ __all__ = [
     "CosineScheduler",
     "KineticOptimalScheduler",
     "BetaSchedule",
+    "make_scheduler",
 ]
 
 _OMEGA_EPS = 1e-4
@@ -191,3 +192,23 @@ def _broadcast(t: Tensor, x1: Tensor | None) -> Tensor:
         return t
     shape = torch.broadcast_shapes(t.shape, x1.shape)
     return t.to(x1.device).expand(shape)
+
+
+def make_scheduler(name: str, source_pmf: Tensor | None = None, n: float = 1.0) -> Scheduler:
+    """Build a scheduler by name: 'linear', 'poly' (t^n), 'cosine' or 'ko' (eq 33 for ``source_pmf``).
+
+    For 'ko', a source that puts no mass on any token other than a single mask token collapses to the
+    token-independent case Omega = pi/2 (kappa_t = sin^2(pi t / 2)) for every data token.
+    """
+    key = name.lower().replace("_", "-")
+    if key == "linear":
+        return LinearScheduler()
+    if key in ("poly", "polynomial"):
+        return PolynomialScheduler(n)
+    if key == "cosine":
+        return CosineScheduler()
+    if key in ("ko", "kinetic-optimal"):
+        if source_pmf is None or int((torch.as_tensor(source_pmf) > 0).sum()) == 1:
+            return KineticOptimalScheduler()
+        return KineticOptimalScheduler(source_pmf=source_pmf)
+    raise ValueError(f"unknown scheduler {name!r}: choose linear, poly, cosine or ko")

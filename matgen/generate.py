@@ -1,0 +1,412 @@
+"""Crystal generation: checkpoint -> posterior sampler (section 3, App. A) -> tokens -> Structure -> CIF.
+
+Output folder layout (``generate(n, out_dir)``):
+
+* ``crystal_000000.cif`` ...: one CIF per decoded crystal, written atomically (temp file + rename);
+* ``samples.csv``: id, file, formula, atom count, lattice, the constraint that produced it, and the
+  reason for any crystal that did not decode;
+* ``generation.json``: the settings, so that ``resume=True`` continues exactly the same run.
+
+Batch ``k`` draws from its own generator seeded by ``(seed, k)``, so a resumed run writes exactly the
+crystals an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dfm_core.sampler import sample
+from dfm_core.training import load_safetensors, resolve_device
+from dfm_core.velocities import make_velocity
+from matgen import tokenizer as tok
+from matgen.model import CrystalDiTConfig, build_model, token_valid_mask
+from matgen.train import CHECKPOINT_FORMAT, crystal_path
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "CrystalGenerator",
+    "GenerationSummary",
+    "generate",
+    "SAMPLES_COLUMNS",
+]
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ko_dfm_mp20.safetensors"
+SAMPLES_COLUMNS = [
+    "id",
+    "file",
+    "formula",
+    "num_atoms",
+    "a",
+    "b",
+    "c",
+    "alpha",
+    "beta",
+    "gamma",
+    "volume",
+    "constraint",
+    "batch",
+    "error",
+]
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, or not a matgen checkpoint."""
+
+
+@dataclass
+class CrystalGenerator:
+    """A loaded crystal model with its path and the metadata it was trained with."""
+
+    model: torch.nn.Module
+    metadata: dict[str, Any]
+    device: torch.device
+    checkpoint: Path
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | os.PathLike | None = None, device: str = "auto"
+    ) -> CrystalGenerator:
+        path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        if not path.is_file():
+            hint = " (the shipped default model is missing from this install)" if checkpoint is None else ""
+            raise CheckpointError(f"checkpoint not found: {path}{hint}")
+        try:
+            state, meta = load_safetensors(path)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:
+            raise CheckpointError(
+                f"{path} is a safetensors file but not a matgen checkpoint (format={meta.get('format')!r}); "
+                "train one with `matgen train` or pass the shipped default"
+            )
+        kind = meta.get("kind", "dfm")
+        model = build_model(kind, CrystalDiTConfig.from_dict(meta["model_config"]))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit the architecture in its metadata: {e}") from e
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        return cls(model=model, metadata=meta, device=dev, checkpoint=path)
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.get("kind", "dfm")
+
+    @property
+    def max_atoms(self) -> int:
+        return int(self.metadata["model_config"].get("max_atoms", 20))
+
+    def atom_count_distribution(self) -> Tensor:
+        dist = self.metadata.get("atom_count_distribution")
+        if dist is None:
+            raise CheckpointError(f"{self.checkpoint} records no atom-count distribution; pass num_atoms")
+        return torch.tensor(dist, dtype=torch.float64)
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        num_atoms: Tensor,
+        steps: int = 500,
+        temperature: float = 0.7,
+        scheduler: str | None = None,
+        velocity: str = "ko",
+        corrector: float = 0.0,
+        elements: Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
+        float64: bool = True,
+    ) -> Tensor:
+        """Sample token sequences (B, 6 + 4 max(num_atoms)) for the given atom counts."""
+        num_atoms = num_atoms.to(self.device)
+        A = int(num_atoms.max())
+        allowed = tok.CrystalTokenizer().allowed_token_mask(num_atoms.cpu(), A, elements).to(self.device)
+        if self.kind == "ar":
+            return self.model.sample(
+                num_atoms, allowed_mask=allowed, temperature=temperature, generator=generator
+            )
+        L = 6 + 4 * A
+        valid = token_valid_mask(num_atoms, L)
+        path = crystal_path(scheduler or self.metadata.get("scheduler", "ko"))
+        x0 = torch.where(
+            valid,
+            torch.full_like(valid, tok.MASK_ID, dtype=torch.long),
+            torch.full_like(valid, tok.PAD_ID, dtype=torch.long),
+        )
+        use_bf16 = self.device.type == "cuda"
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                return self.model(x, t, num_atoms).float()
+
+        result = sample(
+            model_fn,
+            path,
+            x0,
+            steps=steps,
+            velocity=make_velocity(velocity, corrector=corrector),
+            temperature=temperature,
+            allowed=allowed,
+            clamp_mask=~valid,
+            clamp_values=x0,
+            float64=float64,
+            generator=generator,
+        )
+        return result.tokens
+
+
+@dataclass
+class GenerationSummary:
+    """What a :func:`generate` call did."""
+
+    out_dir: Path
+    requested: int
+    written: int
+    failed: int
+    skipped_batches: int
+    seconds: float
+
+    @property
+    def crystals_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_done_rows(samples: Path, batch_sizes: dict[int, int]) -> list[dict[str, str]]:
+    """Rows of complete batches in samples.csv (a torn last line or a partial batch is dropped)."""
+    if not samples.exists():
+        return []
+    text = samples.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    by_batch: dict[int, list[dict[str, str]]] = {}
+    for r in rows:
+        try:
+            by_batch.setdefault(int(r["batch"]), []).append(r)
+        except (KeyError, ValueError):
+            continue
+    done = []
+    for b, rs in sorted(by_batch.items()):
+        unique = {r["id"]: r for r in rs}
+        if len(unique) == batch_sizes.get(b, -1):
+            done.extend(unique.values())
+    return done
+
+
+def _rows_to_csv(rows: list[dict[str, Any]], header: bool) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SAMPLES_COLUMNS, lineterminator="\n")
+    if header:
+        w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def generate(
+    n: int,
+    out_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    steps: int = 500,
+    temperature: float = 0.7,
+    scheduler: str | None = None,
+    velocity: str = "ko",
+    corrector: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 500,
+    device: str = "auto",
+    num_atoms: int | None = None,
+    elements: Sequence[str] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    prefix: str = "crystal",
+    progress: bool = True,
+) -> GenerationSummary:
+    """Generate ``n`` crystals into ``out_dir`` as CIF files plus ``samples.csv``.
+
+    Args:
+        n: number of crystals.
+        checkpoint: a matgen safetensors checkpoint (default: the shipped KO-DFM model).
+        steps: NFE of the sampler (paper: 500). temperature: posterior softmax temperature (paper: 0.7).
+        scheduler: kappa_t used for sampling (default: the one trained with). velocity: 'ko', 'power-inf',
+            'campbell'; corrector: weight of the eq 35 corrector (0 = none).
+        seed: same seed, same output. batch_size: crystals per sampler batch.
+        num_atoms: fix the atom count (default: drawn from the training distribution).
+        elements: restrict atom types to these element symbols (logit masking).
+        overwrite: replace a previous run's files in ``out_dir``; resume: continue a previous run.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if overwrite and resume:
+        raise ValueError("choose one of overwrite and resume")
+    if elements is not None:
+        elements = [e.strip() for e in elements if e.strip()]
+        unknown = [e for e in elements if e not in tok.ELEMENT_SYMBOLS]
+        if unknown or not elements:
+            raise ValueError(
+                f"unknown element symbol(s) {unknown or elements}: use symbols such as Li,Fe,P,O (Z <= 94)"
+            )
+    gen = CrystalGenerator.from_checkpoint(checkpoint, device)
+    if num_atoms is not None and not 1 <= num_atoms <= gen.max_atoms:
+        raise ValueError(f"num_atoms must be between 1 and {gen.max_atoms} for this model, got {num_atoms}")
+
+    out = Path(out_dir)
+    settings = {
+        "n": n,
+        "checkpoint_sha256": _file_digest(gen.checkpoint),
+        "steps": steps,
+        "temperature": temperature,
+        "scheduler": scheduler or gen.metadata.get("scheduler", "ko"),
+        "velocity": velocity,
+        "corrector": corrector,
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_atoms": num_atoms,
+        "elements": list(elements) if elements else None,
+        "prefix": prefix,
+    }
+    samples_path, settings_path = out / "samples.csv", out / "generation.json"
+    batch_sizes = {b: min(batch_size, n - b * batch_size) for b in range((n + batch_size - 1) // batch_size)}
+    done_rows: list[dict[str, str]] = []
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            if not settings_path.exists():
+                raise FileExistsError(f"{out} holds no generation.json: nothing to resume there")
+            old = json.loads(settings_path.read_text())
+            if old != settings:
+                diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+                raise ValueError(
+                    f"cannot resume {out}: settings differ from the earlier run (old, new): {diff}"
+                )
+            done_rows = _read_done_rows(samples_path, batch_sizes)
+        elif overwrite:
+            for f in out.glob(f"{prefix}_*.cif"):
+                f.unlink()
+            for f in (samples_path, settings_path):
+                f.unlink(missing_ok=True)
+        else:
+            raise FileExistsError(
+                f"{out} is not empty: pass --overwrite to replace its crystals or --resume to continue the run"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    _atomic_write_text(samples_path, _rows_to_csv(done_rows, header=True))
+    done_batches = {int(r["batch"]) for r in done_rows}
+
+    constraint = (
+        ";".join(
+            c
+            for c in (
+                f"elements={','.join(elements)}" if elements else "",
+                f"num_atoms={num_atoms}" if num_atoms else "",
+            )
+            if c
+        )
+        or "none"
+    )
+    dist = None if num_atoms is not None else gen.atom_count_distribution()
+    cif_tok = tok.CrystalTokenizer()
+    start = time.perf_counter()
+    written = failed = 0
+    todo = [b for b in batch_sizes if b not in done_batches]
+    iterator = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(todo, desc="generating", unit="batch")
+    for b in iterator:
+        size = batch_sizes[b]
+        g = torch.Generator(device=gen.device).manual_seed(_batch_seed(seed, b))
+        if dist is None:
+            counts = torch.full((size,), int(num_atoms), dtype=torch.long)
+        else:
+            counts = torch.multinomial(
+                dist,
+                size,
+                replacement=True,
+                generator=torch.Generator().manual_seed(_batch_seed(seed, b) ^ 1),
+            )
+        tokens = gen.sample_tokens(
+            counts,
+            steps=steps,
+            temperature=temperature,
+            scheduler=scheduler,
+            velocity=velocity,
+            corrector=corrector,
+            elements=elements,
+            generator=g,
+        )
+        rows = []
+        for j, (structure, reason) in enumerate(cif_tok.batch_decode(tokens)):
+            idx = b * batch_size + j
+            cid = f"{prefix}_{idx:06d}"
+            row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
+            row.update(id=cid, num_atoms=int(counts[j]), constraint=constraint, batch=b)
+            if structure is None:
+                row["error"] = reason
+                failed += 1
+            else:
+                fname = f"{cid}.cif"
+                _atomic_write_text(out / fname, structure.to(fmt="cif"))
+                lat = structure.lattice
+                row.update(
+                    file=fname,
+                    formula=structure.composition.reduced_formula,
+                    a=round(lat.a, 4),
+                    b=round(lat.b, 4),
+                    c=round(lat.c, 4),
+                    alpha=round(lat.alpha, 3),
+                    beta=round(lat.beta, 3),
+                    gamma=round(lat.gamma, 3),
+                    volume=round(lat.volume, 4),
+                )
+                written += 1
+            rows.append(row)
+        with open(samples_path, "a") as f:
+            f.write(_rows_to_csv(rows, header=False))
+            f.flush()
+            os.fsync(f.fileno())
+    return GenerationSummary(
+        out_dir=out,
+        requested=n,
+        written=written,
+        failed=failed,
+        skipped_batches=len(done_batches),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,258 @@
+"""Training of the crystal models: DFM (mask source, linear kappa), KO-DFM (mask source, eq 33 kappa),
+and the autoregressive baseline (App. E.2), with the cross-entropy loss of eq 11.
+
+Data flow: MP-20 split -> tokens (6 + 4a) -> padded batch -> x_t ~ p_t(. | x_1) on real tokens (padding
+stays PAD) -> atom-pooling DiT -> cross-entropy on real tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dfm_core.objectives import cross_entropy_loss
+from dfm_core.paths import MixturePath
+from dfm_core.schedulers import make_scheduler
+from dfm_core.sources import mask_source
+from dfm_core.training import (
+    TrainConfig,
+    TrainResult,
+    config_from_dict,
+    export_safetensors,
+    seed_everything,
+    train,
+)
+from matgen import tokenizer as tok
+from matgen.data import atom_count_distribution, load_token_dataset
+from matgen.model import CrystalDiTConfig, build_model, count_parameters, token_valid_mask
+
+__all__ = [
+    "MatgenTrainConfig",
+    "crystal_path",
+    "PaddedCrystals",
+    "train_crystal_model",
+    "load_train_config",
+    "MAX_ATOMS",
+]
+
+MAX_ATOMS = 20
+CHECKPOINT_FORMAT = "matgen-checkpoint-v1"
+
+
+@dataclass
+class MatgenTrainConfig:
+    """Everything that defines a crystal training run; saved into every checkpoint.
+
+    Attributes:
+        kind: "dfm" (atom-pooling DiT with a mixture path) or "ar" (autoregressive baseline).
+        scheduler: kappa_t of the mask mixture path: "ko" (eq 33, KO-DFM) or "linear" (DFM) or "cosine".
+        model: network architecture.
+        train: optimisation settings.
+        data_dir: MP-20 folder (else $MATGEN_DATA, else the download cache).
+        train_limit / val_limit: use only the first N crystals of each split (quick runs, tests).
+        max_atoms: crystals with more atoms are skipped (MP-20 has at most 20).
+    """
+
+    kind: Literal["dfm", "ar"] = "dfm"
+    scheduler: str = "ko"
+    model: CrystalDiTConfig = field(default_factory=CrystalDiTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_dir: str | None = None
+    train_limit: int | None = None
+    val_limit: int | None = None
+    max_atoms: int = MAX_ATOMS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = CrystalDiTConfig.from_dict(self.model)
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if self.kind not in ("dfm", "ar"):
+            raise ValueError(f"kind must be 'dfm' or 'ar', got {self.kind!r}")
+        make_scheduler(self.scheduler)  # validates the name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MatgenTrainConfig:
+        return config_from_dict(cls, data)
+
+
+def load_train_config(path: str | os.PathLike) -> MatgenTrainConfig:
+    """Read a TOML or JSON file with top-level keys and [model] / [train] tables."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import tomllib
+
+        data = tomllib.loads(text)
+    try:
+        return MatgenTrainConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def crystal_path(scheduler: str = "ko") -> MixturePath:
+    """The mask mixture path over the 878-token crystal vocabulary."""
+    source = mask_source(tok.VOCAB_SIZE, tok.MASK_ID)
+    return MixturePath(source, make_scheduler(scheduler, source))
+
+
+@dataclass
+class PaddedCrystals:
+    """A tokenized split padded to ``max_atoms``: tokens (N, 6 + 4 max_atoms) and num_atoms (N,)."""
+
+    tokens: Tensor
+    num_atoms: Tensor
+    ids: list[str]
+
+    @classmethod
+    def from_split(cls, split, max_atoms: int) -> PaddedCrystals:
+        keep = [i for i, n in enumerate(split.num_atoms.tolist()) if n <= max_atoms]
+        L = 6 + 4 * max_atoms
+        tokens = torch.full((len(keep), L), tok.PAD_ID, dtype=torch.long)
+        for row, i in enumerate(keep):
+            seq = split.tokens[i]
+            tokens[row, : len(seq)] = seq
+        return cls(tokens, split.num_atoms[keep].clone(), [split.ids[i] for i in keep])
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``idx``, trimmed to the largest atom count among them."""
+        n = self.num_atoms[idx]
+        A = int(n.max())
+        return self.tokens[idx, : 6 + 4 * A], n
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def make_dfm_loss(path: MixturePath):
+    """Eq 11 on a batch: t ~ U[0, 1], x_t ~ p_t(. | x_1) on real tokens, CE of the posterior."""
+
+    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> Tensor:
+        tokens, num_atoms = batch
+        valid = token_valid_mask(num_atoms, tokens.shape[1])
+        t = torch.rand(tokens.shape[0], generator=generator, device=tokens.device)
+        xt = torch.where(valid, path.sample(tokens, t, generator=generator), tokens)
+        logits = model(xt, t, num_atoms)
+        return cross_entropy_loss(logits, tokens, valid)
+
+    return loss_fn
+
+
+def _ar_loss(model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> Tensor:
+    tokens, num_atoms = batch
+    return model.loss(tokens, num_atoms)
+
+
+def train_crystal_model(
+    config: MatgenTrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = True,
+    export: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a crystal model on MP-20 train, validating on MP-20 val (test is never touched).
+
+    Writes ``run_dir/{last,best}.pt`` and ``metrics.jsonl`` (resumable), and ``run_dir/model.safetensors``
+    (EMA weights of the best validation step, with the config, data ids digest and atom-count
+    distribution in its metadata), copied to ``export`` if given.
+    """
+    run_dir = Path(run_dir)
+    seed_everything(config.train.seed)
+    train_split = load_token_dataset("train", config.data_dir, limit=config.train_limit, progress=progress)
+    val_split = load_token_dataset("val", config.data_dir, limit=config.val_limit, progress=progress)
+    train_data = PaddedCrystals.from_split(train_split, config.max_atoms)
+    val_data = PaddedCrystals.from_split(val_split, config.max_atoms)
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise ValueError("no crystals to train on: check the data directory and the limits")
+
+    model_cfg = dataclasses.replace(config.model, max_atoms=config.max_atoms)
+    model = build_model(config.kind, model_cfg)
+    path = crystal_path(config.scheduler)
+    loss_fn = make_dfm_loss(path) if config.kind == "dfm" else _ar_loss
+    bs = config.train.batch_size
+
+    def train_batches(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return train_data.batch(torch.randint(len(train_data), (bs,), generator=generator))
+
+    def val_loss(model: nn.Module, generator: torch.Generator) -> Tensor:
+        idx = torch.randint(len(val_data), (bs,), generator=generator, device=generator.device).cpu()
+        tokens, num_atoms = val_data.batch(idx)
+        device = next(model.parameters()).device
+        return loss_fn(model, (tokens.to(device), num_atoms.to(device)), generator)
+
+    metadata = {
+        "model_config": model_cfg.to_dict(),
+        "matgen_config": config.to_dict(),
+        "data": {
+            "train_ids_sha256": ids_digest(train_data.ids),
+            "val_ids_sha256": ids_digest(val_data.ids),
+            "n_train": len(train_data),
+            "n_val": len(val_data),
+            "train_skipped": len(train_split.skipped),
+        },
+        "atom_count_distribution": atom_count_distribution(train_data.num_atoms, config.max_atoms).tolist(),
+        "parameters": count_parameters(model),
+    }
+    result = train(
+        model,
+        loss_fn,
+        train_batches,
+        config.train,
+        run_dir,
+        val_loss_fn=val_loss,
+        resume=resume,
+        extra_metadata=metadata,
+        progress=progress,
+    )
+    out = run_dir / "model.safetensors"
+    export_checkpoint(run_dir, out, config, metadata)
+    if export is not None:
+        export_checkpoint(run_dir, Path(export), config, metadata)
+    return result
+
+
+def export_checkpoint(
+    run_dir: Path,
+    out: Path,
+    config: MatgenTrainConfig,
+    metadata: dict[str, Any],
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with run metadata."""
+    from dfm_core.training import load_checkpoint
+
+    src = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+    model = build_model(config.kind, CrystalDiTConfig.from_dict(metadata["model_config"]))
+    ckpt = load_checkpoint(src, model=model, use_ema=True, map_location="cpu")
+    meta = dict(metadata)
+    meta.update(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "kind": config.kind,
+            "scheduler": config.scheduler,
+            "step": int(ckpt["step"]),
+            "best_val_loss": float(ckpt.get("best_val_loss", float("nan"))),
+            "source_checkpoint": src.name,
+        }
+    )
+    return export_safetensors(model, out, meta, dtype=dtype)
