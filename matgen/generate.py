@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ko_dfm_mp20.safetensors"
+COINCIDENT_TOLERANCE = 1e-3  # A
 SAMPLES_COLUMNS = [
     "id",
     "file",
@@ -180,6 +181,18 @@ class GenerationSummary:
     @property
     def crystals_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _coincident_atoms(structure) -> str | None:
+    """Two atoms on the same site make a CIF that CIF readers reject (merged, occupancy > 1)."""
+    if len(structure) < 2:
+        return None
+    d = structure.distance_matrix
+    d[range(len(structure)), range(len(structure))] = float("inf")
+    if d.min() < COINCIDENT_TOLERANCE:
+        i, j = divmod(int(d.argmin()), len(structure))
+        return f"atoms {i} and {j} sit on the same site (distance {d[i, j]:.4f} A); no CIF written"
+    return None
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -378,6 +391,9 @@ def generate(
             cid = f"{prefix}_{idx:06d}"
             row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
             row.update(id=cid, num_atoms=int(counts[j]), constraint=constraint, batch=b)
+            if structure is not None:
+                reason = _coincident_atoms(structure)
+                structure = None if reason else structure
             if structure is None:
                 row["error"] = reason
                 failed += 1
