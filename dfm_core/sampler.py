@@ -175,11 +175,14 @@ def _mixture_ko_step(
     generator: torch.Generator | None,
     dtype: torch.dtype,
 ) -> Tensor:
-    # eq 72: the only jump is z -> x1, at rate lambda(x1) = kappa'(x1) / (1 - kappa(x1)).
+    # eq 72: the only jump is z -> x1, at rate lambda(x1) = kappa'(x1) / (1 - kappa(x1)). It holds where
+    # p_t(z | x1) > 0; a state off the path's support (e.g. an unmasked token != x1 under the mask
+    # source) has zero flux out (eq 16, 18) and stays.
     lam = path.scheduler.rate(t.to(dtype).expand(x1.shape), x1)
     stay = torch.exp(-h.to(dtype) * lam)
     u = torch.rand(z.shape, generator=generator, device=z.device, dtype=dtype)
-    jump = (u >= stay) & (z != x1)
+    on_support = path.source.to(z.device)[z] > 0
+    jump = (u >= stay) & (z != x1) & on_support
     return torch.where(jump, x1, z)
 
 
