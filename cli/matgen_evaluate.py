@@ -1,0 +1,74 @@
+"""``matgen evaluate``: a thin typer layer over :func:`matgen.evaluate.evaluate`.
+
+Registered in ``cli/matgen.py`` with ``app.command("evaluate")(evaluate_command)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+__all__ = ["evaluate_command"]
+
+
+def evaluate_command(
+    inputs: Path = typer.Argument(
+        ...,
+        help="Generated crystals: a folder of .cif files, one .cif, or a .csv/.parquet with a 'cif' column.",
+        exists=True,
+    ),
+    out: Path = typer.Option(
+        Path("eval_out"), "--out", "-o", help="Output folder (re-running with the same folder resumes)."
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="MP-20 folder with {train,test}.csv[.gz] (default: $MATGEN_DATA)."
+    ),
+    skip_stability: bool = typer.Option(
+        False, "--skip-stability", help="Skip CHGNet relaxation, E_hull, S.U.N."
+    ),
+    device: str = typer.Option("auto", "--device", help="CHGNet device: auto, cpu, cuda, cuda:1, ..."),
+    hull: Path | None = typer.Option(
+        None,
+        "--hull",
+        help="Hull reference: folder like mp_hull, CSV (formula, formation_energy_per_atom) or "
+        "PatchedPhaseDiagram .pkl[.gz] (default: $MATGEN_HULL or mp_hull next to the data folder).",
+    ),
+    test_limit: int | None = typer.Option(
+        None, "--test-limit", help="Seeded random subset of the MP-20 test set as coverage reference."
+    ),
+    train_limit: int | None = typer.Option(None, "--train-limit", help="First N training rows for novelty."),
+    relax_steps: int = typer.Option(500, "--relax-steps", help="FIRE step cap."),
+    fmax: float = typer.Option(0.1, "--fmax", help="Force convergence threshold (eV/A)."),
+    batch_atoms: int | None = typer.Option(
+        None, "--batch-atoms", help="Atoms per batched CHGNet call (default 8192 on CUDA, 256 on CPU)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --test-limit subset."),
+    workers: int = typer.Option(0, "--workers", help="Extra processes for fingerprinting (0 = none)."),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Cache for test-set fingerprints (default: $MATGEN_CACHE/evaluate)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Evaluate generated crystals: validity, coverage, distributions, CHGNet stability, S.U.N."""
+    from matgen.evaluate import evaluate
+
+    evaluate(
+        inputs,
+        out,
+        data_dir=data_dir,
+        skip_stability=skip_stability,
+        device=device,
+        hull=hull,
+        test_limit=test_limit,
+        train_limit=train_limit,
+        relax_steps=relax_steps,
+        fmax=fmax,
+        batch_atoms=batch_atoms,
+        seed=seed,
+        workers=workers,
+        cache_dir=cache_dir,
+        progress=progress,
+        console=True,
+    )
+    typer.echo(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'report.md'}")

@@ -1,0 +1,248 @@
+"""Convex-hull references for energy above hull of CHGNet-relaxed crystals.
+
+Default reference (``/work/shared/data/mp_hull``, see its README): MP2020-corrected formation energies of
+53,358 MP materials (all MP-20 ids + MPTS-52 val/test) plus the 2023-02-07 MP elemental reference entries.
+It is APPROXIMATE: stable phases outside MP-20/MPTS-52 are missing, so the hull is too high and E_hull is
+biased low (optimistic); on 3,000 MP rows it reproduced MP's e_above_hull within 10 meV for 91.7% of them.
+
+:class:`FormationEnergyHull` follows the README recipe, but builds a pymatgen ``PhaseDiagram`` *per
+chemical system on demand* (all entries whose elements lie within the crystal's elements, plus 0-eV
+elemental terminals) and keeps the most recent ones in an LRU cache; one PatchedPhaseDiagram over all
+entries would take minutes to build. For a crystal with N atoms and CHGNet total energy E:
+
+    E_form = (E - sum_i n_i mu_i) / N           (mu_i: elemental reference energy per atom)
+    E_hull = E_form - E_form^hull(composition)  (can be negative: below the reference hull)
+
+:class:`PhaseDiagramHull` wraps a pickled pymatgen ``PatchedPhaseDiagram``/``PhaseDiagram`` of total-energy
+``ComputedEntry``s, e.g. matbench-discovery's ``2023-02-07-ppd-mp.pkl.gz`` (the FlowMM reference):
+``E_hull = E/N - ppd.get_hull_energy_per_atom(composition)``, as in flowmm ``scripts_analysis/ehull.py``.
+
+:func:`load_hull` picks the right one from a path: a directory (``*.csv[.gz]`` + elemental references),
+a CSV of the same format, or a ``.pkl``/``.pkl.gz`` pickle.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import pickle
+import re
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from pymatgen.core import Composition
+
+__all__ = [
+    "FormationEnergyHull",
+    "HullReference",
+    "PhaseDiagramHull",
+    "default_hull_path",
+    "load_hull",
+]
+
+ELEMENTAL_REFS_NAME = "2023-02-07-mp-elemental-reference-entries.json.gz"
+FORMULA_COLUMNS = ("reduced_formula", "formula", "composition", "pretty_formula")
+_ELEMENT_RE = re.compile(r"[A-Z][a-z]?")
+
+
+class HullReference(Protocol):
+    """Anything that gives the energy above hull of a composition at a total energy per atom."""
+
+    description: str
+
+    def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float: ...
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def load_elemental_references(path: str | Path) -> dict[str, float]:
+    """``{element: energy per atom (eV)}`` from a JSON(.gz) dict of ``ComputedEntry.as_dict()``."""
+    from pymatgen.entries.computed_entries import ComputedEntry
+
+    with _open(Path(path)) as f:
+        raw = json.load(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noble gases lack electronegativities
+        return {el: float(ComputedEntry.from_dict(d).energy_per_atom) for el, d in raw.items()}
+
+
+class FormationEnergyHull:
+    """Hull from formation energies per atom, built per chemical system on demand (see module docstring).
+
+    Args:
+        formulas: one formula per reference material.
+        formation_energies: formation energy per atom (eV/atom) of each, on the same scale as the elemental
+            references (MP2020-corrected for the default data).
+        elemental_refs: ``{element: energy per atom}`` used to turn total energies into formation energies.
+        cache_size: number of chemical-system phase diagrams kept in memory.
+        description: one line for reports.
+    """
+
+    def __init__(
+        self,
+        formulas: list[str],
+        formation_energies: np.ndarray | list[float],
+        elemental_refs: dict[str, float],
+        cache_size: int = 4096,
+        description: str = "formation-energy hull",
+    ) -> None:
+        self.elemental_refs = dict(elemental_refs)
+        self.description = description
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        # Grouped by element set from the formula text; Compositions are built only for systems in use.
+        self._raw: dict[frozenset[str], list[tuple[str, float]]] = {}
+        for formula, e in zip(formulas, np.asarray(formation_energies, dtype=float), strict=True):
+            if np.isfinite(e):
+                system = frozenset(_ELEMENT_RE.findall(str(formula)))
+                self._raw.setdefault(system, []).append((str(formula), float(e)))
+        self._by_system: dict[frozenset[str], list[tuple[Composition, float]]] = {}
+
+    def _entries(self, system: frozenset[str]) -> list[tuple[Composition, float]]:
+        if system not in self._by_system:
+            with warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore"
+                )  # pymatgen warns about noble gases lacking electronegativities
+                self._by_system[system] = [(Composition(f), e) for f, e in self._raw.get(system, [])]
+        return self._by_system[system]
+
+    @classmethod
+    def from_csv(
+        cls, csv: str | Path, elemental_refs: str | Path | dict[str, float] | None = None, **kwargs
+    ) -> FormationEnergyHull:
+        """Read a CSV with a formula column and ``formation_energy_per_atom``.
+
+        ``elemental_refs``: a dict, a JSON(.gz) path, or ``None`` for ``ELEMENTAL_REFS_NAME`` next to the CSV.
+        """
+        csv = Path(csv)
+        frame = pd.read_csv(csv)
+        col = next((c for c in FORMULA_COLUMNS if c in frame.columns), None)
+        if col is None or "formation_energy_per_atom" not in frame.columns:
+            raise ValueError(
+                f"{csv} needs a formula column ({', '.join(FORMULA_COLUMNS)}) and formation_energy_per_atom"
+            )
+        if elemental_refs is None:
+            elemental_refs = csv.parent / ELEMENTAL_REFS_NAME
+        refs = (
+            elemental_refs if isinstance(elemental_refs, dict) else load_elemental_references(elemental_refs)
+        )
+        kwargs.setdefault("description", f"formation energies from {csv.name} ({len(frame)} entries)")
+        return cls(
+            frame[col].astype(str).tolist(), frame["formation_energy_per_atom"].to_numpy(), refs, **kwargs
+        )
+
+    def _phase_diagram(self, elements: frozenset[str]):
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+        key = "-".join(sorted(elements))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        entries = [PDEntry(Composition(el), 0.0) for el in sorted(elements)]
+        for r in range(1, len(elements) + 1):
+            for sub in itertools.combinations(sorted(elements), r):
+                for comp, e in self._entries(frozenset(sub)):
+                    entries.append(PDEntry(comp, e * comp.num_atoms))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pd_ = PhaseDiagram(entries)
+        self._cache[key] = pd_
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return pd_
+
+    def formation_energy_per_atom(self, composition: Composition, energy_per_atom: float) -> float:
+        comp = Composition(composition).element_composition
+        missing = [el.symbol for el in comp.elements if el.symbol not in self.elemental_refs]
+        if missing:
+            raise KeyError(f"no elemental reference energy for {', '.join(missing)}")
+        mu = sum(self.elemental_refs[el.symbol] * amt for el, amt in comp.items()) / comp.num_atoms
+        return float(energy_per_atom - mu)
+
+    def hull_formation_energy_per_atom(self, composition: Composition) -> float:
+        comp = Composition(composition).element_composition
+        return float(
+            self._phase_diagram(frozenset(el.symbol for el in comp.elements)).get_hull_energy_per_atom(comp)
+        )
+
+    def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float:
+        comp = Composition(composition).element_composition
+        return self.formation_energy_per_atom(comp, energy_per_atom) - self.hull_formation_energy_per_atom(
+            comp
+        )
+
+
+class PhaseDiagramHull:
+    """A pickled pymatgen (Patched)PhaseDiagram of total-energy entries (e.g. matbench-discovery's MP PPD)."""
+
+    def __init__(self, phase_diagram: object, description: str = "pickled phase diagram") -> None:
+        self.phase_diagram = phase_diagram
+        self.description = description
+
+    @classmethod
+    def from_pickle(cls, path: str | Path) -> PhaseDiagramHull:
+        path = Path(path)
+        with _open(path) as f:
+            obj = pickle.load(f)  # noqa: S301 -- a file the user pointed us to
+        return cls(obj, description=f"{type(obj).__name__} from {path.name}")
+
+    def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float:
+        comp = Composition(composition).element_composition
+        return float(energy_per_atom - self.phase_diagram.get_hull_energy_per_atom(comp))
+
+
+def default_hull_path(data_dir: str | Path | None = None) -> Path:
+    """``$MATGEN_HULL``, else the ``mp_hull`` folder next to the MP-20 data folder."""
+    env = os.environ.get("MATGEN_HULL")
+    if env:
+        return Path(env).expanduser()
+    from matgen.data import resolve_data_dir
+
+    return resolve_data_dir(data_dir).parent / "mp_hull"
+
+
+def load_hull(path: str | Path | None = None, data_dir: str | Path | None = None) -> HullReference:
+    """Open a hull reference: a directory with ``*.csv[.gz]`` + elemental refs, a CSV, or a pickle.
+
+    Opened references are kept for the life of the process (keyed by path and modification time).
+    """
+    p = Path(path).expanduser() if path is not None else default_hull_path(data_dir)
+    key = (str(p.resolve()), p.stat().st_mtime if p.exists() else None)
+    if key not in _HULLS:
+        _HULLS[key] = _open_hull(p, data_dir)
+    return _HULLS[key]
+
+
+_HULLS: dict[tuple[str, float | None], HullReference] = {}
+
+
+def _open_hull(p: Path, data_dir: str | Path | None) -> HullReference:
+    if not p.exists():
+        raise FileNotFoundError(
+            f"hull reference {p} not found; pass --hull (a directory like /work/shared/data/mp_hull, a CSV with "
+            "formula + formation_energy_per_atom, or a PatchedPhaseDiagram .pkl[.gz]) or set MATGEN_HULL"
+        )
+    name = p.name.lower()
+    if p.is_dir():
+        csvs = sorted(p.glob("*.csv.gz")) + sorted(p.glob("*.csv"))
+        if not csvs:
+            raise FileNotFoundError(f"no *.csv[.gz] of formation energies in {p}")
+        refs = p / ELEMENTAL_REFS_NAME
+        return FormationEnergyHull.from_csv(csvs[0], refs if refs.exists() else None)
+    if name.endswith((".pkl", ".pkl.gz", ".pickle")):
+        return PhaseDiagramHull.from_pickle(p)
+    if name.endswith((".csv", ".csv.gz")):
+        refs = p.parent / ELEMENTAL_REFS_NAME
+        if not refs.exists():
+            refs = default_hull_path(data_dir) / ELEMENTAL_REFS_NAME
+        return FormationEnergyHull.from_csv(p, refs)
+    raise ValueError(f"unrecognised hull reference {p}: expected a directory, .csv[.gz] or .pkl[.gz]")

@@ -1,0 +1,498 @@
+"""``evaluate``: judge any crystal generator's output against MP-20, resumably.
+
+Stages (each with a progress bar), per crystal unless noted:
+
+1. read + parse + sanity bounds + structural/compositional validity + fingerprints   -> journal "basic"
+2. MP-20 test reference fingerprints (cached on disk; whole set)                       -> coverage, W-dist
+3. batched CHGNet relaxation of structurally valid crystals (unless ``skip_stability``) -> journal "relax"
+4. E_hull against the hull reference; stable = E_hull <= 0 with >= 2 elements (whole set, cheap)
+5. uniqueness within the set, novelty vs the training split (StructureMatcher; whole set)
+6. results table, summary, plots, report
+
+Rates are fractions of *all* input crystals (unparsable ones included), as CDVAE does for validity and
+MatterGen for stability and S.U.N.; the summary also gives the counts behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pymatgen.core import Structure
+
+from matgen.evaluate.coverage import coverage_metrics, wasserstein_metrics
+from matgen.evaluate.fingerprints import (
+    composition_fingerprint,
+    decode_array,
+    encode_array,
+    load_test_reference,
+    parallel_map,
+    structure_fingerprint,
+)
+from matgen.evaluate.inputs import InputItem, parse_cif, read_inputs
+from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
+from matgen.evaluate.validity import check_sanity, composition_validity, structure_validity
+
+__all__ = ["STABILITY_NOTE", "evaluate"]
+
+JOURNAL_FORMAT = 1
+METASTABLE_CUTOFF = 0.1  # eV/atom
+EHULL_BINS = np.round(np.arange(-0.5, 2.0 + 1e-9, 0.05), 3)
+STABILITY_NOTE = (
+    "Stability numbers are CHGNet (0.3.0) energies after a CHGNet relaxation, compared with an APPROXIMATE "
+    "convex hull; they are a cheap proxy, not DFT stability."
+)
+
+
+# ------------------------------------------------------------------------------------ per-crystal work
+def _parse_item(item: InputItem) -> tuple[Structure | None, str | None]:
+    if item.read_error:
+        return None, item.read_error
+    if item.structure is not None:
+        return item.structure, None
+    try:
+        return parse_cif(item.cif or ""), None
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return None, f"unparsable CIF: {msg}"
+
+
+def analyze_crystal(payload: tuple[str, str | None, dict | None, str | None]) -> dict[str, Any]:
+    """Stage-1 record of one crystal: parse, sanity, validity, density, fingerprints (worker-safe)."""
+    id_, cif, sdict, read_error = payload
+    item = InputItem(id_, cif, Structure.from_dict(sdict) if sdict else None, read_error)
+    nan = float("nan")
+    rec: dict[str, Any] = {
+        "stage": "basic",
+        "id": id_,
+        "formula": None,
+        "n_atoms": None,
+        "n_elements": None,
+        "parsed": False,
+        "sane": False,
+        "struct_valid": False,
+        "comp_valid": False,
+        "valid": False,
+        "density": nan,
+        "volume_per_atom": nan,
+        "reason": None,
+        "struct_fp": None,
+        "comp_fp": None,
+    }
+    structure, err = _parse_item(item)
+    if structure is None:
+        rec["reason"] = err
+        return rec
+    rec["parsed"] = True
+    reasons: list[str] = []
+    try:
+        comp = structure.composition
+        rec["formula"] = comp.reduced_formula
+        rec["n_atoms"] = len(structure)
+        rec["n_elements"] = len(comp.elements)
+        rec["comp_valid"] = bool(composition_validity(comp))
+    except Exception as exc:
+        reasons.append(f"composition error: {exc}")
+    insane = check_sanity(structure)
+    if insane is not None:
+        rec["reason"] = "; ".join([f"failed sanity bounds: {insane}", *reasons])
+        return rec
+    rec["sane"] = True
+    rec["density"] = float(structure.density)
+    rec["volume_per_atom"] = float(structure.volume / len(structure))
+    struct_ok, why = structure_validity(structure)
+    rec["struct_valid"] = struct_ok
+    if why:
+        reasons.append(why)
+    if not rec["comp_valid"]:
+        reasons.append("composition fails SMACT charge neutrality / electronegativity")
+    fp = structure_fingerprint(structure)
+    rec["struct_fp"] = encode_array(fp)
+    try:
+        rec["comp_fp"] = encode_array(composition_fingerprint(structure))
+    except Exception as exc:
+        reasons.append(f"composition fingerprint failed: {exc}")
+    if fp is None:
+        reasons.append("CrystalNN fingerprint failed (counted invalid, as in CDVAE)")
+    rec["valid"] = bool(struct_ok and rec["comp_valid"] and fp is not None)
+    rec["reason"] = "; ".join(reasons) or None
+    return rec
+
+
+def _payload(item: InputItem) -> tuple[str, str | None, dict | None, str | None]:
+    return (
+        item.id,
+        item.cif,
+        item.structure.as_dict() if item.structure is not None else None,
+        item.read_error,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the driver
+def evaluate(
+    inputs: str | Path | Sequence[Structure],
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    skip_stability: bool = False,
+    device: str = "auto",
+    hull: str | Path | None = None,
+    test_limit: int | None = None,
+    train_limit: int | None = None,
+    relax_steps: int = 500,
+    fmax: float = 0.1,
+    batch_atoms: int | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+    chunk_size: int = 64,
+    progress: bool = True,
+    console: bool = True,
+) -> dict[str, Any]:
+    """Evaluate generated crystals: validity, coverage, property distances, stability and S.U.N.
+
+    Args:
+        inputs: a folder of ``.cif`` files (searched recursively), one CIF, a CSV/parquet with a ``cif``
+            column (optional id column ``material_id``/``id``/``name``/``file``), or a list of Structures.
+        out_dir: output folder: ``results.csv`` (+ ``.parquet``), ``summary.json``, ``relaxed.csv.gz``,
+            plots, ``report.md`` and the resume journal ``journal.jsonl``. Re-running with the same folder
+            resumes; only crystals without a journal record are computed.
+        data_dir: MP-20 folder (default: ``$MATGEN_DATA``, see ``matgen.data.resolve_data_dir``).
+        skip_stability: skip relaxation, E_hull and S.U.N.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for CHGNet.
+        hull: hull reference (folder, CSV or PatchedPhaseDiagram pickle, see :func:`matgen.evaluate.hull.load_hull`);
+            default ``$MATGEN_HULL`` or the ``mp_hull`` folder next to the MP-20 folder.
+        test_limit: use a seeded random subset of this many test crystals as the coverage reference.
+        train_limit: use the first ``train_limit`` training rows for novelty (quick runs only).
+        relax_steps, fmax: FIRE step cap and force threshold (eV/A), as chgnet's ``StructOptimizer``.
+        batch_atoms: atoms per batched CHGNet call (default 8192 on CUDA, 256 on CPU).
+        seed: seed of the ``test_limit`` subset.
+        workers: extra processes for fingerprinting (0 = none).
+        cache_dir: where test-set fingerprints are cached (default ``$MATGEN_CACHE/evaluate`` or
+            ``~/.cache/matgen/evaluate``).
+        chunk_size: crystals per journal write in stage 1.
+        progress: show progress bars; console: print the summary table.
+
+    Returns:
+        The summary dictionary (also written to ``summary.json``).
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", module=r"pymatgen.*")
+    warnings.filterwarnings("ignore", module=r"matminer.*")
+
+    # 1. read, parse, validity, fingerprints --------------------------------------------------------------
+    t0 = time.perf_counter()
+    items = read_inputs(inputs)
+    ids = [it.id for it in items]
+    meta = {"format": JOURNAL_FORMAT, "relax_steps": relax_steps, "fmax": fmax}
+    journal = Journal(out / "journal.jsonl", meta)
+    try:
+        todo = [it for it in items if not journal.has("basic", it.id)]
+        buffer: list[dict[str, Any]] = []
+        for rec in parallel_map(
+            analyze_crystal,
+            [_payload(it) for it in todo],
+            workers,
+            desc="validity + fingerprints",
+            progress=progress,
+        ):
+            buffer.append(rec)
+            if len(buffer) >= chunk_size:
+                journal.append(buffer)
+                buffer = []
+        journal.append(buffer)
+        basic = [journal.get("basic", i) for i in ids]
+        timings["validity_fingerprints_s"] = time.perf_counter() - t0
+
+        # 2. reference ------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        reference = load_test_reference(
+            data_dir,
+            test_limit=test_limit,
+            seed=seed,
+            cache_dir=cache_dir,
+            workers=workers,
+            progress=progress,
+        )
+        timings["reference_s"] = time.perf_counter() - t0
+
+        # structures for relaxation / S.U.N. (parsing again is cheap next to everything else)
+        structures: list[Structure | None] = []
+        for it, rec in zip(items, basic, strict=True):
+            structures.append(_parse_item(it)[0] if rec and rec["sane"] else None)
+
+        # 3. relaxation -----------------------------------------------------------------------------------
+        relax_recs: dict[str, dict[str, Any]] = {}
+        hull_ref = None
+        if not skip_stability:
+            t0 = time.perf_counter()
+            from matgen.evaluate.hull import load_hull
+
+            hull_ref = load_hull(hull, data_dir)
+            to_relax = [
+                k
+                for k, rec in enumerate(basic)
+                if rec["struct_valid"] and structures[k] is not None and not journal.has("relax", ids[k])
+            ]
+            if to_relax:
+                from matgen.evaluate.relax import relax_structures
+
+                def on_results(batch: list[tuple[int, Any]]) -> None:
+                    recs = []
+                    for local, res in batch:
+                        k = to_relax[local]
+                        recs.append(
+                            {
+                                "stage": "relax",
+                                "id": ids[k],
+                                "e_initial_per_atom": res.initial_energy_per_atom,
+                                "e_relaxed": res.energy,
+                                "e_relaxed_per_atom": res.energy_per_atom,
+                                "relax_steps": res.n_steps,
+                                "relax_converged": res.converged,
+                                "relax_fmax": res.fmax,
+                                "relax_error": res.error,
+                                "relaxed": structure_to_json(res.structure)
+                                if res.structure is not None
+                                else None,
+                            }
+                        )
+                    journal.append(recs)
+
+                relax_structures(
+                    [structures[k] for k in to_relax],
+                    device=device,
+                    fmax=fmax,
+                    steps=relax_steps,
+                    batch_atoms=batch_atoms,
+                    on_results=on_results,
+                    progress=progress,
+                )
+            timings["relax_s"] = time.perf_counter() - t0
+        for i in ids:
+            r = journal.get("relax", i)
+            if r is not None:
+                relax_recs[i] = r
+    finally:
+        journal.close()
+
+    # 4. E_hull -------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    rows = []
+    for i, rec in zip(ids, basic, strict=True):
+        row = {key: rec.get(key) for key in rec if key not in ("stage", "struct_fp", "comp_fp")}
+        row["id"] = i
+        r = relax_recs.get(i)
+        nan = float("nan")
+        row.update(
+            e_initial_per_atom=nan,
+            e_relaxed=nan,
+            e_relaxed_per_atom=nan,
+            relax_steps=None,
+            relax_converged=None,
+            e_hull=nan,
+            stability_reason=None,
+        )
+        if not skip_stability:
+            if r is None:
+                row["stability_reason"] = "not relaxed: " + (
+                    "structurally invalid"
+                    if rec["parsed"] and rec["sane"]
+                    else "not parsed / failed sanity bounds"
+                )
+            elif r.get("relax_error"):
+                row["stability_reason"] = r["relax_error"]
+                row["relax_steps"] = r.get("relax_steps")
+            else:
+                row.update(
+                    e_initial_per_atom=r["e_initial_per_atom"],
+                    e_relaxed=r["e_relaxed"],
+                    e_relaxed_per_atom=r["e_relaxed_per_atom"],
+                    relax_steps=r["relax_steps"],
+                    relax_converged=r["relax_converged"],
+                )
+                try:
+                    relaxed = structure_from_json(r["relaxed"])
+                    assert hull_ref is not None
+                    row["e_hull"] = float(hull_ref.e_above_hull(relaxed.composition, r["e_relaxed_per_atom"]))
+                except Exception as exc:
+                    row["stability_reason"] = f"E_hull failed: {exc}"
+                if not r["relax_converged"]:
+                    row["stability_reason"] = (
+                        f"relaxation not converged in {r['relax_steps']} steps (E_hull kept)"
+                    )
+        rows.append(row)
+    timings["hull_s"] = time.perf_counter() - t0
+
+    # 5. uniqueness and novelty ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    from matgen.evaluate.sun import TrainingSet, novelty_flags, uniqueness_flags
+
+    sun_structures = []
+    for i, s in zip(ids, structures, strict=True):
+        r = relax_recs.get(i)
+        relaxed = structure_from_json(r.get("relaxed")) if r else None
+        sun_structures.append(relaxed if relaxed is not None else s)
+    unique = uniqueness_flags(sun_structures, progress=progress)
+    training = TrainingSet(data_dir, limit=train_limit)
+    novel = novelty_flags(sun_structures, training, progress=progress)
+    timings["unique_novel_s"] = time.perf_counter() - t0
+
+    for row, u, n in zip(rows, unique, novel, strict=True):
+        row["unique"] = u
+        row["novel"] = n
+        eh = row["e_hull"]
+        multi = (row.get("n_elements") or 0) >= 2
+        if skip_stability:
+            row["stable"] = row["metastable"] = row["sun"] = None
+        else:
+            row["stable"] = bool(multi and eh is not None and not math.isnan(eh) and eh <= 0.0)
+            row["metastable"] = bool(
+                multi and eh is not None and not math.isnan(eh) and eh <= METASTABLE_CUTOFF
+            )
+            row["sun"] = bool(row["stable"] and u and n)
+
+    # 6. outputs ------------------------------------------------------------------------------------------
+    results = pd.DataFrame(rows)
+    summary = _summarize(
+        results, basic, reference, skip_stability, hull_ref, test_limit, train_limit, training
+    )
+    summary["settings"] = {
+        "inputs": str(inputs) if isinstance(inputs, str | Path) else f"{len(items)} in-memory structures",
+        "data_dir": str(data_dir) if data_dir is not None else None,
+        "device": device,
+        "relax_steps": relax_steps,
+        "fmax": fmax,
+        "batch_atoms": batch_atoms,
+        "seed": seed,
+        "test_limit": test_limit,
+        "train_limit": train_limit,
+    }
+    timings["total_s"] = time.perf_counter() - t_start
+    summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
+
+    from matgen.evaluate.report import write_outputs
+
+    write_outputs(out, results, summary, reference, relax_recs, console=console)
+    return summary
+
+
+def _summarize(
+    results: pd.DataFrame,
+    basic: list[dict[str, Any]],
+    reference: Any,
+    skip_stability: bool,
+    hull_ref: Any,
+    test_limit: int | None,
+    train_limit: int | None,
+    training: Any,
+) -> dict[str, Any]:
+    n = len(results)
+    frac = (lambda x: float(np.sum(x)) / n) if n else (lambda x: float("nan"))
+    s: dict[str, Any] = {"n_inputs": n}
+    parsed = results["parsed"].astype(bool)
+    sane = results["sane"].astype(bool)
+    s["n_parsed"] = int(parsed.sum())
+    s["n_unparsable"] = int((~parsed).sum())
+    s["n_failed_sanity_bounds"] = int((parsed & ~sane).sum())
+    s["struct_valid"] = frac(results["struct_valid"].astype(bool))
+    s["comp_valid"] = frac(results["comp_valid"].astype(bool))
+    s["valid"] = frac(results["valid"].astype(bool))
+    s["n_valid"] = int(results["valid"].astype(bool).sum())
+    reasons = Counter(r.split(";")[0].split(":")[0] for r in results["reason"].dropna())
+    s["invalid_reasons"] = dict(reasons.most_common(12))
+
+    # coverage (CDVAE convention: every fingerprinted crystal; and valid crystals only)
+    fps = [(decode_array(b["struct_fp"]), decode_array(b["comp_fp"]), bool(b["valid"])) for b in basic]
+    have = [(sf, cf, v) for sf, cf, v in fps if sf is not None and cf is not None]
+    ref_ok = np.isfinite(reference.struct_fp).all(axis=1)
+    s["reference"] = f"MP-20 test ({len(reference)} crystals{', seeded subset' if test_limit else ''})"
+    s["n_reference"] = len(reference)
+    if have:
+        gs = np.stack([h[0] for h in have])
+        gc = np.stack([h[1] for h in have])
+        cov = coverage_metrics(gs, gc, reference.struct_fp[ref_ok], reference.comp_fp[ref_ok], n_generated=n)
+        valid_mask = np.array([h[2] for h in have])
+        cov_v = coverage_metrics(
+            gs[valid_mask],
+            gc[valid_mask],
+            reference.struct_fp[ref_ok],
+            reference.comp_fp[ref_ok],
+            n_generated=n,
+        )
+    else:
+        cov = coverage_metrics(
+            np.zeros((0, 61)), np.zeros((0, 132)), reference.struct_fp, reference.comp_fp, n
+        )
+        cov_v = dict(cov)
+    s.update(cov)
+    s["cov_recall_valid"] = cov_v["cov_recall"]
+    s["cov_precision_valid"] = cov_v["cov_precision"]
+
+    valid = results["valid"].astype(bool)
+    s.update(
+        wasserstein_metrics(
+            results.loc[valid, "density"].to_numpy(float),
+            results.loc[valid, "n_elements"].to_numpy(float),
+            reference.density,
+            reference.n_elements.astype(float),
+        )
+    )
+
+    uniq = results["unique"].map(lambda v: v is True)
+    nov = results["novel"].map(lambda v: v is True)
+    s["unique_rate"] = frac(uniq)
+    s["novel_rate"] = frac(nov)
+    s["unique_novel_rate"] = frac(uniq & nov)
+    s["novelty_reference"] = f"MP-20 train ({training.size} rows{', limited' if train_limit else ''})"
+
+    if not skip_stability:
+        eh = results["e_hull"].to_numpy(float)
+        relaxed = np.isfinite(results["e_relaxed_per_atom"].to_numpy(float))
+        s["n_relaxed"] = int(relaxed.sum())
+        s["n_relax_attempted"] = int(results["struct_valid"].astype(bool).sum())
+        s["n_relax_failed"] = int(s["n_relax_attempted"] - relaxed.sum())
+        conv = results["relax_converged"]
+        s["n_relax_unconverged"] = int(((conv == False) & relaxed).sum())  # noqa: E712
+        s["stable_rate"] = frac(results["stable"].astype(bool))
+        s["metastable_rate"] = frac(results["metastable"].astype(bool))
+        s["sun_rate"] = frac(results["sun"].astype(bool))
+        s["msun_rate"] = frac(results["metastable"].astype(bool) & uniq & nov)
+        s["n_stable"] = int(results["stable"].astype(bool).sum())
+        s["n_sun"] = int(results["sun"].astype(bool).sum())
+        finite = eh[np.isfinite(eh)]
+        s["e_hull_mean"] = float(finite.mean()) if len(finite) else float("nan")
+        s["e_hull_median"] = float(np.median(finite)) if len(finite) else float("nan")
+        clipped = np.clip(finite, EHULL_BINS[0], EHULL_BINS[-1])
+        counts, _ = np.histogram(clipped, bins=EHULL_BINS)
+        s["e_hull_histogram"] = {
+            "bin_edges": EHULL_BINS.tolist(),
+            "counts": counts.tolist(),
+            "note": "values outside the range are counted in the first/last bin",
+        }
+        s["hull_reference"] = getattr(hull_ref, "description", str(hull_ref))
+        s["stability_note"] = STABILITY_NOTE
+        stab_reasons = Counter(r.split(":")[0].split(" (")[0] for r in results["stability_reason"].dropna())
+        s["stability_reasons"] = dict(stab_reasons.most_common(12))
+    return json.loads(json.dumps(s, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

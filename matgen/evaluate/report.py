@@ -1,0 +1,256 @@
+"""Outputs of an evaluation: results table, summary, relaxed structures, plots, a Markdown report and a
+terminal table.
+
+Files written into the output folder:
+
+* ``results.csv`` (and ``results.parquet`` when pyarrow is installed): one row per input crystal;
+* ``summary.json``: the metrics dictionary returned by :func:`matgen.evaluate.evaluate`;
+* ``relaxed.csv.gz``: ``id, cif`` of the CHGNet-relaxed structures (itself a valid ``evaluate`` input);
+* ``e_hull_hist.png``, ``element_frequency.png``, ``density.png``, ``n_atoms.png`` (matplotlib, Agg);
+* ``report.md``: the summary and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pymatgen.core import Composition
+
+__all__ = ["print_summary", "write_outputs"]
+
+RESULT_COLUMNS = [
+    "id",
+    "formula",
+    "n_atoms",
+    "n_elements",
+    "parsed",
+    "sane",
+    "struct_valid",
+    "comp_valid",
+    "valid",
+    "density",
+    "volume_per_atom",
+    "e_initial_per_atom",
+    "e_relaxed",
+    "e_relaxed_per_atom",
+    "relax_steps",
+    "relax_converged",
+    "e_hull",
+    "stable",
+    "metastable",
+    "unique",
+    "novel",
+    "sun",
+    "reason",
+    "stability_reason",
+]
+
+
+def _elements_of(formulas: list[str]) -> Counter:
+    counts: Counter = Counter()
+    for f in formulas:
+        try:
+            counts.update({el.symbol for el in Composition(f).elements})
+        except Exception:
+            continue
+    return counts
+
+
+def _plots(
+    out: Path, results: pd.DataFrame, summary: dict[str, Any], reference: Any
+) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    made: list[tuple[str, str]] = []
+    valid = results["valid"].astype(bool)
+
+    if "e_hull_histogram" in summary:
+        h = summary["e_hull_histogram"]
+        edges, counts = np.array(h["bin_edges"]), np.array(h["counts"])
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
+        ax.axvline(0.0, color="k", lw=1)
+        ax.axvline(0.1, color="k", lw=1, ls="--")
+        ax.set_xlabel("E_hull (eV/atom), CHGNet vs approximate hull; clipped to the range")
+        ax.set_ylabel("crystals")
+        ax.set_title(f"stable (<= 0): {summary.get('stable_rate', float('nan')):.1%} of all")
+        fig.tight_layout()
+        fig.savefig(out / "e_hull_hist.png", dpi=120)
+        plt.close(fig)
+        made.append(("E_hull distribution", "e_hull_hist.png"))
+
+    gen = _elements_of(results.loc[results["parsed"].astype(bool), "formula"].dropna().tolist())
+    ref = _elements_of(list(reference.formulas))
+    n_gen = max(int(results["parsed"].astype(bool).sum()), 1)
+    n_ref = max(len(reference), 1)
+    top = [el for el, _ in (gen + ref).most_common(40)]
+    if top:
+        fig, ax = plt.subplots(figsize=(11, 3.5))
+        x = np.arange(len(top))
+        ax.bar(x - 0.2, [gen[e] / n_gen for e in top], width=0.4, label="generated")
+        ax.bar(x + 0.2, [ref[e] / n_ref for e in top], width=0.4, label="MP-20 test")
+        ax.set_xticks(x, top, fontsize=8)
+        ax.set_ylabel("fraction of crystals containing")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "element_frequency.png", dpi=120)
+        plt.close(fig)
+        made.append(("Element frequency", "element_frequency.png"))
+
+    for col, ref_values, fname, label in (
+        ("density", reference.density, "density.png", "density (g/cm$^3$)"),
+        ("n_atoms", reference.n_atoms, "n_atoms.png", "atoms per cell"),
+    ):
+        g = results.loc[valid, col].to_numpy(float)
+        g = g[np.isfinite(g)]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        r = np.asarray(ref_values, float)
+        both = np.concatenate([g, r]) if len(g) else r
+        if col == "n_atoms":
+            bins = np.arange(0.5, max(both.max() if len(both) else 1, 1) + 1.5, 1.0)
+        else:
+            bins = np.linspace(np.nanpercentile(both, 0.5), np.nanpercentile(both, 99.5), 50)
+        ax.hist(r, bins=bins, density=True, alpha=0.5, label=f"MP-20 test (n={len(r)})")
+        if len(g):
+            ax.hist(g, bins=bins, density=True, alpha=0.5, label=f"generated, valid (n={len(g)})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("density of crystals")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        made.append((label.split(" (")[0].capitalize() + " distribution", fname))
+    return made
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if np.isnan(v):
+            return "n/a"
+        return f"{v:.4f}"
+    return str(v)
+
+
+SUMMARY_ROWS = [
+    ("n_inputs", "crystals"),
+    ("n_unparsable", "unparsable"),
+    ("n_failed_sanity_bounds", "outside sanity bounds"),
+    ("struct_valid", "structural validity"),
+    ("comp_valid", "compositional validity (SMACT)"),
+    ("valid", "valid (both)"),
+    ("cov_recall", "COV-R (CDVAE)"),
+    ("cov_precision", "COV-P (CDVAE)"),
+    ("cov_recall_valid", "COV-R, valid only"),
+    ("cov_precision_valid", "COV-P, valid only"),
+    ("wdist_density", "W-dist density"),
+    ("wdist_num_elems", "W-dist #elements"),
+    ("unique_rate", "unique"),
+    ("novel_rate", "novel"),
+    ("unique_novel_rate", "unique & novel"),
+    ("n_relaxed", "relaxed (CHGNet)"),
+    ("n_relax_failed", "relaxation failed"),
+    ("n_relax_unconverged", "relaxation not converged"),
+    ("stable_rate", "stable (E_hull <= 0)"),
+    ("metastable_rate", "E_hull <= 0.1 eV/atom"),
+    ("sun_rate", "S.U.N."),
+    ("msun_rate", "M.S.U.N. (<= 0.1)"),
+    ("e_hull_median", "median E_hull (eV/atom)"),
+]
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """A rich table of the main numbers, with the stability caveat."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="matgen evaluate", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label in SUMMARY_ROWS:
+        if key in summary:
+            table.add_row(label, _fmt(summary[key]))
+    console = Console()
+    console.print(table)
+    console.print(f"reference: {summary.get('reference')}; novelty vs {summary.get('novelty_reference')}")
+    if "stability_note" in summary:
+        console.print(f"[bold yellow]{summary['stability_note']}[/] Hull: {summary.get('hull_reference')}")
+
+
+def _report_md(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
+    lines = ["# matgen evaluate report", ""]
+    if "stability_note" in summary:
+        lines += [f"> **{summary['stability_note']}** Hull reference: {summary.get('hull_reference')}.", ""]
+    lines += [
+        f"Reference for coverage and distributions: {summary.get('reference')}. "
+        f"Novelty against {summary.get('novelty_reference')}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key, label in SUMMARY_ROWS:
+        if key in summary:
+            lines.append(f"| {label} | {_fmt(summary[key])} |")
+    lines.append("")
+    if summary.get("invalid_reasons"):
+        lines += ["## Why crystals were invalid or unreadable", "", "| reason | crystals |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in summary["invalid_reasons"].items()]
+        lines.append("")
+    if summary.get("stability_reasons"):
+        lines += ["## Stability caveats", "", "| reason | crystals |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in summary["stability_reasons"].items()]
+        lines.append("")
+    for title, fname in plots:
+        lines += [f"## {title}", "", f"![{title}]({fname})", ""]
+    lines += [
+        "## Definitions",
+        "",
+        "Validity, coverage and Wasserstein distances follow CDVAE (Xie et al. 2021); stability uses CHGNet "
+        "relaxation (FIRE + Frechet cell filter, fmax and step cap in `summary.json`) and E_hull against the "
+        "hull reference above; S.U.N. follows MatterGen (StructureMatcher ltol 0.2, stol 0.3, angle_tol 5). "
+        "Rates are fractions of all input crystals. See the docstrings of `matgen.evaluate.*` for details.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(
+    out: Path,
+    results: pd.DataFrame,
+    summary: dict[str, Any],
+    reference: Any,
+    relax_records: dict[str, dict[str, Any]],
+    console: bool = True,
+) -> None:
+    """Write every output file (see module docstring) and optionally print the summary table."""
+    from pymatgen.io.cif import CifWriter
+
+    from matgen.evaluate.journal import structure_from_json
+
+    cols = [c for c in RESULT_COLUMNS if c in results.columns] + [
+        c for c in results.columns if c not in RESULT_COLUMNS
+    ]
+    results = results[cols]
+    results.to_csv(out / "results.csv", index=False)
+    try:
+        results.to_parquet(out / "results.parquet", index=False)
+    except Exception:  # pyarrow missing or a mixed-type column
+        pass
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    relaxed_rows = []
+    for i, rec in relax_records.items():
+        s = structure_from_json(rec.get("relaxed"))
+        if s is not None:
+            relaxed_rows.append({"id": i, "cif": str(CifWriter(s))})
+    pd.DataFrame(relaxed_rows, columns=["id", "cif"]).to_csv(out / "relaxed.csv.gz", index=False)
+    plots = _plots(out, results, summary, reference)
+    (out / "report.md").write_text(_report_md(summary, plots))
+    if console:
+        print_summary(summary)

@@ -1,0 +1,135 @@
+"""Uniqueness within the generated set and novelty against the training set (the U and N of S.U.N.).
+
+Matching: pymatgen ``StructureMatcher(ltol=0.2, stol=0.3, angle_tol=5)`` (pymatgen's defaults, used by
+MatterGen and FlowMM for S.U.N.), which compares reduced cells up to symmetry, origin and supercells.
+Two crystals can only match when their reduced formulas agree, so every search is restricted to one
+formula group first: uniqueness compares a crystal with the earlier representatives of its formula only,
+novelty with the training crystals of its formula only (parsed on demand from the split CSV's
+``pretty_formula`` column, which is MP's reduced formula; rows lacking it are parsed and grouped).
+
+* unique: the first crystal (in input order) of each equivalence class is unique, later matches are not;
+  so the number of unique crystals is the number of distinct structures.
+* novel: no training crystal matches.
+* S.U.N. (MatterGen, Zeni et al. 2025): stable and unique and novel, as a fraction of all generated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from pymatgen.core import Composition, Structure
+
+__all__ = ["TrainingSet", "make_matcher", "novelty_flags", "uniqueness_flags"]
+
+LTOL, STOL, ANGLE_TOL = 0.2, 0.3, 5.0
+
+
+def make_matcher():
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    return StructureMatcher(ltol=LTOL, stol=STOL, angle_tol=ANGLE_TOL)
+
+
+def _fit(matcher, a: Structure, b: Structure) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(matcher.fit(a, b))
+    except Exception:
+        return False
+
+
+def uniqueness_flags(structures: Sequence[Structure | None], progress: bool = True) -> list[bool | None]:
+    """``True`` for the first member of each StructureMatcher class, ``False`` for later ones, ``None`` for
+    missing structures."""
+    from tqdm.auto import tqdm
+
+    matcher = make_matcher()
+    reps: dict[str, list[Structure]] = {}
+    out: list[bool | None] = []
+    for s in tqdm(structures, desc="uniqueness", disable=not progress, leave=False):
+        if s is None:
+            out.append(None)
+            continue
+        group = reps.setdefault(s.composition.reduced_formula, [])
+        if any(_fit(matcher, s, r) for r in group):
+            out.append(False)
+        else:
+            group.append(s)
+            out.append(True)
+    return out
+
+
+class TrainingSet:
+    """Training crystals grouped by reduced formula, parsed lazily (one formula group at a time).
+
+    Args:
+        data_dir: MP-20 data folder (``matgen.data.resolve_data_dir`` semantics).
+        split: which split counts as "seen" (``train``).
+        limit: keep the first ``limit`` rows only (tests / quick runs).
+    """
+
+    def __init__(
+        self, data_dir: str | Path | None = None, split: str = "train", limit: int | None = None
+    ) -> None:
+        from matgen.data import load_split
+
+        frame = load_split(split, data_dir, limit)
+        self.size = len(frame)
+        self._cifs: dict[str, list[str]] = {}
+        formulas = frame["pretty_formula"] if "pretty_formula" in frame.columns else [None] * len(frame)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for formula, cif in zip(formulas, frame["cif"], strict=True):
+                if not isinstance(cif, str):
+                    continue
+                key = self._key(formula, cif)
+                if key is not None:
+                    self._cifs.setdefault(key, []).append(cif)
+        self._parsed: dict[str, list[Structure]] = {}
+
+    @staticmethod
+    def _key(formula: object, cif: str) -> str | None:
+        try:
+            if isinstance(formula, str) and formula:
+                return Composition(formula).reduced_formula
+            from matgen.evaluate.inputs import parse_cif
+
+            return parse_cif(cif).composition.reduced_formula
+        except Exception:
+            return None
+
+    def structures(self, reduced_formula: str) -> list[Structure]:
+        if reduced_formula not in self._parsed:
+            from matgen.evaluate.inputs import parse_cif
+
+            parsed = []
+            for cif in self._cifs.get(reduced_formula, []):
+                try:
+                    parsed.append(parse_cif(cif))
+                except Exception:
+                    continue
+            self._parsed[reduced_formula] = parsed
+        return self._parsed[reduced_formula]
+
+    def n_formulas(self) -> int:
+        return len(self._cifs)
+
+
+def novelty_flags(
+    structures: Sequence[Structure | None], training: TrainingSet, progress: bool = True
+) -> list[bool | None]:
+    """``True`` if no training crystal of the same reduced formula matches (``None`` for missing)."""
+    from tqdm.auto import tqdm
+
+    matcher = make_matcher()
+    out: list[bool | None] = []
+    for s in tqdm(structures, desc="novelty", disable=not progress, leave=False):
+        if s is None:
+            out.append(None)
+            continue
+        known = training.structures(s.composition.reduced_formula)
+        out.append(not any(_fit(matcher, s, t) for t in known))
+    return out
