@@ -1,0 +1,152 @@
+"""Data loaders: IDX parsing (Fashion-MNIST), CIFAR-10 JPEG npz decoding and caching, image folders, tokens."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagegen.data import (
+    ImageDataset,
+    images_to_tokens,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+    load_image_folder,
+    read_idx,
+    resolve_data_dir,
+    tokens_to_images,
+)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def test_read_idx_parses_gzipped_and_plain_files(tmp_path: Path) -> None:
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a-idx3-ubyte.gz", arr)), arr)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "b-idx3-ubyte", arr, gz=False)), arr)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x01\x05")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 5) + b"\x00\x01")
+    with pytest.raises(ValueError, match="data bytes"):
+        read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_loader_on_synthetic_idx(tmp_path: Path) -> None:
+    root = tmp_path / "fashion_mnist"
+    root.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    write_idx(root / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 9, 4], dtype=np.uint8))
+    ds = load_fashion_mnist("test", tmp_path, limit=4)
+    assert ds.images.shape == (4, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert np.array_equal(ds.images[:, 0].numpy(), images[:4])
+    assert ds.labels.tolist() == [0, 1, 2, 9] and ds.class_names[9] == "Ankle boot"
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_fashion_mnist("train", tmp_path / "nowhere")
+
+
+def _jpeg_npz(path: Path, colors: list[tuple[int, int, int]], labels: list[int]) -> list[np.ndarray]:
+    """Write a CIFAR-style npz of JPEG bytes; returns PIL's own decoding of each JPEG."""
+    blobs, arrays = [], []
+    for c in colors:
+        arr = np.zeros((32, 32, 3), dtype=np.uint8) + np.array(c, dtype=np.uint8)
+        arr[8:24, 8:24] = 255 - arr[8:24, 8:24]
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=75)
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+        arrays.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    np.savez(
+        path,
+        jpeg=np.concatenate(blobs),
+        offsets=offsets,
+        y=np.array(labels, dtype=np.uint8),
+        paths=np.array([f"img{i}.jpg" for i in range(len(blobs))]),
+    )
+    return arrays
+
+
+def test_cifar_jpeg_npz_decodes_and_caches(tmp_path: Path) -> None:
+    root = tmp_path / "cifar10_jpeg"
+    root.mkdir()
+    decoded_by_pil = _jpeg_npz(
+        root / "cifar10_jpegbytes_test.npz", [(200, 30, 30), (20, 180, 60), (40, 40, 220)], [0, 5, 9]
+    )
+    cache = tmp_path / "cache"
+    ds = load_cifar10("test", tmp_path, cache_dir=cache)
+    assert ds.images.shape == (3, 3, 32, 32) and ds.labels.tolist() == [0, 5, 9]
+    assert np.array_equal(ds.images.permute(0, 2, 3, 1).numpy(), np.stack(decoded_by_pil))
+    cached = list(cache.glob("cifar10-test-*.npz"))
+    assert len(cached) == 1
+    again = load_cifar10("test", tmp_path, cache_dir=cache)
+    assert torch.equal(again.images, ds.images)
+    limited = load_cifar10("test", tmp_path, limit=2, cache_dir=tmp_path / "other")
+    assert len(limited) == 2 and not (tmp_path / "other").exists()
+
+
+def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path: Path) -> None:
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cats", "dogs"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + 10 * i, 20), (10 * i, 100, 200)).save(d / f"{i}.png")
+    ds = load_image_folder(tmp_path, size=16, split="train")
+    assert ds.images.shape == (6, 3, 16, 16) and ds.class_names == ("cats", "dogs")
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    test = load_dataset("folder", "test", tmp_path, image_size=8, channels=1)
+    assert test.images.shape == (4, 1, 8, 8)
+    flat = tmp_path / "train" / "cats"
+    unlabelled = load_image_folder(flat, size=12)
+    assert unlabelled.labels is None and len(unlabelled) == 3
+    with pytest.raises(FileNotFoundError, match="test"):
+        load_image_folder(flat, size=12, split="test")
+    with pytest.raises(ValueError, match="image size"):
+        load_dataset("folder", "train", tmp_path)
+
+
+def test_tokens_round_trip_and_dataset_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    images = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
+    tokens = images_to_tokens(images)
+    assert tokens.shape == (4, 12) and tokens.dtype == torch.long
+    assert tokens[0, 4] == images[0, 1, 0, 0]  # (channel, row, column) order
+    assert torch.equal(tokens_to_images(tokens, (3, 2, 2)), images)
+    with pytest.raises(ValueError, match="mask"):
+        tokens_to_images(torch.full((1, 12), 256), (3, 2, 2))
+    ds = ImageDataset(images, torch.arange(4), ("a", "b", "c", "d"), "x")
+    sub = ds.random_subset(2, seed=1)
+    assert len(sub) == 2 and sub.num_classes == 4 and ds.random_subset(10) is ds
+    monkeypatch.setenv("IMAGEGEN_DATA", str(tmp_path))
+    assert resolve_data_dir() == tmp_path
+    monkeypatch.delenv("IMAGEGEN_DATA")
+    with pytest.raises(FileNotFoundError, match="IMAGEGEN_DATA"):
+        resolve_data_dir()
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("mnist", "train", tmp_path)
+
+
+def test_real_shared_data_when_present(shared_data_dir: Path, tmp_path: Path) -> None:
+    images = shared_data_dir / "images"
+    if not images.is_dir():
+        pytest.skip(f"{images} not found")
+    cifar = load_cifar10("test", images, limit=4, cache=False)
+    assert cifar.images.shape == (4, 3, 32, 32) and cifar.labels.tolist() == [0, 0, 0, 0]
+    fm = load_fashion_mnist("test", images, limit=3)
+    assert fm.images.shape == (3, 1, 28, 28) and int(fm.images.max()) > 0
