@@ -1,0 +1,101 @@
+"""The two pixel paths of section 8.3: the metric-induced path (eq 27) and the mask mixture baseline (eq 2).
+
+* ``metric``: tokens 0..255 placed evenly on [-1, 1], d(x, y) = |x - y|, p_t(x | x1) =
+  softmax(-beta_t d(x, x1)) with beta_t = c (t / (1 - t))^a (eq 108). The source (t = 0) is uniform.
+* ``mask``: source delta on the mask token 256, kappa_t from a scheduler ('ko' is eq 33, which for a mask
+  source is sin^2(pi t / 2); 'linear', 'cosine', 'poly').
+
+The network always predicts 256 logits (a posterior over pixel values); :func:`pad_logits` adds the
+never-predicted mask token for the 257-token mask path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from dfm_core.paths import MetricPath, MixturePath, ProbabilityPath
+from dfm_core.schedulers import BetaSchedule, make_scheduler
+from dfm_core.sources import mask_source
+
+__all__ = ["NUM_LEVELS", "MASK_ID", "PixelPathConfig", "build_path", "pad_logits", "path_samples"]
+
+NUM_LEVELS = 256
+MASK_ID = 256
+
+
+@dataclass
+class PixelPathConfig:
+    """Which conditional path a model is trained with; stored in every checkpoint.
+
+    Attributes:
+        kind: "metric" (eq 27) or "mask" (eq 2 with a mask source).
+        c, a: beta_t = c (t / (1 - t))^a of the metric path (eq 108).
+        scheduler: kappa_t of the mask path ('ko', 'linear', 'cosine', 'poly').
+        scheduler_n: exponent of the 'poly' scheduler (kappa_t = t^n).
+    """
+
+    kind: Literal["metric", "mask"] = "metric"
+    c: float = 3.0
+    a: float = 0.9
+    scheduler: str = "ko"
+    scheduler_n: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("metric", "mask"):
+            raise ValueError(f"path kind must be 'metric' or 'mask', got {self.kind!r}")
+        BetaSchedule(self.c, self.a)  # validates c, a
+        make_scheduler(self.scheduler, n=self.scheduler_n)  # validates the name
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the path lives on: 256 pixel values, plus the mask token for the mask path."""
+        return NUM_LEVELS + (1 if self.kind == "mask" else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PixelPathConfig:
+        from dfm_core.training import config_from_dict
+
+        return config_from_dict(cls, data)
+
+
+def build_path(config: PixelPathConfig) -> ProbabilityPath:
+    """The :class:`dfm_core.paths.ProbabilityPath` for ``config``."""
+    if config.kind == "metric":
+        return MetricPath.ordinal(NUM_LEVELS, -1.0, 1.0, beta=BetaSchedule(config.c, config.a))
+    source = mask_source(NUM_LEVELS + 1, MASK_ID)
+    return MixturePath(source, make_scheduler(config.scheduler, source, n=config.scheduler_n))
+
+
+def pad_logits(logits: Tensor, vocab_size: int) -> Tensor:
+    """Append -inf logits up to ``vocab_size`` (the mask token is never a posterior outcome)."""
+    extra = vocab_size - logits.shape[-1]
+    if extra <= 0:
+        return logits
+    pad = torch.full((*logits.shape[:-1], extra), float("-inf"), dtype=logits.dtype, device=logits.device)
+    return torch.cat([logits, pad], dim=-1)
+
+
+def path_samples(
+    images: Tensor, config: PixelPathConfig, times: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """x_t ~ p_t(. | x1) for every image x1 and time: uint8 (T, N, C, H, W), mask tokens shown as grey (128).
+
+    The way E.4 tunes c and a: look at samples along the conditional path and pick values that use the
+    whole time interval.
+    """
+    path = build_path(config)
+    x1 = images.reshape(images.shape[0], -1).long()
+    out = []
+    for t in times.tolist():
+        xt = path.sample(x1, torch.full((x1.shape[0],), float(t)), generator=generator)
+        xt = torch.where(xt == MASK_ID, torch.full_like(xt, 128), xt) if config.kind == "mask" else xt
+        out.append(xt.reshape(images.shape).to(torch.uint8))
+    return torch.stack(out)

@@ -1,0 +1,281 @@
+"""Training pixel-space models with the cross-entropy of eq 11 on the metric (eq 27) or mask (eq 2) path.
+
+Data flow: images (N, C, H, W) uint8 -> tokens x_1 (B, L = C H W) -> t ~ U[0, 1], x_t ~ p_t(. | x_1)
+-> U-Net (with the label, dropped to the null class with probability ``label_dropout`` for
+classifier-free guidance) -> logits (B, L, 256) -> -log p_{1|t}(x_1 | x_t).
+
+Validation uses images held out from the training split; the test split is kept for evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfm_core.objectives import cross_entropy_loss
+from dfm_core.paths import ProbabilityPath
+from dfm_core.training import (
+    TrainConfig,
+    TrainResult,
+    config_from_dict,
+    export_safetensors,
+    load_checkpoint,
+    seed_everything,
+    train,
+)
+from imagegen.data import ImageDataset, load_dataset
+from imagegen.model import PixelUNet, UNetConfig, count_parameters
+from imagegen.paths import PixelPathConfig, build_path
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "ImagegenTrainConfig",
+    "export_checkpoint",
+    "load_train_config",
+    "make_loss",
+    "model_config_for",
+    "train_image_model",
+]
+
+CHECKPOINT_FORMAT = "imagegen-checkpoint-v1"
+
+
+@dataclass
+class ImagegenTrainConfig:
+    """Everything that defines an image training run; saved into every checkpoint.
+
+    Attributes:
+        dataset: 'cifar10', 'fashion-mnist' or 'folder'.
+        data_dir: data root (else ``$IMAGEGEN_DATA``); the image folder for 'folder'.
+        image_size / channels: output size and channels of a 'folder' dataset.
+        path: the conditional path (metric with beta_t = c (t/(1-t))^a, or mask).
+        model: U-Net architecture; image shape, input vocabulary and classes are set from the data.
+        train: optimisation settings.
+        class_conditional: condition on labels (with a null class for classifier-free guidance).
+        label_dropout: probability of training on the null class instead of the label.
+        hflip: random horizontal flips of training images.
+        train_limit: use only this many training images (after holding out ``val_size``).
+        val_size: images held out from the training split for validation.
+        split_seed: seed of the shuffle that picks the held-out images.
+    """
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    image_size: int | None = None
+    channels: int = 3
+    path: PixelPathConfig = field(default_factory=PixelPathConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    class_conditional: bool = False
+    label_dropout: float = 0.1
+    hflip: bool = True
+    train_limit: int | None = None
+    val_size: int = 1000
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.path, dict):
+            self.path = PixelPathConfig.from_dict(self.path)
+        if isinstance(self.model, dict):
+            self.model = UNetConfig.from_dict(self.model)
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.val_size < 1:
+            raise ValueError("val_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["path"] = self.path.to_dict()
+        d["model"] = self.model.to_dict()
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImagegenTrainConfig:
+        return config_from_dict(cls, data)
+
+
+def load_train_config(path: str | os.PathLike) -> ImagegenTrainConfig:
+    """Read a TOML or JSON file with top-level keys and [path] / [model] / [train] tables."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import tomllib
+
+        data = tomllib.loads(text)
+    try:
+        return ImagegenTrainConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def model_config_for(config: ImagegenTrainConfig, data: ImageDataset) -> UNetConfig:
+    """The U-Net config with the data's image shape, the path's vocabulary and the class count."""
+    C, H, W = data.shape
+    if H != W:
+        raise ValueError(f"square images only, got {H}x{W}")
+    if config.class_conditional and data.num_classes == 0:
+        raise ValueError("class_conditional needs labelled data (class subfolders for an image folder)")
+    return dataclasses.replace(
+        config.model,
+        image_channels=C,
+        image_size=H,
+        input_vocab=config.path.vocab_size,
+        num_classes=data.num_classes if config.class_conditional else 0,
+    )
+
+
+def make_loss(path: ProbabilityPath, num_classes: int = 0, label_dropout: float = 0.1):
+    """Eq 11 on a batch ``(tokens (B, L), labels (B,))``: t ~ U[0, 1], x_t ~ p_t(. | x_1), CE of p_{1|t}."""
+
+    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> Tensor:
+        tokens, labels = batch
+        B, dev = tokens.shape[0], tokens.device
+        t = torch.rand(B, generator=generator, device=dev)
+        xt = path.sample(tokens, t, generator=generator)
+        y = None
+        if num_classes > 0:
+            drop = torch.rand(B, generator=generator, device=dev) < label_dropout
+            y = torch.where(drop, torch.full_like(labels, num_classes), labels)
+        return cross_entropy_loss(model(xt, t, y), tokens)
+
+    return loss_fn
+
+
+def _split(
+    data: ImageDataset, val_size: int, seed: int, limit: int | None
+) -> tuple[ImageDataset, ImageDataset]:
+    if len(data) <= val_size:
+        raise ValueError(f"{data.name} has {len(data)} images: too few to hold out {val_size} for validation")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    if limit is not None:
+        train_idx = train_idx[:limit]
+    return data.take(train_idx, "[train]"), data.take(val_idx, "[val]")
+
+
+class _Batches:
+    """Random batches (tokens, labels) drawn with the given CPU generator; optional horizontal flips."""
+
+    def __init__(self, data: ImageDataset, batch_size: int, hflip: bool) -> None:
+        self.images = data.images
+        self.labels = data.labels if data.labels is not None else torch.zeros(len(data), dtype=torch.long)
+        self.batch_size, self.hflip = batch_size, hflip
+
+    def __call__(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=generator)
+        images = self.images[idx]
+        if self.hflip:
+            flip = torch.rand(self.batch_size, generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images.reshape(self.batch_size, -1).long(), self.labels[idx]
+
+
+def train_image_model(
+    config: ImagegenTrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = True,
+    export: str | os.PathLike | None = None,
+    progress: bool = True,
+    data: ImageDataset | None = None,
+) -> TrainResult:
+    """Train a pixel model; writes ``run_dir/{last,best}.pt``, ``metrics.jsonl`` and ``model.safetensors``.
+
+    Args:
+        config: the run.
+        run_dir: checkpoints and metrics (resumable).
+        resume: continue from ``run_dir/last.pt`` if present.
+        export: also write the exported weights here.
+        progress: tqdm bar.
+        data: train on these images instead of loading ``config.dataset`` (tests, notebooks).
+
+    ``model.safetensors`` holds the EMA weights of the best validation step with the config, the path
+    parameters, the image shape and the class names in its metadata.
+    """
+    run_dir = Path(run_dir)
+    seed_everything(config.train.seed)
+    if data is None:
+        data = load_dataset(
+            config.dataset, "train", config.data_dir, image_size=config.image_size, channels=config.channels
+        )
+    train_data, val_data = _split(data, config.val_size, config.split_seed, config.train_limit)
+    model_cfg = model_config_for(config, data)
+    model = PixelUNet(model_cfg)
+    path = build_path(config.path)
+    loss_fn = make_loss(path, model_cfg.num_classes, config.label_dropout)
+    bs = config.train.batch_size
+    train_batches = _Batches(train_data, bs, config.hflip)
+    val_batches = _Batches(val_data, bs, hflip=False)
+
+    def val_loss(model: nn.Module, generator: torch.Generator) -> Tensor:
+        cpu_gen = torch.Generator().manual_seed(
+            int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        )
+        tokens, labels = val_batches(cpu_gen)
+        device = next(model.parameters()).device
+        return loss_fn(model, (tokens.to(device), labels.to(device)), generator)
+
+    metadata = {
+        "model_config": model_cfg.to_dict(),
+        "imagegen_config": config.to_dict(),
+        "path": {**config.path.to_dict(), "vocab_size": config.path.vocab_size},
+        "image_shape": list(data.shape),
+        "class_names": list(data.class_names) if data.class_names else None,
+        "class_conditional": model_cfg.num_classes > 0,
+        "data": {
+            "name": data.name,
+            "n_train": len(train_data),
+            "n_val": len(val_data),
+            "split_seed": config.split_seed,
+        },
+        "parameters": count_parameters(model),
+    }
+    result = train(
+        model,
+        loss_fn,
+        train_batches,
+        config.train,
+        run_dir,
+        val_loss_fn=val_loss,
+        resume=resume,
+        extra_metadata=metadata,
+        progress=progress,
+    )
+    export_checkpoint(run_dir, run_dir / "model.safetensors", metadata)
+    if export is not None:
+        export_checkpoint(run_dir, Path(export), metadata)
+    return result
+
+
+def export_checkpoint(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    metadata: dict[str, Any],
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with the run metadata."""
+    run_dir = Path(run_dir)
+    src = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+    model = PixelUNet(UNetConfig.from_dict(metadata["model_config"]))
+    ckpt = load_checkpoint(src, model=model, use_ema=True, map_location="cpu")
+    meta = dict(metadata)
+    meta.update(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "step": int(ckpt["step"]),
+            "best_val_loss": float(ckpt.get("best_val_loss", float("nan"))),
+            "source_checkpoint": src.name,
+        }
+    )
+    return export_safetensors(model, out, meta, dtype=dtype)

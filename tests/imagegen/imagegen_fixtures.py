@@ -1,0 +1,59 @@
+"""Helpers of the imagegen tests: a tiny synthetic image set, a tiny training config, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dfm_core.training import TrainConfig
+from imagegen.data import ImageDataset
+from imagegen.model import UNetConfig
+from imagegen.paths import PixelPathConfig
+from imagegen.train import ImagegenTrainConfig
+
+SIZE = 8
+
+
+def synthetic_images(n: int = 96, seed: int = 0) -> ImageDataset:
+    """Two classes of 8 x 8 grayscale images: horizontal and vertical ramps with a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(20, 235, SIZE)
+    labels = torch.arange(n) % 2
+    base = torch.where(
+        labels[:, None, None] == 0,
+        ramp[None, None, :].expand(n, SIZE, SIZE),
+        ramp[None, :, None].expand(n, SIZE, SIZE),
+    )
+    noise = torch.randint(-8, 9, (n, SIZE, SIZE), generator=g)
+    images = (base + noise).clamp(0, 255).to(torch.uint8).unsqueeze(1)
+    return ImageDataset(images, labels, ("horizontal", "vertical"), "synthetic")
+
+
+def tiny_config(kind: str = "metric", steps: int = 30, class_conditional: bool = True) -> ImagegenTrainConfig:
+    return ImagegenTrainConfig(
+        dataset="folder",
+        path=PixelPathConfig(kind=kind),
+        model=UNetConfig.preset("tiny"),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=16,
+            lr=3e-3,
+            warmup_steps=0,
+            eval_every=steps,
+            eval_batches=1,
+            ckpt_every=steps,
+            log_every=10,
+            device="cpu",
+            ema_decay=0.5,
+            bf16=False,
+            seed=0,
+        ),
+        class_conditional=class_conditional,
+        val_size=16,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
