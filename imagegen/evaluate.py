@@ -1,0 +1,288 @@
+"""Scoring samples with a Frechet distance on offline features (FD-EffNetLite0) against held-out images.
+
+* :func:`reference_stats`: feature statistics of a data split (the test split by default), cached.
+* :func:`score_images`: FD of a batch of uint8 images against reference statistics.
+* :func:`evaluate_sweep`: sample a checkpoint for every (sampler setting, NFE) pair, score each, write
+  ``results.csv`` row by row and ``fd_vs_nfe.png`` (score vs NFE, one line per setting), as in Figure 2
+  (middle) of the KO-DFM paper.
+
+Every score carries the extractor's name: it is "FD-EffNetLite0", never FID, and is comparable only with
+scores computed from the same reference data and extractor.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from imagegen.data import ImageDataset, default_cache_dir, load_dataset
+from imagegen.frechet import FeatureStats, score_name
+from imagegen.generate import ImageGenerator, SamplingConfig
+from imagegen.grid import save_grid
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "EvalRow",
+    "FeatureExtractor",
+    "evaluate_sweep",
+    "load_reference",
+    "plot_score_vs_nfe",
+    "reference_stats",
+    "score_images",
+]
+
+RESULT_COLUMNS = [
+    "setting",
+    "velocity",
+    "alpha",
+    "corrector",
+    "corrector_p",
+    "corrector_q",
+    "temperature",
+    "guidance",
+    "nfe",
+    "n",
+    "score_name",
+    "score",
+    "seconds",
+    "seed",
+    "checkpoint",
+]
+
+
+class FeatureExtractor(Protocol):
+    """uint8 images (N, C, H, W) -> features (N, D); ``name`` labels the score (e.g. 'EffNetLite0')."""
+
+    name: str
+
+    def __call__(self, images: Tensor) -> Tensor: ...
+
+
+def _images_digest(images: Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def reference_stats(
+    data: ImageDataset,
+    extractor: FeatureExtractor,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> FeatureStats:
+    """Feature statistics of ``data`` (e.g. the test split), cached by extractor and image digest."""
+    path = None
+    if cache:
+        key = f"{extractor.name}-{len(data)}-{_images_digest(data.images)}"
+        path = Path(cache_dir or default_cache_dir()) / "fd_stats" / f"{key}.npz"
+        if path.is_file():
+            try:
+                return FeatureStats.load(path)
+            except (OSError, ValueError, KeyError):
+                pass
+    stats = FeatureStats.from_features(extractor(data.images), extractor.name)
+    if path is not None:
+        try:
+            stats.save(path)
+        except OSError:
+            pass  # a read-only cache only costs time
+    return stats
+
+
+def score_images(images: Tensor, extractor: FeatureExtractor, reference: FeatureStats) -> float:
+    """FD of ``images`` (uint8 (N, C, H, W)) against ``reference`` statistics."""
+    return FeatureStats.from_features(extractor(images), extractor.name).distance(reference)
+
+
+@dataclass
+class EvalRow:
+    """One scored setting: the sampler, NFE, sample count and score."""
+
+    setting: str
+    velocity: str
+    alpha: float | None
+    corrector: float
+    corrector_p: float
+    corrector_q: float
+    temperature: float
+    guidance: float
+    nfe: int | None
+    n: int
+    score_name: str
+    score: float
+    seconds: float
+    seed: int
+    checkpoint: str
+
+    def as_csv(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["score"] = f"{self.score:.4f}"
+        d["seconds"] = f"{self.seconds:.1f}"
+        return {k: ("" if v is None else v) for k, v in d.items()}
+
+
+def _append_row(path: Path, row: EvalRow) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row.as_csv())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate_sweep(
+    generator: ImageGenerator,
+    settings: Sequence[SamplingConfig],
+    nfes: Sequence[int],
+    extractor: FeatureExtractor,
+    reference: FeatureStats,
+    out_dir: str | os.PathLike,
+    n: int = 10_000,
+    seed: int = 0,
+    batch_size: int = 256,
+    label: int | str | None = None,
+    data_baseline: ImageDataset | None = None,
+    save_grids: int = 64,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[EvalRow]:
+    """Score every (setting, NFE) pair; write ``out_dir/results.csv`` (appended row by row) and the plot.
+
+    Args:
+        generator: the loaded model.
+        settings: sampler settings (their ``steps`` is replaced by each NFE).
+        nfes: sampler steps to try.
+        extractor / reference: features and the reference (test split) statistics.
+        n: samples per point (the reference uses all its images).
+        data_baseline: if given, also score these real images (e.g. ``n`` training images): the floor
+            a perfect model would reach with ``n`` samples.
+        save_grids: write a grid PNG of the first ``save_grids`` samples of each point (0: none).
+        log: called with a line per finished point (e.g. ``print``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    name = score_name(extractor.name)
+    ck = str(generator.checkpoint or "")
+    rows: list[EvalRow] = []
+    if data_baseline is not None:
+        start = time.perf_counter()
+        s = score_images(data_baseline.images, extractor, reference)
+        row = EvalRow(
+            f"data:{data_baseline.name}",
+            "",
+            None,
+            0.0,
+            0.0,
+            0.0,
+            1.0,
+            0.0,
+            None,
+            len(data_baseline),
+            name,
+            s,
+            time.perf_counter() - start,
+            seed,
+            "",
+        )
+        _append_row(csv_path, row)
+        rows.append(row)
+        if log:
+            log(f"{row.setting}: {name} = {s:.3f} (n={len(data_baseline)})")
+    for setting in settings:
+        for nfe in nfes:
+            cfg = dataclasses.replace(setting, steps=int(nfe))
+            start = time.perf_counter()
+            images = generator.sample(
+                n, cfg, seed=seed, batch_size=batch_size, label=label, progress=progress
+            )
+            s = score_images(images, extractor, reference)
+            row = EvalRow(
+                cfg.label(),
+                cfg.velocity,
+                cfg.alpha,
+                cfg.corrector,
+                cfg.corrector_p,
+                cfg.corrector_q,
+                cfg.temperature,
+                cfg.guidance,
+                int(nfe),
+                n,
+                name,
+                s,
+                time.perf_counter() - start,
+                seed,
+                ck,
+            )
+            _append_row(csv_path, row)
+            rows.append(row)
+            if save_grids > 0:
+                save_grid(images[:save_grids], out / f"samples_{_slug(cfg.label())}_nfe{nfe}.png")
+            if log:
+                log(f"{row.setting} NFE={nfe}: {name} = {s:.3f} (n={n}, {row.seconds:.0f} s)")
+    plot_score_vs_nfe(rows, out / "fd_vs_nfe.png")
+    return rows
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
+
+
+def plot_score_vs_nfe(
+    rows: Sequence[EvalRow], path: str | os.PathLike, title: str | None = None
+) -> Path | None:
+    """Score vs NFE, one line per setting (log-2 NFE axis); data baselines as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    baselines = [r for r in rows if r.nfe is None]
+    for r in rows:
+        if r.nfe is not None:
+            curves.setdefault(r.setting, []).append((r.nfe, r.score))
+    if not curves and not baselines:
+        return None
+    name = rows[0].score_name
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for b in baselines:
+        ax.axhline(b.score, linestyle="--", color="gray", label=f"{b.setting} (n={b.n})")
+    if curves:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (sampler steps)")
+    ax.set_ylabel(name)
+    ax.set_title(title or f"{name} vs NFE ({rows[-1].n} samples)")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def load_reference(
+    dataset: str,
+    data_dir: str | os.PathLike | None,
+    extractor: FeatureExtractor,
+    split: str = "test",
+    limit: int | None = None,
+    image_size: int | None = None,
+    channels: int = 3,
+) -> tuple[FeatureStats, ImageDataset]:
+    """Load ``split`` of ``dataset`` and its (cached) feature statistics."""
+    data = load_dataset(dataset, split, data_dir, limit=limit, image_size=image_size, channels=channels)
+    return reference_stats(data, extractor), data

