@@ -1,0 +1,111 @@
+"""Tokenizer and data: GPT-2 ids, encode/decode round trip, detokenisers, loaders, cache, packing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from textgen.data import (
+    load_corpora,
+    load_corpus,
+    pack,
+    ptb_detokenize,
+    read_documents,
+    resolve_corpora,
+    split_wikitext_articles,
+    wikitext_detokenize,
+)
+from textgen.tokenizer import EOT_ID, MASK_ID, VOCAB_SIZE
+
+
+def test_gpt2_ids_and_round_trip(tokenizer):
+    assert tokenizer.encode("Hello world") == [15496, 995]  # GPT-2's own ids
+    text = "Call me Ishmael.\n\tCafé ☕ — 1,000 ships' logs!  "
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.encode("<|endoftext|>") == [EOT_ID]
+    assert VOCAB_SIZE == 50258 and MASK_ID == 50257
+
+
+def test_decode_shows_or_drops_special_tokens(tokenizer):
+    ids = tokenizer.encode("Hello") + [EOT_ID, MASK_ID] + tokenizer.encode(" world")
+    assert tokenizer.decode(ids) == "Hello<|endoftext|>[MASK] world"
+    assert tokenizer.decode(ids, show_special=False) == "Hello world"
+
+
+def test_wikitext_detokenisation_of_a_sample_line():
+    line = (
+        ' He had a guest @-@ starring role in " The Bill " ( 2000 ) , worth 1 @,@ 000 @.@ 5 dollars . '
+        "Teddy 's Story followed . \n"
+    )
+    assert wikitext_detokenize(line) == (
+        ' He had a guest-starring role in "The Bill" (2000), worth 1,000.5 dollars. Teddy\'s Story followed.\n'
+    )
+    assert wikitext_detokenize(" = = Career = = \n") == " == Career ==\n"
+
+
+def test_wikitext_articles_split_at_top_level_headings():
+    text = " \n = A = \n \n Text a . \n = = Sub = = \n More . \n = B = \n Text b . \n"
+    arts = split_wikitext_articles(text)
+    assert len(arts) == 2 and arts[0].startswith(" = A =") and "= = Sub = =" in arts[0]
+    assert arts[1].startswith(" = B =")
+
+
+def test_ptb_detokenisation():
+    assert ptb_detokenize(" it was n't the firm 's N N shares \n ") == " it wasn't the firm's 1 1 shares\n"
+    assert ptb_detokenize("a <unk> b") == "a ? b"
+
+
+def test_read_documents_from_files_and_folders(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "b.jsonl").write_text(
+        json.dumps({"text": "second"}) + "\n" + json.dumps({"extract": "third"}) + "\n"
+    )
+    (sub / "skip.bin").write_bytes(b"\x00")
+    assert read_documents(tmp_path) == ["first document", "second", "third"]
+    assert read_documents(sub / "b.jsonl") == ["second", "third"]
+    with pytest.raises(FileNotFoundError):
+        resolve_corpora(["no-such-corpus"])
+
+
+def test_named_corpora_resolve_under_the_data_dir(tmp_path, monkeypatch):
+    from textgen.data import EVAL_CORPORA, TRAIN_CORPORA
+
+    for spec in [*TRAIN_CORPORA.values(), *EVAL_CORPORA.values()]:
+        (tmp_path / spec.relpath).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / spec.relpath).write_text("x")
+    monkeypatch.setenv("TEXTGEN_DATA", str(tmp_path))
+    assert [n for n, _, _ in resolve_corpora(["train"])] == list(TRAIN_CORPORA)
+    ((name, path, _),) = resolve_corpora(["wikitext2"])
+    assert name == "wikitext2" and path == tmp_path / "wikitext2" / "wiki.test.tokens"
+    with pytest.raises(FileNotFoundError, match="TEXTGEN_DATA"):
+        resolve_corpora(["ptb"], data_dir=tmp_path / "elsewhere")
+
+
+def test_token_stream_cache_and_packing(tokenizer, tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("one two three four five six seven eight nine ten")
+    calls = []
+
+    def reader(p):
+        calls.append(p)
+        return read_documents(p)
+
+    c1 = load_corpus("t", src, reader, tokenizer, cache_dir=tmp_path / "cache")
+    c2 = load_corpus("t", src, reader, tokenizer, cache_dir=tmp_path / "cache")
+    assert len(calls) == 1, "the second load must come from the cache"
+    assert np.array_equal(c1.tokens, c2.tokens) and c1.tokens.dtype == np.uint16
+    assert c1.tokens[-1] == EOT_ID and tokenizer.decode(c1.tokens[:-1].tolist()) == src.read_text()
+    src.write_text("changed text")
+    assert load_corpus("t", src, reader, tokenizer, cache_dir=tmp_path / "cache").num_documents == 1
+    assert len(calls) == 2, "a changed file must be re-tokenized"
+
+    both = load_corpora([str(src), str(src)], tokenizer, cache_dir=tmp_path / "cache")
+    assert (both.tokens == EOT_ID).sum() == 2
+    seqs = pack(np.arange(23, dtype=np.uint16), 5)
+    assert seqs.shape == (4, 5) and seqs.dtype == torch.long
+    assert seqs[1].tolist() == [5, 6, 7, 8, 9]

@@ -1,0 +1,399 @@
+"""Text corpora -> GPT-2 token streams -> packed sequences, with an on-disk token cache.
+
+Data flow: files -> documents (``str``; detokenised for the tokenized evaluation sets) -> GPT-2 ids,
+each document followed by ``<|endoftext|>`` -> one ``uint16`` stream per corpus (cached as ``.npy``)
+-> consecutive chunks of ``seq_len`` tokens (:func:`pack`; the ragged tail is dropped).
+
+Named corpora (paths relative to the data folder: ``--data-dir``, else ``$TEXTGEN_DATA``, else
+``<repo>/../shared/data/text``):
+
+* training: ``ptb_train``, ``sotu``, ``wiki_summaries``, ``tinyshakespeare``, ``moby_dick``
+  (``train`` names them all);
+* evaluation (test splits): ``wikitext2``, ``wikitext103``, ``ptb``, ``lambada``.
+
+Any other text can be given by path: a ``.txt``/``.tokens`` file is one document, a ``.jsonl`` file
+one document per line (its ``text`` field, else ``extract``, else its first string field), and a
+folder means every such file below it (sorted).
+
+The tokenized evaluation sets get the usual detokenisers (those used for GPT-2's zero-shot numbers
+and by SEDD/MDLM): WikiText is split into articles at its top-level ``= Title =`` headings, PTB test
+is one document, LAMBADA one document per passage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from textgen.tokenizer import EOT_ID, TextTokenizer
+
+__all__ = [
+    "TRAIN_CORPORA",
+    "EVAL_CORPORA",
+    "CorpusSpec",
+    "TokenCorpus",
+    "default_data_dir",
+    "default_cache_dir",
+    "wikitext_detokenize",
+    "ptb_detokenize",
+    "lambada_detokenize",
+    "split_wikitext_articles",
+    "read_documents",
+    "resolve_corpora",
+    "load_corpus",
+    "load_corpora",
+    "pack",
+]
+
+CACHE_VERSION = 1
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_TEXT_SUFFIXES = (".txt", ".text", ".tokens", ".jsonl")
+
+
+def default_data_dir() -> Path:
+    """``$TEXTGEN_DATA`` if set, else ``<repo>/../shared/data/text``."""
+    env = os.environ.get("TEXTGEN_DATA")
+    return Path(env) if env else _REPO_ROOT.parent / "shared" / "data" / "text"
+
+
+def default_cache_dir() -> Path:
+    """``$TEXTGEN_CACHE`` if set, else ``~/.cache/textgen``."""
+    env = os.environ.get("TEXTGEN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "textgen"
+
+
+# --------------------------------------------------------------------------------------------------
+# Detokenisers of the tokenized evaluation sets
+# --------------------------------------------------------------------------------------------------
+
+_WT_REPLACEMENTS = [
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),
+    (" : ", ": "),
+    (" ; ", "; "),
+    (" . ", ". "),
+    (" ! ", "! "),
+    (" ? ", "? "),
+    (" , ", ", "),
+]
+_WT_BRACKETS = [
+    (r"\(\s*([^\)]*?)\s*\)", r"(\1)"),
+    (r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+    (r"{\s*([^}]*?)\s*}", r"{\1}"),
+    (r"\"\s*([^\"]*?)\s*\"", r'"\1"'),
+    (r"'\s*([^']*?)\s*'", r"'\1'"),
+]
+_WT_TAIL = [
+    ("= = = =", "===="),
+    ("= = =", "==="),
+    ("= =", "=="),
+    (" \u00b0 ", "\u00b0"),
+    (" \n", "\n"),
+    ("\n ", "\n"),
+    (" N ", " 1 "),
+    (" 's", "'s"),
+]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenisation (`` @-@ `` -> ``-``, spaces before punctuation, inside brackets...)."""
+    text = text.replace("s '", "s'")  # plural possessives
+    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)
+    for old, new in _WT_REPLACEMENTS:
+        text = text.replace(old, new)
+    for pattern, repl in _WT_BRACKETS:
+        text = re.sub(pattern, repl, text)
+    for old, new in _WT_TAIL:
+        text = text.replace(old, new)
+    return text
+
+
+def ptb_detokenize(text: str) -> str:
+    """Undo PTB's (Mikolov) tokenisation; ``N`` (a number) becomes ``1`` and ``<unk>`` becomes ``?``."""
+    for old, new in ((" 's", "'s"), ("s ' ", "s' "), (" n't", "n't"), (" \n ", "\n"), ("\\/", "/")):
+        text = text.replace(old, new)
+    for _ in range(10):  # overlapping matches (" N N ") need several passes
+        text = text.replace(" N ", " 1 ")
+    return text.replace("$ 1", "$1").replace("# 1", "#1").replace("<unk>", "?")
+
+
+def lambada_detokenize(text: str) -> str:
+    """Straight quotes and a leading newline, as in GPT-2's LAMBADA evaluation."""
+    return "\n" + text.replace("\u201c", '"').replace("\u201d", '"').strip()
+
+
+_WT_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def split_wikitext_articles(text: str) -> list[str]:
+    """Split a WikiText file into articles at its top-level headings (`` = Title = `` lines)."""
+    articles: list[list[str]] = []
+    for line in text.splitlines(keepends=True):
+        if _WT_HEADING.match(line.rstrip("\n")) or not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return ["".join(a) for a in articles if "".join(a).strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading documents
+# --------------------------------------------------------------------------------------------------
+
+
+def _jsonl_texts(path: Path, field: str | None = None) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            if isinstance(row, str):
+                docs.append(row)
+                continue
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected an object or a string")
+            keys = [field] if field else ["text", "extract"]
+            value = next((row[k] for k in keys if isinstance(row.get(k), str)), None)
+            if value is None and field is None:
+                value = next((v for v in row.values() if isinstance(v, str)), None)
+            if value is None:
+                raise ValueError(f"{path}:{n}: no text field ({field or 'text/extract'})")
+            docs.append(value)
+    return docs
+
+
+def read_documents(path: str | os.PathLike) -> list[str]:
+    """Documents of a file (``.txt``/``.tokens``: one; ``.jsonl``: one per line) or of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no text files ({', '.join(_TEXT_SUFFIXES)}) under {path}")
+        return [d for f in files for d in read_documents(f)]
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(path)
+    return [path.read_text(encoding="utf-8")]
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A named corpus: where it lives under the data folder and how to turn it into documents."""
+
+    name: str
+    relpath: str
+    reader: Callable[[Path], list[str]]
+    role: str  # "train" or "eval"
+    description: str = ""
+
+
+def _wikitext(path: Path) -> list[str]:
+    return [wikitext_detokenize(a).strip() for a in split_wikitext_articles(path.read_text(encoding="utf-8"))]
+
+
+def _ptb(path: Path) -> list[str]:
+    return [ptb_detokenize(path.read_text(encoding="utf-8")).strip()]
+
+
+def _lambada(path: Path) -> list[str]:
+    return [lambada_detokenize(t) for t in _jsonl_texts(path, "text")]
+
+
+def _plain(path: Path) -> list[str]:
+    return read_documents(path)
+
+
+TRAIN_CORPORA: dict[str, CorpusSpec] = {
+    s.name: s
+    for s in (
+        CorpusSpec("ptb_train", "ptb/ptb.train.txt", _ptb, "train", "Penn Treebank train (detokenised)"),
+        CorpusSpec("sotu", "sotu/sotu.jsonl", _plain, "train", "State of the Union addresses 1790-2016"),
+        CorpusSpec(
+            "wiki_summaries",
+            "wiki_vital_summaries/summaries_en.jsonl",
+            _plain,
+            "train",
+            "Wikipedia lead summaries of the vital articles",
+        ),
+        CorpusSpec("tinyshakespeare", "tinyshakespeare/input.txt", _plain, "train", "tiny-shakespeare"),
+        CorpusSpec("moby_dick", "moby_dick/moby_dick.txt", _plain, "train", "Moby Dick"),
+    )
+}
+EVAL_CORPORA: dict[str, CorpusSpec] = {
+    s.name: s
+    for s in (
+        CorpusSpec("wikitext2", "wikitext2/wiki.test.tokens", _wikitext, "eval", "WikiText-2 test"),
+        CorpusSpec("wikitext103", "wikitext103/wiki.test.tokens", _wikitext, "eval", "WikiText-103 test"),
+        CorpusSpec("ptb", "ptb/ptb.test.txt", _ptb, "eval", "Penn Treebank test"),
+        CorpusSpec("lambada", "lambada/lambada_test.jsonl", _lambada, "eval", "LAMBADA test"),
+    )
+}
+_ALL_NAMED = {**TRAIN_CORPORA, **EVAL_CORPORA}
+
+
+def resolve_corpora(
+    items: Iterable[str], data_dir: str | os.PathLike | None = None
+) -> list[tuple[str, Path, Callable]]:
+    """Turn names (``train``, ``sotu``, ``wikitext2``...) and paths into ``(name, path, reader)`` triples."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    out: list[tuple[str, Path, Callable]] = []
+    for item in items:
+        if item == "train":
+            out += [(s.name, data_dir / s.relpath, s.reader) for s in TRAIN_CORPORA.values()]
+        elif item in _ALL_NAMED:
+            s = _ALL_NAMED[item]
+            out.append((s.name, data_dir / s.relpath, s.reader))
+        else:
+            p = Path(item)
+            if not p.exists():
+                raise FileNotFoundError(
+                    f"{item!r} is neither a corpus name ({', '.join(['train', *_ALL_NAMED])}) nor an existing path"
+                )
+            out.append((p.stem or p.name, p, read_documents))
+    for name, p, _ in out:
+        if not p.exists():
+            raise FileNotFoundError(
+                f"corpus {name!r} not found at {p}: pass --data-dir or set TEXTGEN_DATA to the text data folder"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Token streams and the cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenCorpus:
+    """A token stream (documents each followed by EOT) and where it came from.
+
+    Attributes:
+        name: corpus name(s), joined with ``+``.
+        tokens: ``(T,)`` uint16 GPT-2 ids.
+        num_documents: documents in the stream.
+        sources: the files read.
+    """
+
+    name: str
+    tokens: np.ndarray
+    num_documents: int
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def as_tensor(self) -> Tensor:
+        return torch.from_numpy(self.tokens.astype(np.int64))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def tokenize_documents(documents: Sequence[str], tokenizer: TextTokenizer, batch: int = 256) -> np.ndarray:
+    """GPT-2 ids of ``documents``, each followed by EOT, as one uint16 stream."""
+    parts: list[np.ndarray] = []
+    eot = np.array([EOT_ID], dtype=np.uint16)
+    for start in range(0, len(documents), batch):
+        for ids in tokenizer.encode_batch(documents[start : start + batch]):
+            parts.append(np.asarray(ids, dtype=np.uint16))
+            parts.append(eot)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def load_corpus(
+    name: str,
+    path: Path,
+    reader: Callable[[Path], list[str]],
+    tokenizer: TextTokenizer,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> TokenCorpus:
+    """Read, tokenize and cache one corpus; a cached stream is reused when file, reader and tokenizer match."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(
+        json.dumps([CACHE_VERSION, name, reader.__name__, _file_digest(path), tokenizer.digest]).encode()
+    ).hexdigest()[:24]
+    file = cache / f"{name}-{key}.npy"
+    meta_file = file.with_suffix(".json")
+    if use_cache and file.is_file() and meta_file.is_file():
+        try:
+            tokens = np.load(file, allow_pickle=False)
+            meta = json.loads(meta_file.read_text())
+            return TokenCorpus(name, tokens, int(meta["num_documents"]), [str(path)])
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is rebuilt below
+    docs = reader(path)
+    tokens = tokenize_documents(docs, tokenizer)
+    if use_cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, tokens, allow_pickle=False)
+        os.replace(tmp, file)
+        meta_file.write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "source": str(path),
+                    "num_documents": len(docs),
+                    "num_tokens": int(tokens.shape[0]),
+                }
+            )
+            + "\n"
+        )
+    return TokenCorpus(name, tokens, len(docs), [str(path)])
+
+
+def load_corpora(
+    items: Iterable[str],
+    tokenizer: TextTokenizer,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> TokenCorpus:
+    """Concatenate the token streams of several corpora (names or paths, see :func:`resolve_corpora`)."""
+    parts = [
+        load_corpus(n, p, r, tokenizer, cache_dir, use_cache) for n, p, r in resolve_corpora(items, data_dir)
+    ]
+    if not parts:
+        raise ValueError("no corpora given")
+    return TokenCorpus(
+        "+".join(p.name for p in parts),
+        np.concatenate([p.tokens for p in parts]),
+        sum(p.num_documents for p in parts),
+        [s for p in parts for s in p.sources],
+    )
+
+
+def pack(tokens: np.ndarray | Tensor, seq_len: int) -> Tensor:
+    """Consecutive chunks of ``seq_len`` tokens: ``(T // seq_len, seq_len)`` long; the tail is dropped."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    t = (
+        torch.from_numpy(np.asarray(tokens).astype(np.int64))
+        if not isinstance(tokens, Tensor)
+        else tokens.long()
+    )
+    n = t.shape[0] // seq_len
+    return t[: n * seq_len].reshape(n, seq_len).clone()

@@ -1,0 +1,119 @@
+"""GPT-2 BPE tokenizer plus the MASK token of the mask source (section 8.1 of the KO-DFM paper).
+
+The 50,257 GPT-2 ids are kept unchanged (``<|endoftext|>`` = 50256 separates documents and is the
+autoregressive model's BOS); one extra id, ``MASK_ID = 50257``, is appended for the mask source
+``p = delta_m``, so every text model has ``VOCAB_SIZE = 50258`` logits. MASK is never a data token.
+
+Files are found from an explicit path, else ``$TEXTGEN_TOKENIZER``, else the shared data folder next
+to the repository (``<repo>/../shared/data/tokenizer/gpt2``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GPT2_VOCAB_SIZE",
+    "EOT_ID",
+    "MASK_ID",
+    "VOCAB_SIZE",
+    "TextTokenizer",
+    "default_tokenizer_path",
+]
+
+GPT2_VOCAB_SIZE = 50257
+EOT_ID = 50256
+MASK_ID = GPT2_VOCAB_SIZE
+VOCAB_SIZE = GPT2_VOCAB_SIZE + 1
+EOT_TEXT = "<|endoftext|>"
+MASK_TEXT = "[MASK]"
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_tokenizer_path() -> Path:
+    """``$TEXTGEN_TOKENIZER`` if set, else ``<repo>/../shared/data/tokenizer/gpt2``."""
+    env = os.environ.get("TEXTGEN_TOKENIZER")
+    if env:
+        return Path(env)
+    return _REPO_ROOT.parent / "shared" / "data" / "tokenizer" / "gpt2"
+
+
+class TextTokenizer:
+    """GPT-2 BPE (via the ``tokenizers`` library) with an appended MASK id.
+
+    Args:
+        path: a ``tokenizer.json`` file or a folder holding one (default: :func:`default_tokenizer_path`).
+
+    Raises:
+        FileNotFoundError: no ``tokenizer.json`` there.
+        ValueError: the file is not the 50,257-token GPT-2 vocabulary.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(path) if path is not None else default_tokenizer_path()
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"GPT-2 tokenizer not found at {file}: pass --tokenizer DIR or set TEXTGEN_TOKENIZER "
+                "to a folder holding tokenizer.json"
+            )
+        self.file = file
+        self._tok = Tokenizer.from_file(str(file))
+        if self._tok.get_vocab_size() != GPT2_VOCAB_SIZE or self._tok.token_to_id(EOT_TEXT) != EOT_ID:
+            raise ValueError(
+                f"{file} is not the GPT-2 tokenizer (vocab {self._tok.get_vocab_size()}, "
+                f"{EOT_TEXT}={self._tok.token_to_id(EOT_TEXT)}; expected {GPT2_VOCAB_SIZE} and {EOT_ID})"
+            )
+
+    vocab_size = VOCAB_SIZE
+    eot_id = EOT_ID
+    mask_id = MASK_ID
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of ``tokenizer.json`` (keys the token cache and is stored in checkpoints)."""
+        return hashlib.sha256(self.file.read_bytes()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """GPT-2 ids of ``text``; the literal ``<|endoftext|>`` maps to ``EOT_ID``."""
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def decode(self, ids: Sequence[int] | Tensor, show_special: bool = True) -> str:
+        """Text of ``ids``. EOT and MASK are shown as ``<|endoftext|>`` and ``[MASK]`` (or dropped)."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        out, run = [], []
+        for i in ids:
+            if i == MASK_ID or i >= VOCAB_SIZE or i < 0:
+                if run:
+                    out.append(self._tok.decode(run, skip_special_tokens=not show_special))
+                    run = []
+                if show_special:
+                    out.append(MASK_TEXT if i == MASK_ID else f"[{i}]")
+            else:
+                run.append(int(i))
+        if run:
+            out.append(self._tok.decode(run, skip_special_tokens=not show_special))
+        return "".join(out)
+
+    def decode_batch(self, batch: Tensor | Sequence[Sequence[int]], show_special: bool = True) -> list[str]:
+        return [self.decode(row, show_special) for row in batch]
+
+    def as_tensor(self, text: str) -> Tensor:
+        return torch.tensor(self.encode(text), dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer({str(self.file)!r}, vocab={VOCAB_SIZE})"
