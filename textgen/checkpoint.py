@@ -1,0 +1,112 @@
+"""Released text models: safetensors weights plus everything needed to rebuild the path.
+
+A textgen checkpoint is a safetensors file written by :func:`dfm_core.training.export_safetensors` whose
+metadata holds ``format = "textgen-checkpoint-v1"``, the ``kind`` (``dfm`` or ``ar``), the
+``model_config``, the ``path`` config (source, beta0, scheduler), ``seq_len`` and the training run's
+facts. For the data-statistics source (eq 38) the source PMF itself is stored as the float64 tensor
+``path.source_pmf`` (50,258 entries), so a model is sampled and evaluated without its training text.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfm_core.paths import MixturePath
+from dfm_core.training import export_safetensors, load_safetensors, resolve_device
+from textgen.model import TextModelConfig, build_model
+from textgen.path import TextPathConfig, build_path, text_source
+
+__all__ = ["CHECKPOINT_FORMAT", "SOURCE_PMF_KEY", "CheckpointError", "TextModel", "export_text_model"]
+
+CHECKPOINT_FORMAT = "textgen-checkpoint-v1"
+SOURCE_PMF_KEY = "path.source_pmf"
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, or not a textgen checkpoint."""
+
+
+def export_text_model(
+    model: nn.Module,
+    out: str | os.PathLike,
+    metadata: dict[str, Any],
+    source_pmf: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model``'s weights (and the source PMF of a stats path) with ``metadata`` as safetensors."""
+    state = dict(getattr(model, "_orig_mod", model).state_dict())
+    if source_pmf is not None:
+        state[SOURCE_PMF_KEY] = torch.as_tensor(source_pmf, dtype=torch.float64)
+    meta = {"format": CHECKPOINT_FORMAT, **metadata}
+    return export_safetensors(state, out, meta, dtype=dtype)
+
+
+@dataclass
+class TextModel:
+    """A loaded text model with its path (None for the AR baseline) and metadata."""
+
+    model: nn.Module
+    kind: str
+    path: MixturePath | None
+    path_config: TextPathConfig | None
+    metadata: dict[str, Any]
+    device: torch.device
+    checkpoint: Path
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> TextModel:
+        file = Path(checkpoint)
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint not found: {file}")
+        try:
+            state, meta = load_safetensors(file)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"cannot read checkpoint {file}: {e}") from e
+        if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:
+            raise CheckpointError(
+                f"{file} is a safetensors file but not a textgen checkpoint (format={meta.get('format')!r}); "
+                "train one with `textgen train`"
+            )
+        kind = meta.get("kind", "dfm")
+        pmf = state.pop(SOURCE_PMF_KEY, None)
+        model = build_model(kind, TextModelConfig.from_dict(meta["model_config"]))
+        try:
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        except RuntimeError as e:
+            raise CheckpointError(f"{file}: weights do not fit the architecture in its metadata: {e}") from e
+        path = path_config = None
+        if kind == "dfm":
+            path_config = TextPathConfig.from_dict(meta["path"])
+            if path_config.source == "stats" and pmf is None:
+                raise CheckpointError(f"{file}: a stats-source model without its {SOURCE_PMF_KEY} tensor")
+            path = build_path(path_config, pmf if pmf is not None else text_source(path_config))
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        return cls(model, kind, path, path_config, meta, dev, file)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.metadata.get("seq_len", 256))
+
+    @property
+    def label(self) -> str:
+        """A short name: ``AR`` or ``<scheduler>/<source>`` (e.g. ``ko/beta0=1024``)."""
+        if self.kind == "ar":
+            return "AR"
+        return self.path_config.label if self.path_config is not None else "dfm"
+
+    def logits_fn(self):
+        """``f(x_t, t) -> fp32 logits`` for the sampler and ELBO, under bf16 autocast on CUDA."""
+        use_bf16 = self.device.type == "cuda"
+
+        def fn(x: Tensor, t: Tensor) -> Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                return self.model(x, t).float()
+
+        return fn
