@@ -230,6 +230,9 @@ def evaluate(
         None, help="Data root (else the training run's, else $IMAGEGEN_DATA)."
     ),
     reference_split: str = typer.Option("test", help="Held-out split to compare against."),
+    reference_n: int | None = typer.Option(
+        None, help="Use a random subset of N reference images (default: all)."
+    ),
     data_baseline: bool = typer.Option(False, help="Also score n random training images (the data floor)."),
     grids: int = typer.Option(64, help="Write a grid of this many samples per point (0: none)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -264,6 +267,8 @@ def evaluate(
         # a folder is read at the model's image shape
         kw = {"image_size": gen.image_shape[1], "channels": gen.image_shape[0]}
         ref_data = load_dataset(ds, reference_split, root, **kw)
+        if reference_n is not None:
+            ref_data = ref_data.random_subset(reference_n, seed)
         if not quiet:
             typer.echo(f"reference: {ref_data.name}, {len(ref_data)} images ({score_name(extractor.name)})")
         reference = reference_stats(ref_data, extractor)
