@@ -104,3 +104,11 @@ def test_train_config_files(tmp_path: Path) -> None:
     f.write_text("colour = 1\n")
     with pytest.raises(ValueError, match="unknown"):
         load_train_config(f)
+
+
+def test_shipped_cifar10_config_is_the_default_preset() -> None:
+    cfg = load_train_config(
+        Path(__file__).resolve().parents[2] / "imagegen" / "configs" / "cifar10_default.toml"
+    )
+    assert cfg.dataset == "cifar10" and cfg.path.kind == "metric" and (cfg.path.c, cfg.path.a) == (3.0, 0.9)
+    assert cfg.model == UNetConfig.preset("default") and cfg.train.compile
