@@ -112,3 +112,15 @@ def test_shipped_cifar10_config_is_the_default_preset() -> None:
     )
     assert cfg.dataset == "cifar10" and cfg.path.kind == "metric" and (cfg.path.c, cfg.path.a) == (3.0, 0.9)
     assert cfg.model == UNetConfig.preset("default") and cfg.train.compile
+
+
+def test_batches_are_uint8_tokens_with_random_flips() -> None:
+    from imagegen.data import ImageDataset
+    from imagegen.train import _Batches
+
+    image = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4)
+    data = ImageDataset(image.expand(3, -1, -1, -1).clone(), torch.tensor([0, 1, 2]), ("a", "b", "c"), "x")
+    tokens, labels = _Batches(data, 32, hflip=True)(torch.Generator().manual_seed(0))
+    assert tokens.shape == (32, 16) and tokens.dtype == torch.uint8 and labels.shape == (32,)
+    flipped = (tokens == image.flip(-1).reshape(1, -1)).all(1)
+    assert 0 < int(flipped.sum()) < 32 and ((tokens == image.reshape(1, -1)).all(1) | flipped).all()
