@@ -44,7 +44,9 @@ def evaluate_command(
         None, "--batch-atoms", help="Atoms per batched CHGNet call (default 8192 on CUDA, 256 on CPU)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the --test-limit subset."),
-    workers: int = typer.Option(0, "--workers", help="Extra processes for fingerprinting (0 = none)."),
+    workers: int = typer.Option(
+        0, "--workers", help="Extra processes for fingerprinting and CHGNet graph building (0 = none)."
+    ),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Cache for test-set fingerprints (default: $MATGEN_CACHE/evaluate)."
     ),

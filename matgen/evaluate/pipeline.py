@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,7 +174,8 @@ def evaluate(
         relax_steps, fmax: FIRE step cap and force threshold (eV/A), as chgnet's ``StructOptimizer``.
         batch_atoms: atoms per batched CHGNet call (default 8192 on CUDA, 256 on CPU).
         seed: seed of the ``test_limit`` subset.
-        workers: extra processes for fingerprinting (0 = none).
+        workers: extra processes for fingerprinting and for building CHGNet graphs during relaxation
+            (0 = none; on a GPU machine use most of the spare cores).
         cache_dir: where test-set fingerprints are cached (default ``$MATGEN_CACHE/evaluate`` or
             ``~/.cache/matgen/evaluate``).
         chunk_size: crystals per journal write in stage 1.
@@ -188,12 +188,14 @@ def evaluate(
     timings: dict[str, float] = {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", module=r"pymatgen.*")
-    warnings.filterwarnings("ignore", module=r"matminer.*")
 
     # 1. read, parse, validity, fingerprints --------------------------------------------------------------
     t0 = time.perf_counter()
     items = read_inputs(inputs)
+    if not items:
+        raise ValueError(
+            f"no crystals found in {inputs!r} (expected .cif files or a table with a 'cif' column)"
+        )
     ids = [it.id for it in items]
     meta = {"format": JOURNAL_FORMAT, "relax_steps": relax_steps, "fmax": fmax}
     journal = Journal(out / "journal.jsonl", meta)
@@ -276,6 +278,7 @@ def evaluate(
                     fmax=fmax,
                     steps=relax_steps,
                     batch_atoms=batch_atoms,
+                    graph_workers=workers,
                     on_results=on_results,
                     progress=progress,
                 )
@@ -290,7 +293,16 @@ def evaluate(
     # 4. E_hull -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     rows = []
-    for i, rec in zip(ids, basic, strict=True):
+    from tqdm.auto import tqdm
+
+    hull_bar = tqdm(
+        zip(ids, basic, strict=True),
+        total=len(ids),
+        desc="E_hull",
+        disable=not progress or skip_stability,
+        leave=False,
+    )
+    for i, rec in hull_bar:
         row = {key: rec.get(key) for key in rec if key not in ("stage", "struct_fp", "comp_fp")}
         row["id"] = i
         r = relax_recs.get(i)
@@ -410,8 +422,10 @@ def _summarize(
     s["comp_valid"] = frac(results["comp_valid"].astype(bool))
     s["valid"] = frac(results["valid"].astype(bool))
     s["n_valid"] = int(results["valid"].astype(bool).sum())
-    reasons = Counter(r.split(";")[0].split(":")[0] for r in results["reason"].dropna())
-    s["invalid_reasons"] = dict(reasons.most_common(12))
+    reasons: Counter = Counter()
+    for r in results["reason"].dropna():
+        reasons.update({_reason_category(part) for part in str(r).split("; ")})
+    s["invalid_reasons"] = dict(reasons.most_common())
 
     # coverage (CDVAE convention: every fingerprinted crystal; and valid crystals only)
     fps = [(decode_array(b["struct_fp"]), decode_array(b["comp_fp"]), bool(b["valid"])) for b in basic]
@@ -486,6 +500,35 @@ def _summarize(
         stab_reasons = Counter(r.split(":")[0].split(" (")[0] for r in results["stability_reason"].dropna())
         s["stability_reasons"] = dict(stab_reasons.most_common(12))
     return json.loads(json.dumps(s, default=_json_default))
+
+
+_REASON_CATEGORIES = (
+    ("empty cif", "empty CIF"),
+    ("unparsable", "unparsable CIF"),
+    ("unreadable", "unreadable file"),
+    ("sanity", "outside sanity bounds"),
+    ("apart", "atoms closer than 0.5 A"),
+    ("volume ", "cell volume < 0.1 A^3"),
+    ("smact", "composition fails SMACT"),
+    ("crystalnn", "CrystalNN fingerprint failed"),
+    ("composition", "composition error"),
+    ("structurally invalid", "not relaxed: structurally invalid"),
+    ("not parsed", "not relaxed: unparsed or outside sanity bounds"),
+    ("diverged", "relaxation diverged"),
+    ("graph construction", "CHGNet graph construction failed"),
+    ("out of memory", "CUDA out of memory"),
+    ("not converged", "relaxation hit the step cap (E_hull kept)"),
+    ("e_hull failed", "E_hull failed (e.g. no elemental reference)"),
+)
+
+
+def _reason_category(reason: str) -> str:
+    """A short, countable label for a free-text reason (the full text stays in results.csv)."""
+    low = reason.lower()
+    for needle, label in _REASON_CATEGORIES:
+        if needle in low:
+            return label
+    return reason.split(":")[0][:60]
 
 
 def _json_default(o: Any) -> Any:

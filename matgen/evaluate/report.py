@@ -117,7 +117,8 @@ def _plots(
         if col == "n_atoms":
             bins = np.arange(0.5, max(both.max() if len(both) else 1, 1) + 1.5, 1.0)
         else:
-            bins = np.linspace(np.nanpercentile(both, 0.5), np.nanpercentile(both, 99.5), 50)
+            lo, hi = float(np.nanmin(both)), float(np.nanmax(both))
+            bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 50)
         ax.hist(r, bins=bins, density=True, alpha=0.5, label=f"MP-20 test (n={len(r)})")
         if len(g):
             ax.hist(g, bins=bins, density=True, alpha=0.5, label=f"generated, valid (n={len(g)})")

@@ -1,0 +1,95 @@
+"""Hull references (CSV recipe and pickled phase diagram) and input reading (fast, no CHGNet)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+
+import pandas as pd
+import pytest
+from evaluate_helpers import rock_salt, write_cif
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+from pymatgen.core import Composition
+from pymatgen.entries.computed_entries import ComputedEntry
+
+from matgen.evaluate import load_hull, read_inputs
+from matgen.evaluate.hull import ELEMENTAL_REFS_NAME, FormationEnergyHull
+
+MU = {"Na": -1.3, "Cl": -1.8}  # made-up elemental energies per atom
+E_FORM = {"NaCl": -2.0, "NaCl3": -0.9}  # made-up formation energies per atom; NaCl3 lies above the hull
+
+
+def _write_reference(folder):
+    refs = {el: ComputedEntry(el, mu).as_dict() for el, mu in MU.items()}
+    with gzip.open(folder / ELEMENTAL_REFS_NAME, "wt") as f:
+        json.dump(refs, f)
+    pd.DataFrame(
+        {
+            "material_id": ["x1", "x2"],
+            "reduced_formula": list(E_FORM),
+            "formation_energy_per_atom": list(E_FORM.values()),
+        }
+    ).to_csv(folder / "formation.csv.gz", index=False)
+
+
+def _total_per_atom(formula: str, e_form: float) -> float:
+    comp = Composition(formula)
+    return e_form + sum(MU[el.symbol] * n for el, n in comp.items()) / comp.num_atoms
+
+
+@pytest.mark.parametrize("target", ["folder", "csv"])
+def test_formation_energy_hull(tmp_path, target):
+    _write_reference(tmp_path)
+    hull = load_hull(tmp_path if target == "folder" else tmp_path / "formation.csv.gz")
+    assert isinstance(hull, FormationEnergyHull)
+    # on the hull, 50 meV above it, and the known NaCl3 above the NaCl-Cl tie line
+    assert hull.e_above_hull(Composition("NaCl"), _total_per_atom("NaCl", -2.0)) == pytest.approx(
+        0.0, abs=1e-9
+    )
+    assert hull.e_above_hull(Composition("Na2Cl2"), _total_per_atom("NaCl", -1.95)) == pytest.approx(0.05)
+    tie = (2 * -2.0) / 4  # NaCl3 = NaCl + 2 Cl: hull formation energy -0.5 eV/atom
+    assert hull.e_above_hull(Composition("NaCl3"), _total_per_atom("NaCl3", -0.9)) == pytest.approx(
+        -0.9 - tie
+    )
+    assert hull.e_above_hull(Composition("Na"), MU["Na"]) == pytest.approx(0.0)
+    with pytest.raises(KeyError):
+        hull.e_above_hull(Composition("KCl"), -3.0)
+
+
+def test_pickled_phase_diagram_hull(tmp_path):
+    entries = [
+        PDEntry("Na", MU["Na"]),
+        PDEntry("Cl", MU["Cl"]),
+        PDEntry("NaCl", 2 * _total_per_atom("NaCl", -2.0)),
+    ]
+    path = tmp_path / "ppd.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(PhaseDiagram(entries), f)
+    hull = load_hull(path)
+    assert hull.e_above_hull(Composition("NaCl"), _total_per_atom("NaCl", -1.9)) == pytest.approx(0.1)
+
+
+def test_read_inputs_forms(tmp_path):
+    folder = tmp_path / "cifs"
+    (folder / "sub").mkdir(parents=True)
+    write_cif(folder / "a.cif", rock_salt())
+    write_cif(folder / "sub" / "b.CIF", rock_salt(6.0))
+    (folder / "notes.txt").write_text("ignored")
+    assert [i.id for i in read_inputs(folder)] == ["a.cif", "sub/b.CIF"]
+    assert [i.id for i in read_inputs(folder / "a.cif")] == ["a.cif"]
+
+    cif = (folder / "a.cif").read_text()
+    frame = pd.DataFrame({"material_id": ["x", "x", "y"], "cif": [cif, cif, None]})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    for name in ("t.csv", "t.parquet"):
+        items = read_inputs(tmp_path / name)
+        assert [i.id for i in items] == ["x", "x#1", "y"]
+        assert items[2].read_error == "empty CIF"
+    pd.DataFrame({"cif": [cif]}).to_csv(tmp_path / "noid.csv", index=False)
+    assert [i.id for i in read_inputs(tmp_path / "noid.csv")] == ["row0"]
+    assert [i.id for i in read_inputs([rock_salt(), rock_salt()])] == ["s0", "s1"]
+    with pytest.raises(ValueError):
+        pd.DataFrame({"x": [1]}).to_csv(tmp_path / "bad.csv", index=False)
+        read_inputs(tmp_path / "bad.csv")
