@@ -60,15 +60,18 @@ def cross_entropy_loss(logits: Tensor, x1: Tensor, valid: Tensor | None = None) 
     return (nll * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def _token_rates(scheduler: Scheduler, t: Tensor, shape: tuple[int, ...], V: int, device, dtype) -> Tensor:
-    """lambda_t(y) = kappa'_t(y) / (1 - kappa_t(y)) for every token y: (..., V)."""
-    tt = t.to(dtype)
-    while tt.ndim < len(shape) + 1:
+def _token_rates(scheduler: Scheduler, t: Tensor, pos_ndim: int, V: int, device, dtype) -> Tensor:
+    """lambda_t(y) = kappa'_t(y) / (1 - kappa_t(y)) for every token y.
+
+    Shaped to broadcast against (B, L, V) without materialising it: a (B,) time gives (B, 1, V).
+    """
+    tt = t.to(device=device, dtype=dtype)
+    while tt.ndim < pos_ndim:
         tt = tt.unsqueeze(-1)
-    tt = tt.expand(*shape, V)
+    tt = tt.unsqueeze(-1)
+    tt = tt.expand(*tt.shape[:-1], V)
     if scheduler.token_dependent:
-        tokens = torch.arange(V, device=device).expand(*shape, V)
-        return scheduler.rate(tt, tokens)
+        return scheduler.rate(tt, torch.arange(V, device=device).expand(tt.shape))
     return scheduler.rate(tt)
 
 
@@ -85,8 +88,9 @@ def mixture_elbo_integrand(logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, pa
     logp = torch.log_softmax(logits.float(), dim=-1)
     post = logp.exp()
     B, L, V = logits.shape
-    lam = _token_rates(path.scheduler, t, (B, L), V, logits.device, torch.float32)
+    lam = _token_rates(path.scheduler, t, 2, V, logits.device, torch.float32)
     lam_post = torch.where(post > 0, lam * post, torch.zeros_like(post))
+    lam = lam.expand(B, L, V)
     at = lambda m: m.gather(-1, xt.unsqueeze(-1)).squeeze(-1)  # noqa: E731
     lam_x1 = lam.gather(-1, x1.unsqueeze(-1)).squeeze(-1)
     logp_x1 = logp.gather(-1, x1.unsqueeze(-1)).squeeze(-1)

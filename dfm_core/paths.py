@@ -181,7 +181,9 @@ class MetricPath(ProbabilityPath):
     def probs_dt(self, x1: Tensor, t: Tensor) -> Tensor:
         t, d, b = self._beta_terms(x1, t)
         p = torch.softmax(-b * d, dim=-1)
-        db = self.beta.d_beta(t.clamp(max=1.0 - 1e-7)).unsqueeze(-1)
+        # beta'_t diverges at t = 0 when a < 1 (eq 108, a = 0.9): evaluate it at t >= 1e-6 so that the
+        # rates at t = 0 (the sampler's first step) stay finite instead of inf * 0 = nan / +-inf.
+        db = self.beta.d_beta(t.clamp(min=1e-6, max=1.0 - 1e-7)).unsqueeze(-1)
         mean_d = (p * d).sum(-1, keepdim=True)
         dp = -db * p * (d - mean_d)
         return torch.where((t >= 1.0).unsqueeze(-1), torch.zeros_like(dp), dp)
