@@ -1,6 +1,11 @@
 """Reading a generator's output: a folder of CIFs, one CIF, a CSV/parquet table with a ``cif`` column, or
 a list of pymatgen Structures. Every crystal gets a stable, unique id (the key of the resume journal).
 
+A table may instead have a ``file`` column of CIF paths relative to the table; rows with an empty ``file``
+count as crystals the generator failed to produce (reason from an ``error`` column if present). A folder
+holding such a ``samples.csv`` (what ``matgen generate`` writes) is read through it, so that decoding
+failures enter the denominators instead of silently disappearing.
+
 Ids: a file's path relative to the folder (``sub/x.cif``); a table's id column (the first of
 ``material_id, id, name, file``) or ``row{i}``; ``s{i}`` for in-memory structures. Repeated ids get a
 ``#k`` suffix so that rows are never merged.
@@ -21,6 +26,7 @@ __all__ = ["InputItem", "parse_cif", "read_inputs"]
 
 ID_COLUMNS = ("material_id", "id", "name", "file")
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+MANIFEST_NAME = "samples.csv"  # written by ``matgen generate`` next to its CIFs
 
 
 @dataclass
@@ -75,15 +81,26 @@ def _read_text(path: Path) -> tuple[str | None, str | None]:
 def _read_table(path: Path) -> list[InputItem]:
     name = path.name.lower()
     frame = pd.read_parquet(path) if name.endswith((".parquet", ".pq")) else pd.read_csv(path)
-    if "cif" not in frame.columns:
-        raise ValueError(f"{path} has no 'cif' column (columns: {list(frame.columns)})")
+    if "cif" not in frame.columns and "file" not in frame.columns:
+        raise ValueError(f"{path} has neither a 'cif' nor a 'file' column (columns: {list(frame.columns)})")
     id_col = next((c for c in ID_COLUMNS if c in frame.columns), None)
-    ids = [str(x) for x in frame[id_col]] if id_col else [f"row{i}" for i in range(len(frame))]
-    cifs = [c if isinstance(c, str) else None for c in frame["cif"]]
-    return [
-        InputItem(id=i, cif=c, read_error=None if c is not None else "empty CIF")
-        for i, c in zip(_unique(ids), cifs, strict=True)
-    ]
+    ids = _unique([str(x) for x in frame[id_col]] if id_col else [f"row{i}" for i in range(len(frame))])
+    if "cif" in frame.columns:
+        cifs = [c if isinstance(c, str) else None for c in frame["cif"]]
+        return [
+            InputItem(id=i, cif=c, read_error=None if c is not None else "empty CIF")
+            for i, c in zip(ids, cifs, strict=True)
+        ]
+    errors = frame["error"] if "error" in frame.columns else [None] * len(frame)
+    items = []
+    for i, f, err in zip(ids, frame["file"], errors, strict=True):
+        if isinstance(f, str) and f.strip():
+            text, read_err = _read_text(path.parent / f)
+            items.append(InputItem(id=i, cif=text, read_error=read_err))
+        else:
+            why = err if isinstance(err, str) and err.strip() else "no file"
+            items.append(InputItem(id=i, read_error=f"generator produced no crystal: {why}"))
+    return items
 
 
 def read_inputs(inputs: str | Path | Sequence[Structure]) -> list[InputItem]:
@@ -94,6 +111,9 @@ def read_inputs(inputs: str | Path | Sequence[Structure]) -> list[InputItem]:
             raise TypeError("a list input must contain pymatgen Structures")
         return [InputItem(id=f"s{i}", structure=s) for i, s in enumerate(items)]
     path = Path(inputs).expanduser()
+    manifest = path / MANIFEST_NAME
+    if path.is_dir() and manifest.is_file() and "file" in pd.read_csv(manifest, nrows=0).columns:
+        return _read_table(manifest)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(".cif"))
         out = []

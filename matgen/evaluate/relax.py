@@ -346,7 +346,10 @@ class CHGNetBatchPotential:
             e_model = pred["e"]  # per atom if the model is intensive (CHGNet 0.3.0 is)
             per_atom_count = pred["atoms_per_graph"].to(fdt)
             e_total = e_model * per_atom_count if model.is_intensive else e_model
-            g_pos, g_strain = torch.autograd.grad(e_total.sum(), [pos, strain])
+            g_pos, g_strain = torch.autograd.grad(e_total.sum(), [pos, strain], allow_unused=True)
+        # a batch of isolated atoms (no edge within the cutoff) leaves positions/strain unused
+        g_pos = torch.zeros_like(pos) if g_pos is None else g_pos
+        g_strain = torch.zeros_like(strain) if g_strain is None else g_strain
         e_per_atom = (e_total / per_atom_count).detach() + t_comp
         return _Pending(
             energy_per_atom=e_per_atom,
@@ -432,6 +435,7 @@ class _Slot:
     n_pos: int = 0  # ASE's Nsteps: steps since the last uphill reset
     n_steps: int = 0
     e0: float = float("nan")
+    solo: bool = False  # evaluated alone after its batch raised, to find the culprit
 
     @property
     def n(self) -> int:
@@ -580,11 +584,15 @@ def relax_structures(
     flush()
 
     def refill(group: _Group) -> None:
+        if any(sl.solo for sl in group.slots):
+            return
         used = group.atoms
-        while queue and (not group.slots or used + queue[0].n <= group.budget):
+        while queue and (not group.slots or (used + queue[0].n <= group.budget and not queue[0].solo)):
             slot = queue.popleft()
             group.slots.append(slot)
             used += slot.n
+            if slot.solo:
+                break
 
     def build(group: _Group) -> list[GraphArrays]:
         slots = group.slots
@@ -763,6 +771,16 @@ def relax_structures(
                         flush()
                     else:
                         shrink_after_oom(group)
+                except Exception as exc:  # one bad crystal must not stop the others
+                    if len(group.slots) == 1:
+                        fail(group.slots[0], f"CHGNet evaluation failed: {type(exc).__name__}: {exc}")
+                        group.slots = []
+                        flush()
+                    else:  # retry each crystal of this batch on its own (state is unchanged)
+                        for slot in reversed(group.slots):
+                            slot.solo = True
+                            queue.appendleft(slot)
+                        group.slots = []
             if not launched_any and pending is None and not queue and not any(g.slots for g in groups):
                 break
     finally:

@@ -142,7 +142,7 @@ def _fmt(v: Any) -> str:
 
 SUMMARY_ROWS = [
     ("n_inputs", "crystals"),
-    ("n_unparsable", "unparsable"),
+    ("n_unparsable", "unparsable or missing"),
     ("n_failed_sanity_bounds", "outside sanity bounds"),
     ("struct_valid", "structural validity"),
     ("comp_valid", "compositional validity (SMACT)"),

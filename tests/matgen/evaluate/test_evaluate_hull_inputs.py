@@ -93,3 +93,19 @@ def test_read_inputs_forms(tmp_path):
     with pytest.raises(ValueError):
         pd.DataFrame({"x": [1]}).to_csv(tmp_path / "bad.csv", index=False)
         read_inputs(tmp_path / "bad.csv")
+
+
+def test_generator_manifest_counts_missing_crystals(tmp_path):
+    """A folder with matgen-generate's samples.csv: rows without a CIF are inputs that failed."""
+    write_cif(tmp_path / "crystal_000000.cif", rock_salt())
+    pd.DataFrame(
+        {
+            "id": ["crystal_000000", "crystal_000001"],
+            "file": ["crystal_000000.cif", None],
+            "error": ["", "atoms coincide"],
+        }
+    ).to_csv(tmp_path / "samples.csv", index=False)
+    items = read_inputs(tmp_path)
+    assert [i.id for i in items] == ["crystal_000000", "crystal_000001"]
+    assert items[0].cif and items[0].read_error is None
+    assert items[1].read_error == "generator produced no crystal: atoms coincide"

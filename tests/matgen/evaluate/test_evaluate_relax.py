@@ -123,3 +123,35 @@ def test_graph_worker_processes_give_the_same_result(potential):
     for x, y in zip(a, b, strict=True):
         assert x.n_steps == y.n_steps
         assert x.energy_per_atom == pytest.approx(y.energy_per_atom, abs=1e-6)
+
+
+class _FailsForVolume(CHGNetBatchPotential):
+    """Raises for any batch that contains a crystal with the poisoned lattice constant."""
+
+    def __init__(self, inner: CHGNetBatchPotential, poisoned_volume: float) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.poisoned_volume = poisoned_volume
+
+    def launch(self, graphs):
+        for g in graphs:
+            if abs(abs(np.linalg.det(g.lattice)) - self.poisoned_volume) < 1.0:
+                raise RuntimeError("simulated CHGNet failure")
+        return super().launch(graphs)
+
+
+def test_an_exception_in_a_batch_only_fails_the_culprit(potential):
+    structures = [rock_salt(a) for a in (5.4, 5.64, 6.0)]
+    poisoned = _FailsForVolume(potential, structures[1].volume)
+    results = relax_structures(structures, potential=poisoned, progress=False, steps=3)
+    assert results[1].error is not None and "simulated CHGNet failure" in results[1].error
+    assert results[0].error is None and results[2].error is None
+    plain = relax_structures([structures[0], structures[2]], potential=potential, progress=False, steps=3)
+    assert results[0].energy_per_atom == pytest.approx(plain[0].energy_per_atom, abs=1e-5)
+
+
+def test_isolated_atoms_do_not_break_the_batch(potential):
+    from pymatgen.core import Lattice, Structure
+
+    lonely = Structure(Lattice.cubic(30.0), ["Na"], [[0, 0, 0]])
+    results = relax_structures([lonely], potential=potential, progress=False, steps=3)
+    assert results[0].error is None and np.isfinite(results[0].energy)
