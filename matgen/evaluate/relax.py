@@ -30,12 +30,14 @@ GPU design
     * In-flight batching: crystals that converge, hit the step cap or fail leave the batch and queued ones
       join, so the batch stays near ``batch_atoms`` atoms.
     * Graph building (neighbour list, CHGNet's atom and bond graphs) is CPU work. It is vectorised in numpy
-      (:func:`build_graph_arrays`, ~10x faster than ``CrystalGraphConverter``) and, on CUDA, the batch is
-      split in two halves so the CPU builds one half's graphs while the GPU evaluates the other.
+      (:func:`build_graph_arrays`, ~0.5 ms per MP-20 crystal against ~7 ms for ``CrystalGraphConverter``),
+      can be spread over ``graph_workers`` processes, and on CUDA the batch is split in two halves so the
+      CPU builds one half's graphs while the GPU evaluates the other.
     * CUDA out-of-memory halves the batch budget and retries; crystals keep their optimiser state.
 
-Failures never raise: non-finite energies/forces, a volume change beyond ``max_volume_factor``, or a graph
-denser than ``max_neighbors`` per atom end that crystal with a ``reason`` and leave the others running.
+Failures never raise: non-finite energies/forces, a volume change beyond ``max_volume_factor``, a graph
+denser than ``max_neighbors`` per atom, or an exception inside CHGNet (the batch is then retried one crystal
+at a time to find the culprit) end that crystal with a ``reason`` and leave the others running.
 """
 
 from __future__ import annotations
