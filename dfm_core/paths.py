@@ -41,6 +41,10 @@ class ProbabilityPath:
         flat = probs.reshape(-1, probs.shape[-1]).to(torch.float64).clamp_min(0.0)
         return torch.multinomial(flat, 1, generator=generator).reshape(x1.shape)
 
+    def on_support(self, z: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+        """Whether p_t(z | x1) > 0 (for t < 1): the states that flow to x1. Shape of z."""
+        return self.probs(x1, t).gather(-1, z.unsqueeze(-1)).squeeze(-1) > 0
+
     def sample_source(
         self,
         shape: tuple[int, ...],
@@ -87,6 +91,10 @@ class MixturePath(ProbabilityPath):
         u = torch.rand(x1.shape, generator=generator, device=x1.device, dtype=k.dtype)
         x0 = self.sample_source(tuple(x1.shape), generator=generator, device=x1.device)
         return torch.where(u < k, x1, x0)
+
+    def on_support(self, z: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+        # (1 - kappa) p(z) + kappa delta_{x1}(z) > 0 for t < 1 iff z is in the source's support or z = x1
+        return (self.source.to(z.device)[z] > 0) | (z == x1)
 
     def sample_source(
         self,
@@ -187,6 +195,10 @@ class MetricPath(ProbabilityPath):
         mean_d = (p * d).sum(-1, keepdim=True)
         dp = -db * p * (d - mean_d)
         return torch.where((t >= 1.0).unsqueeze(-1), torch.zeros_like(dp), dp)
+
+    def on_support(self, z: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+        # softmax(-beta d) is positive everywhere for t < 1 (no underflow test on purpose)
+        return torch.ones_like(z, dtype=torch.bool)
 
     def sample_source(
         self,

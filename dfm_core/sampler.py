@@ -51,12 +51,11 @@ def categorical(
     ``dtype`` sets the precision of the draw: float64 avoids the truncation bias of low-precision
     Gumbel/categorical sampling noted for masked models (Zheng et al., 2024).
     """
-    w = probs.to(dtype)
-    cdf = w.cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=dtype)
     total = cdf[..., -1:]
-    u = torch.rand(total.shape, generator=generator, device=w.device, dtype=dtype) * total
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=dtype) * total
     idx = torch.searchsorted(cdf, u, right=True)
-    return idx.clamp_max(w.shape[-1] - 1).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1).squeeze(-1)
 
 
 def posterior_probs(
@@ -68,9 +67,15 @@ def posterior_probs(
     """Softmax of logits / temperature restricted to allowed tokens, in ``dtype``."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits.to(dtype) / temperature
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+    return _masked_softmax(logits, temperature, None if allowed is None else ~allowed, dtype)
+
+
+def _masked_softmax(logits: Tensor, temperature: float, banned: Tensor | None, dtype: torch.dtype) -> Tensor:
+    logits = logits.to(dtype)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
@@ -133,10 +138,17 @@ def sample(
     x = x0.clone()
     if clamp_mask is not None:
         x = torch.where(clamp_mask, clamp_values, x)
+    banned = None if allowed is None else ~allowed
     fast_mixture = isinstance(path, MixturePath) and type(velocity) is KineticOptimalVelocity
+    # Token-independent scheduler: whether a position jumps does not depend on the drawn x1, so the
+    # posterior is only drawn where a jump happens (same law, far fewer categorical draws).
+    lazy = fast_mixture and not path.scheduler.token_dependent
+    source_support = path.source.to(x.device) > 0 if fast_mixture else None
     traj = [x.cpu()] if return_trajectory else None
     B = x.shape[0]
-    n_steps = len(time_grid) - 1
+    times = time_grid.tolist()  # control flow on the host: no device sync per step
+    t_dev = time_grid.to(torch.float32)
+    n_steps = len(times) - 1
     iterator = range(n_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -144,23 +156,41 @@ def sample(
         iterator = tqdm(iterator, desc="sampling", unit="step", leave=False)
 
     for k in iterator:
-        t, t_next = time_grid[k], time_grid[k + 1]
-        h = t_next - t
-        t_batch = t.to(torch.float32).expand(B)
-        logits = model(x, t_batch)
-        post = posterior_probs(logits, temperature, allowed, dtype=torch.float32)
-        x1 = categorical(post, generator=generator, dtype=work_dtype)
-        if clamp_mask is not None:
-            x1 = torch.where(clamp_mask, clamp_values, x1)
-        if k == n_steps - 1 and float(t_next) >= 1.0:
-            x_new = x1  # exact: p_1(. | x1) = delta_{x1} for every path
-        elif fast_mixture:
-            x_new = _mixture_ko_step(path, x, x1, t, h, generator, work_dtype)
+        t, t_next = times[k], times[k + 1]
+        final = k == n_steps - 1 and t_next >= 1.0
+        logits = model(x, t_dev[k].expand(B))
+        if lazy:
+            cand = source_support[x]
+            if clamp_mask is not None:
+                cand &= ~clamp_mask
+            if final:
+                jump = cand
+            else:
+                lam = path.scheduler.rate(torch.tensor(t, dtype=work_dtype, device=x.device))
+                stay = torch.exp(-(t_next - t) * lam)
+                u = torch.rand(x.shape, generator=generator, device=x.device, dtype=work_dtype)
+                jump = cand & (u >= stay)
+            post = _masked_softmax(
+                logits[jump], temperature, None if banned is None else banned[jump], torch.float32
+            )
+            x = x.clone()
+            x[jump] = categorical(post, generator=generator, dtype=work_dtype)
         else:
-            x_new = _general_step(path, velocity, x, x1, t, h, generator, work_dtype)
-        if clamp_mask is not None:
-            x_new = torch.where(clamp_mask, clamp_values, x_new)
-        x = x_new
+            post = _masked_softmax(logits, temperature, banned, torch.float32)
+            x1 = categorical(post, generator=generator, dtype=work_dtype)
+            if clamp_mask is not None:
+                x1 = torch.where(clamp_mask, clamp_values, x1)
+            t_k = time_grid[k]
+            h = time_grid[k + 1] - t_k
+            if final:  # exact: p_1(. | x1) = delta_{x1}, reached from every state on the path's support
+                x_new = torch.where(path.on_support(x, x1, t_k), x1, x)
+            elif fast_mixture:
+                x_new = _mixture_ko_step(path, x, x1, t_k, h, generator, work_dtype)
+            else:
+                x_new = _general_step(path, velocity, x, x1, t_k, h, generator, work_dtype)
+            if clamp_mask is not None:
+                x_new = torch.where(clamp_mask, clamp_values, x_new)
+            x = x_new
         if traj is not None:
             traj.append(x.cpu())
     return SampleResult(tokens=x, trajectory=traj, times=time_grid.cpu() if return_trajectory else None)
