@@ -1,18 +1,161 @@
-"""`matgen` command-line app: crystal generation with discrete flow matching."""
+"""`matgen` command-line app: crystal generation with discrete flow matching.
+
+Each command is a thin layer over the Python API: ``matgen.generate.generate``,
+``matgen.train.train_crystal_model`` and ``matgen.evaluate.evaluate``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import typer
 
-from cli._common import version_option
+from cli._common import fail, version_option
 
 app = typer.Typer(
     help="matgen: generate and evaluate crystals with kinetic-optimal discrete flow matching.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
 @app.callback()
 def main(version: bool = version_option("matgen")) -> None:
     """Crystal generation with discrete flow matching (MP-20)."""
+
+
+@app.command()
+def generate(
+    n: int = typer.Option(100, "--n", help="Number of crystals to generate."),
+    out: Path = typer.Option(Path("cifs"), "--out", help="Output folder for CIF files and samples.csv."),
+    checkpoint: Path | None = typer.Option(
+        None, help="matgen checkpoint (.safetensors); default: the shipped model."
+    ),
+    steps: int = typer.Option(500, help="Sampler steps (NFE); the paper uses 500."),
+    temperature: float = typer.Option(0.7, help="Posterior softmax temperature; the paper uses 0.7."),
+    scheduler: str | None = typer.Option(
+        None, help="kappa_t for sampling: ko, linear, cosine (default: as trained)."
+    ),
+    velocity: str = typer.Option("ko", help="Velocity: ko, power-inf or campbell."),
+    corrector: float = typer.Option(
+        0.0, help="Weight of the probability-preserving corrector (eq 35); 0 = off."
+    ),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same crystals."),
+    batch_size: int = typer.Option(500, help="Crystals per sampler batch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    num_atoms: int | None = typer.Option(
+        None, help="Fix the atom count (default: the training distribution)."
+    ),
+    elements: str | None = typer.Option(
+        None, help="Restrict atom types to a chemical system, e.g. Li,Fe,P,O."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace the crystals of an earlier run in --out."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out with the same settings."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Generate crystals to CIF files (one per crystal) plus samples.csv."""
+    from matgen.generate import CheckpointError
+    from matgen.generate import generate as run
+
+    try:
+        summary = run(
+            n,
+            out,
+            checkpoint=checkpoint,
+            steps=steps,
+            temperature=temperature,
+            scheduler=scheduler,
+            velocity=velocity,
+            corrector=corrector,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            num_atoms=num_atoms,
+            elements=elements.split(",") if elements else None,
+            overwrite=overwrite,
+            resume=resume,
+            progress=not quiet,
+        )
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        fail(str(e))
+    typer.echo(
+        f"wrote {summary.written} CIF files to {summary.out_dir} ({summary.failed} sequences did not decode"
+        f"{', ' + str(summary.skipped_batches) + ' batches kept from the earlier run' if summary.skipped_batches else ''})"
+        f" in {summary.seconds:.1f} s; list: {summary.out_dir / 'samples.csv'}"
+    )
+
+
+@app.command()
+def train(
+    run_dir: Path = typer.Option(Path("runs/matgen"), help="Folder for checkpoints and metrics (resumable)."),
+    config: Path | None = typer.Option(None, help="TOML/JSON config with [model] and [train] tables."),
+    kind: str | None = typer.Option(None, help="dfm (atom-pooling DiT) or ar (autoregressive baseline)."),
+    scheduler: str | None = typer.Option(None, help="ko (KO-DFM, eq 33) or linear (DFM)."),
+    size: str | None = typer.Option(None, help="Model size preset: tiny, small or default (~25M)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, help="Crystals per step."),
+    lr: float | None = typer.Option(None, help="Peak learning rate."),
+    device: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    data_dir: Path | None = typer.Option(None, help="MP-20 folder (else $MATGEN_DATA, else download cache)."),
+    train_limit: int | None = typer.Option(None, help="Use only the first N training crystals."),
+    val_limit: int | None = typer.Option(None, help="Use only the first N validation crystals."),
+    export: Path | None = typer.Option(
+        None, help="Also write the best EMA weights to this .safetensors file."
+    ),
+    no_resume: bool = typer.Option(
+        False, "--no-resume", help="Start afresh even if run-dir has a checkpoint."
+    ),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train DFM / KO-DFM (cross-entropy, eq 11) or the AR baseline on MP-20."""
+    from matgen.model import CrystalDiTConfig
+    from matgen.train import MatgenTrainConfig, load_train_config, train_crystal_model
+
+    try:
+        cfg = load_train_config(config) if config else MatgenTrainConfig()
+        top = {
+            k: v
+            for k, v in {
+                "kind": kind,
+                "scheduler": scheduler,
+                "train_limit": train_limit,
+                "val_limit": val_limit,
+            }.items()
+            if v is not None
+        }
+        if data_dir is not None:
+            top["data_dir"] = str(data_dir)
+        tr = {
+            k: v
+            for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr, "device": device}.items()
+            if v is not None
+        }
+        model_cfg = cfg.model
+        if size is not None:
+            presets = {
+                "tiny": CrystalDiTConfig.tiny,
+                "small": CrystalDiTConfig.small,
+                "default": CrystalDiTConfig,
+            }
+            if size not in presets:
+                raise ValueError(f"--size must be one of {sorted(presets)}, got {size!r}")
+            model_cfg = presets[size]()
+        cfg = dataclasses.replace(cfg, **top, model=model_cfg, train=dataclasses.replace(cfg.train, **tr))
+        result = train_crystal_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    typer.echo(
+        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
+        f"weights: {run_dir / 'model.safetensors'}"
+    )
+
+
+def _register_evaluate() -> None:
+    from cli.matgen_evaluate import evaluate_command
+
+    app.command("evaluate")(evaluate_command)
+
+
+_register_evaluate()

@@ -1,0 +1,272 @@
+"""Training a tiny crystal model, generating CIFs from it, and the matgen CLI around both."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pymatgen.core import Structure
+from typer.testing import CliRunner
+
+from cli.matgen import app
+from dfm_core.training import TrainConfig
+from matgen.generate import DEFAULT_CHECKPOINT, CheckpointError, CrystalGenerator, generate
+from matgen.model import CrystalDiTConfig
+from matgen.train import MatgenTrainConfig, train_crystal_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny KO-DFM model trained for 60 steps on 64 MP-20 crystals (a few seconds on CPU)."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    cfg = MatgenTrainConfig(
+        model=CrystalDiTConfig.tiny(),
+        train=TrainConfig(
+            steps=60,
+            batch_size=32,
+            lr=3e-3,
+            warmup_steps=0,
+            eval_every=30,
+            eval_batches=2,
+            ckpt_every=30,
+            log_every=10,
+            device="cpu",
+            ema_decay=0.5,
+            bf16=False,
+        ),
+        data_dir=str(shared_data_dir / "mp_20"),
+        train_limit=64,
+        val_limit=32,
+    )
+    train_crystal_model(cfg, run_dir, resume=False, progress=False)
+    return run_dir
+
+
+def _cif_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("crystal_*.cif"))
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "samples.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_loss_falls_and_checkpoint_has_metadata(tiny_run: Path) -> None:
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if "loss" in r and r.get("split", "train") == "train"]
+    assert len(train_losses) >= 4
+    assert train_losses[-1] < train_losses[0] - 0.5, train_losses
+    gen = CrystalGenerator.from_checkpoint(tiny_run / "model.safetensors", device="cpu")
+    meta = gen.metadata
+    assert meta["kind"] == "dfm" and meta["scheduler"] == "ko"
+    assert meta["data"]["n_train"] == 64 and len(meta["data"]["train_ids_sha256"]) == 64
+    dist = gen.atom_count_distribution()
+    assert dist[0] == 0 and abs(float(dist.sum()) - 1) < 1e-9
+
+
+def test_generate_writes_parseable_cifs_and_table(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cifs"
+    summary = generate(
+        8,
+        out,
+        checkpoint=tiny_run / "model.safetensors",
+        steps=12,
+        batch_size=3,
+        device="cpu",
+        progress=False,
+    )
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == [f"crystal_{i:06d}" for i in range(8)]
+    assert summary.written + summary.failed == 8
+    files = _cif_files(out)
+    assert len(files) == summary.written == sum(1 for r in rows if r["file"])
+    for r in rows:
+        if r["file"]:
+            s = Structure.from_file(out / r["file"])
+            assert len(s) == int(r["num_atoms"])
+            assert s.composition.reduced_formula == r["formula"]
+        else:
+            assert r["error"]  # every sequence that did not decode says why
+    assert not list(out.glob(".*tmp*"))  # no temp files left behind
+
+
+def test_seed_reproduces_and_differs(tiny_run: Path, tmp_path: Path) -> None:
+    ck = tiny_run / "model.safetensors"
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        generate(
+            6,
+            tmp_path / name,
+            checkpoint=ck,
+            steps=10,
+            batch_size=4,
+            device="cpu",
+            seed=seed,
+            num_atoms=4,
+            progress=False,
+        )
+    a, b, c = (sorted((tmp_path / n).glob("*.cif")) for n in "abc")
+    assert [f.read_text() for f in a] == [f.read_text() for f in b]
+    assert (tmp_path / "a" / "samples.csv").read_text() == (tmp_path / "b" / "samples.csv").read_text()
+    assert (tmp_path / "a" / "samples.csv").read_text() != (tmp_path / "c" / "samples.csv").read_text()
+
+
+def test_elements_constraint_holds(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lifepo"
+    generate(
+        8,
+        out,
+        checkpoint=tiny_run / "model.safetensors",
+        steps=10,
+        batch_size=8,
+        device="cpu",
+        elements=["Li", "Fe", "P", "O"],
+        progress=False,
+    )
+    rows = _rows(out)
+    assert all(r["constraint"] == "elements=Li,Fe,P,O" for r in rows)
+    for f in _cif_files(out):
+        assert {el.symbol for el in Structure.from_file(f).composition.elements} <= {"Li", "Fe", "P", "O"}
+    # token-level check independent of decoding: every element slot holds one of the four
+    gen = CrystalGenerator.from_checkpoint(tiny_run / "model.safetensors", device="cpu")
+    tokens = gen.sample_tokens(
+        torch.tensor([3, 5]),
+        steps=5,
+        elements=["Li", "Fe", "P", "O"],
+        generator=torch.Generator().manual_seed(0),
+    )
+    from matgen.tokenizer import element_token
+
+    allowed = {element_token(s) for s in ("Li", "Fe", "P", "O")}
+    for row, n in zip(tokens, (3, 5), strict=True):
+        assert {int(row[6 + 4 * i]) for i in range(n)} <= allowed
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tiny_run: Path, tmp_path: Path) -> None:
+    ck = tiny_run / "model.safetensors"
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    generate(7, full, checkpoint=ck, steps=8, batch_size=3, device="cpu", seed=3, progress=False)
+    generate(7, crashed, checkpoint=ck, steps=8, batch_size=3, device="cpu", seed=3, progress=False)
+    # simulate a kill in the middle of batch 1: its rows are torn and one of its CIFs is missing
+    text = (crashed / "samples.csv").read_text().splitlines(keepends=True)
+    kept = [line for line in text if not line.split(",")[-2:-1] == ["1"]]
+    torn = [line for line in text if line.split(",")[-2:-1] == ["1"]][:1]
+    (crashed / "samples.csv").write_text("".join(kept[:3] + [torn[0][:10]]) if torn else "".join(kept[:3]))
+    for f in _cif_files(crashed)[3:]:
+        f.unlink()
+    with pytest.raises(FileExistsError):
+        generate(7, crashed, checkpoint=ck, steps=8, batch_size=3, device="cpu", seed=3, progress=False)
+    with pytest.raises(ValueError, match="settings differ"):
+        generate(
+            7,
+            crashed,
+            checkpoint=ck,
+            steps=9,
+            batch_size=3,
+            device="cpu",
+            seed=3,
+            resume=True,
+            progress=False,
+        )
+    generate(
+        7, crashed, checkpoint=ck, steps=8, batch_size=3, device="cpu", seed=3, resume=True, progress=False
+    )
+    rows_full = sorted(_rows(full), key=lambda r: r["id"])
+    rows_crashed = sorted(_rows(crashed), key=lambda r: r["id"])
+    assert rows_full == rows_crashed and len(rows_full) == 7
+    assert [f.read_text() for f in _cif_files(full)] == [f.read_text() for f in _cif_files(crashed)]
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        CrystalGenerator.from_checkpoint(garbage)
+    with pytest.raises(CheckpointError, match="not found"):
+        CrystalGenerator.from_checkpoint(tmp_path / "missing.safetensors")
+    from dfm_core.training import export_safetensors
+
+    other = tmp_path / "other.safetensors"
+    export_safetensors({"w": torch.zeros(2)}, other, {"format": "something-else"})
+    with pytest.raises(CheckpointError, match="not a matgen checkpoint"):
+        CrystalGenerator.from_checkpoint(other)
+
+
+def test_cli_generate_and_refusals(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    ck = str(tiny_run / "model.safetensors")
+    args = [
+        "generate",
+        "--n",
+        "4",
+        "--out",
+        str(out),
+        "--checkpoint",
+        ck,
+        "--steps",
+        "6",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--num-atoms",
+        "2",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "samples.csv" in result.output
+    assert len(_rows(out)) == 4
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    bad = runner.invoke(app, [*args[:4], str(tmp_path / "x"), *args[5:], "--elements", "Li,Xx"])
+    assert bad.exit_code == 2 and "Xx" in bad.output
+    assert not (tmp_path / "x" / "samples.csv").exists()
+    over = runner.invoke(app, [*args, "--overwrite"])
+    assert over.exit_code == 0, over.output
+
+
+def test_cli_train_tiny(shared_data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--run-dir",
+            str(run_dir),
+            "--size",
+            "tiny",
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(shared_data_dir / "mp_20"),
+            "--train-limit",
+            "16",
+            "--val-limit",
+            "8",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "model.safetensors").is_file()
+    bad = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "r2"), "--size", "huge"])
+    assert bad.exit_code == 2 and "--size" in bad.output
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="the shipped checkpoint is not in this checkout")
+def test_shipped_checkpoint_generates_valid_crystals(tmp_path: Path) -> None:
+    gen = CrystalGenerator.from_checkpoint(device="cpu")
+    assert gen.metadata["kind"] == "dfm"
+    out = tmp_path / "shipped"
+    summary = generate(8, out, steps=100, batch_size=8, device="cpu", seed=0, progress=False)
+    assert summary.written >= 6  # a trained model mostly writes decodable crystals
+    for f in _cif_files(out):
+        Structure.from_file(f)
+    shutil.rmtree(out)
