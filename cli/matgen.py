@@ -53,6 +53,9 @@ def generate(
     ),
     overwrite: bool = typer.Option(False, help="Replace the crystals of an earlier run in --out."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out with the same settings."),
+    workers: int = typer.Option(
+        0, help="Processes that decode and write CIFs while sampling goes on (0: none)."
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Generate crystals to CIF files (one per crystal) plus samples.csv."""
@@ -77,6 +80,7 @@ def generate(
             overwrite=overwrite,
             resume=resume,
             progress=not quiet,
+            workers=workers,
         )
     except (CheckpointError, FileExistsError, ValueError) as e:
         fail(str(e))

@@ -195,6 +195,46 @@ def _coincident_atoms(structure) -> str | None:
     return None
 
 
+def _decode_and_write(
+    tokens, first_id: int, batch: int, prefix: str, constraint: str, out_dir: str
+) -> list[dict[str, Any]]:
+    """Decode rows of tokens (numpy (B, L)), write one CIF per valid crystal, return samples.csv rows.
+
+    A top-level function so that it can run in worker processes.
+    """
+    cif_tok = tok.CrystalTokenizer()
+    out = Path(out_dir)
+    rows = []
+    for j, seq in enumerate(tokens):
+        cid = f"{prefix}_{first_id + j:06d}"
+        row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
+        n_atoms = (int((seq != tok.PAD_ID).sum()) - 6) // 4
+        row.update(id=cid, num_atoms=n_atoms, constraint=constraint, batch=batch)
+        structure, reason = cif_tok.try_decode(seq)
+        if structure is not None:
+            reason = _coincident_atoms(structure)
+            structure = None if reason else structure
+        if structure is None:
+            row["error"] = reason
+        else:
+            fname = f"{cid}.cif"
+            _atomic_write_text(out / fname, structure.to(fmt="cif"))
+            lat = structure.lattice
+            row.update(
+                file=fname,
+                formula=structure.composition.reduced_formula,
+                a=round(lat.a, 4),
+                b=round(lat.b, 4),
+                c=round(lat.c, 4),
+                alpha=round(lat.alpha, 3),
+                beta=round(lat.beta, 3),
+                gamma=round(lat.gamma, 3),
+                volume=round(lat.volume, 4),
+            )
+        rows.append(row)
+    return rows
+
+
 def _batch_seed(seed: int, batch: int) -> int:
     digest = hashlib.sha256(f"{seed}:{batch}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -266,6 +306,7 @@ def generate(
     resume: bool = False,
     prefix: str = "crystal",
     progress: bool = True,
+    workers: int = 0,
 ) -> GenerationSummary:
     """Generate ``n`` crystals into ``out_dir`` as CIF files plus ``samples.csv``.
 
@@ -279,9 +320,12 @@ def generate(
         num_atoms: fix the atom count (default: drawn from the training distribution).
         elements: restrict atom types to these element symbols (logit masking).
         overwrite: replace a previous run's files in ``out_dir``; resume: continue a previous run.
+        workers: processes that decode and write CIFs while the next batch samples (0: in this process).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if steps < 1:
@@ -354,7 +398,6 @@ def generate(
         or "none"
     )
     dist = None if num_atoms is not None else gen.atom_count_distribution()
-    cif_tok = tok.CrystalTokenizer()
     start = time.perf_counter()
     written = failed = 0
     todo = [b for b in batch_sizes if b not in done_batches]
@@ -363,61 +406,75 @@ def generate(
         from tqdm.auto import tqdm
 
         iterator = tqdm(todo, desc="generating", unit="batch")
-    for b in iterator:
-        size = batch_sizes[b]
-        g = torch.Generator(device=gen.device).manual_seed(_batch_seed(seed, b))
-        if dist is None:
-            counts = torch.full((size,), int(num_atoms), dtype=torch.long)
-        else:
-            counts = torch.multinomial(
-                dist,
-                size,
-                replacement=True,
-                generator=torch.Generator().manual_seed(_batch_seed(seed, b) ^ 1),
-            )
-        tokens = gen.sample_tokens(
-            counts,
-            steps=steps,
-            temperature=temperature,
-            scheduler=scheduler,
-            velocity=velocity,
-            corrector=corrector,
-            elements=elements,
-            generator=g,
-        )
-        rows = []
-        for j, (structure, reason) in enumerate(cif_tok.batch_decode(tokens)):
-            idx = b * batch_size + j
-            cid = f"{prefix}_{idx:06d}"
-            row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
-            row.update(id=cid, num_atoms=int(counts[j]), constraint=constraint, batch=b)
-            if structure is not None:
-                reason = _coincident_atoms(structure)
-                structure = None if reason else structure
-            if structure is None:
-                row["error"] = reason
-                failed += 1
-            else:
-                fname = f"{cid}.cif"
-                _atomic_write_text(out / fname, structure.to(fmt="cif"))
-                lat = structure.lattice
-                row.update(
-                    file=fname,
-                    formula=structure.composition.reduced_formula,
-                    a=round(lat.a, 4),
-                    b=round(lat.b, 4),
-                    c=round(lat.c, 4),
-                    alpha=round(lat.alpha, 3),
-                    beta=round(lat.beta, 3),
-                    gamma=round(lat.gamma, 3),
-                    volume=round(lat.volume, 4),
-                )
-                written += 1
-            rows.append(row)
+    # Decoding and CIF writing are CPU work in Python; with workers they run in other processes while
+    # the next batch samples, one batch in flight.
+    pool = None
+    if workers > 0:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    pending: list[tuple[int, list]] = []
+
+    def finish(b: int, futures: list) -> None:
+        nonlocal written, failed
+        rows = [row for fut in futures for row in (fut.result() if pool is not None else fut)]
+        written += sum(1 for r in rows if r["file"])
+        failed += sum(1 for r in rows if not r["file"])
         with open(samples_path, "a") as f:
             f.write(_rows_to_csv(rows, header=False))
             f.flush()
             os.fsync(f.fileno())
+
+    try:
+        for b in iterator:
+            size = batch_sizes[b]
+            g = torch.Generator(device=gen.device).manual_seed(_batch_seed(seed, b))
+            if dist is None:
+                counts = torch.full((size,), int(num_atoms), dtype=torch.long)
+            else:
+                counts = torch.multinomial(
+                    dist,
+                    size,
+                    replacement=True,
+                    generator=torch.Generator().manual_seed(_batch_seed(seed, b) ^ 1),
+                )
+            tokens = gen.sample_tokens(
+                counts,
+                steps=steps,
+                temperature=temperature,
+                scheduler=scheduler,
+                velocity=velocity,
+                corrector=corrector,
+                elements=elements,
+                generator=g,
+            ).cpu()
+            first_id = b * batch_size
+            if pool is None:
+                futures = [_decode_and_write(tokens.numpy(), first_id, b, prefix, constraint, str(out))]
+            else:
+                chunks = torch.arange(size).chunk(workers)
+                futures = [
+                    pool.submit(
+                        _decode_and_write,
+                        tokens[c].numpy(),
+                        first_id + int(c[0]),
+                        b,
+                        prefix,
+                        constraint,
+                        str(out),
+                    )
+                    for c in chunks
+                    if len(c)
+                ]
+            pending.append((b, futures))
+            while len(pending) > (1 if pool is not None else 0):
+                finish(*pending.pop(0))
+        while pending:
+            finish(*pending.pop(0))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return GenerationSummary(
         out_dir=out,
         requested=n,

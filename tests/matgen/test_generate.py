@@ -116,6 +116,26 @@ def test_seed_reproduces_and_differs(tiny_run: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "samples.csv").read_text() != (tmp_path / "c" / "samples.csv").read_text()
 
 
+def test_worker_processes_write_the_same_files(tiny_run: Path, tmp_path: Path) -> None:
+    ck = tiny_run / "model.safetensors"
+    generate(7, tmp_path / "w0", checkpoint=ck, steps=6, batch_size=4, device="cpu", seed=5, progress=False)
+    generate(
+        7,
+        tmp_path / "w2",
+        checkpoint=ck,
+        steps=6,
+        batch_size=4,
+        device="cpu",
+        seed=5,
+        progress=False,
+        workers=2,
+    )
+    assert (tmp_path / "w0" / "samples.csv").read_text() == (tmp_path / "w2" / "samples.csv").read_text()
+    assert [f.read_text() for f in _cif_files(tmp_path / "w0")] == [
+        f.read_text() for f in _cif_files(tmp_path / "w2")
+    ]
+
+
 def test_elements_constraint_holds(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "lifepo"
     generate(
