@@ -236,7 +236,8 @@ def _general_step(
     u = torch.rand(z.shape, generator=generator, device=z.device, dtype=dtype)
     jump = (u >= stay) & (lam > 0)
     off = rates.scatter(-1, z.unsqueeze(-1), torch.zeros_like(lam).unsqueeze(-1)).clamp_min(0.0)
-    off = torch.nan_to_num(off, nan=0.0)
+    # an infinite rate must not overflow the running sum of the categorical draw
+    off = torch.nan_to_num(off, nan=0.0, posinf=torch.finfo(dtype).max / off.shape[-1])
     has_target = off.sum(-1) > 0
     target = categorical(torch.where(has_target.unsqueeze(-1), off, torch.ones_like(off)), generator, dtype)
     return torch.where(jump & has_target, target, z)
