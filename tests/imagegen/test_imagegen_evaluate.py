@@ -86,6 +86,7 @@ def test_cli_evaluate_end_to_end_with_a_weights_file(
 ) -> None:
     monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("IMAGEGEN_FEATURES", raising=False)
+    monkeypatch.setattr("imagegen.features._installed_weights", lambda: None)  # as if not installed
     base = [
         "evaluate",
         "--checkpoint",

