@@ -41,6 +41,7 @@ __all__ = [
     "WarmupSchedule",
     "config_from_dict",
     "export_safetensors",
+    "load_best_weights",
     "load_checkpoint",
     "load_config",
     "load_safetensors",
@@ -435,6 +436,22 @@ def export_safetensors(
     path = Path(path)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
+
+
+def load_best_weights(run_dir: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """Load the EMA weights of ``run_dir/best.pt`` (else ``last.pt``) into ``model``, on the CPU.
+
+    Returns the facts an export records: ``step``, ``best_val_loss`` and ``source_checkpoint``.
+    """
+    run_dir = Path(run_dir)
+    src = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
+    ckpt = load_checkpoint(src, model=model, use_ema=True, map_location="cpu")
+    model.cpu()
+    return {
+        "step": int(ckpt["step"]),
+        "best_val_loss": float(ckpt.get("best_val_loss", float("nan"))),
+        "source_checkpoint": src.name,
+    }
 
 
 def load_safetensors(

@@ -26,7 +26,7 @@ from dfm_core.training import (
     TrainResult,
     config_from_dict,
     export_safetensors,
-    load_checkpoint,
+    load_best_weights,
     seed_everything,
     train,
 )
@@ -266,17 +266,6 @@ def export_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with the run metadata."""
-    run_dir = Path(run_dir)
-    src = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
     model = PixelUNet(UNetConfig.from_dict(metadata["model_config"]))
-    ckpt = load_checkpoint(src, model=model, use_ema=True, map_location="cpu")
-    meta = dict(metadata)
-    meta.update(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "step": int(ckpt["step"]),
-            "best_val_loss": float(ckpt.get("best_val_loss", float("nan"))),
-            "source_checkpoint": src.name,
-        }
-    )
+    meta = {**metadata, **load_best_weights(run_dir, model), "format": CHECKPOINT_FORMAT}
     return export_safetensors(model, out, meta, dtype=dtype)

@@ -27,6 +27,7 @@ from dfm_core.training import (
     TrainResult,
     config_from_dict,
     export_safetensors,
+    load_best_weights,
     seed_everything,
     train,
 )
@@ -239,20 +240,13 @@ def export_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with run metadata."""
-    from dfm_core.training import load_checkpoint
-
-    src = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
     model = build_model(config.kind, CrystalDiTConfig.from_dict(metadata["model_config"]))
-    ckpt = load_checkpoint(src, model=model, use_ema=True, map_location="cpu")
-    meta = dict(metadata)
-    meta.update(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "kind": config.kind,
-            "scheduler": config.scheduler,
-            "step": int(ckpt["step"]),
-            "best_val_loss": float(ckpt.get("best_val_loss", float("nan"))),
-            "source_checkpoint": src.name,
-        }
-    )
+    facts = load_best_weights(run_dir, model)
+    meta = {
+        **metadata,
+        **facts,
+        "format": CHECKPOINT_FORMAT,
+        "kind": config.kind,
+        "scheduler": config.scheduler,
+    }
     return export_safetensors(model, out, meta, dtype=dtype)

@@ -30,7 +30,7 @@ from dfm_core.training import (
     TrainConfig,
     TrainResult,
     config_from_dict,
-    load_checkpoint,
+    load_best_weights,
     seed_everything,
     train,
 )
@@ -277,15 +277,7 @@ def train_text_model(
         extra_metadata=metadata,
         progress=progress,
     )
-    src = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
-    ckpt = load_checkpoint(src, model=model, use_ema=True, map_location="cpu")
-    meta = dict(
-        metadata,
-        step=int(ckpt["step"]),
-        best_val_loss=float(ckpt.get("best_val_loss", float("nan"))),
-        source_checkpoint=src.name,
-    )
-    model.cpu()
+    meta = {**metadata, **load_best_weights(run_dir, model)}
     export_text_model(model, run_dir / "model.safetensors", meta, source_pmf)
     if export is not None:
         export_text_model(model, export, meta, source_pmf)
