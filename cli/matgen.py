@@ -34,7 +34,10 @@ def generate(
         None, help="matgen checkpoint (.safetensors); default: the shipped model."
     ),
     steps: int = typer.Option(500, help="Sampler steps (NFE); the paper uses 500."),
-    temperature: float = typer.Option(0.7, help="Posterior softmax temperature; the paper uses 0.7."),
+    temperature: float | None = typer.Option(
+        None,
+        help="Posterior softmax temperature (default: the checkpoint's recommendation, else the paper's 0.7).",
+    ),
     scheduler: str | None = typer.Option(
         None, help="kappa_t for sampling: ko, linear, cosine (default: as trained)."
     ),

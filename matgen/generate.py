@@ -44,6 +44,7 @@ __all__ = [
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ko_dfm_mp20.safetensors"
 COINCIDENT_TOLERANCE = 1e-3  # A
+PAPER_TEMPERATURE = 0.7
 SAMPLES_COLUMNS = [
     "id",
     "file",
@@ -293,7 +294,7 @@ def generate(
     out_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     steps: int = 500,
-    temperature: float = 0.7,
+    temperature: float | None = None,
     scheduler: str | None = None,
     velocity: str = "ko",
     corrector: float = 0.0,
@@ -313,7 +314,8 @@ def generate(
     Args:
         n: number of crystals.
         checkpoint: a matgen safetensors checkpoint (default: the shipped KO-DFM model).
-        steps: NFE of the sampler (paper: 500). temperature: posterior softmax temperature (paper: 0.7).
+        steps: NFE of the sampler (paper: 500). temperature: posterior softmax temperature (default:
+            the checkpoint's recommended ``sampling.temperature``, else the paper's 0.7).
         scheduler: kappa_t used for sampling (default: the one trained with). velocity: 'ko', 'power-inf',
             'campbell'; corrector: weight of the eq 35 corrector (0 = none).
         seed: same seed, same output. batch_size: crystals per sampler batch.
@@ -343,6 +345,10 @@ def generate(
     if num_atoms is not None and not 1 <= num_atoms <= gen.max_atoms:
         raise ValueError(f"num_atoms must be between 1 and {gen.max_atoms} for this model, got {num_atoms}")
 
+    if temperature is None:
+        temperature = float(gen.metadata.get("sampling", {}).get("temperature", PAPER_TEMPERATURE))
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     out = Path(out_dir)
     settings = {
         "n": n,

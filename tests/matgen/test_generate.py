@@ -202,6 +202,30 @@ def test_resume_after_crash_equals_uninterrupted_run(tiny_run: Path, tmp_path: P
     assert [f.read_text() for f in _cif_files(full)] == [f.read_text() for f in _cif_files(crashed)]
 
 
+def test_temperature_defaults_to_the_checkpoints_recommendation(tiny_run: Path, tmp_path: Path) -> None:
+    from dfm_core.training import export_safetensors, load_safetensors
+
+    state, meta = load_safetensors(tiny_run / "model.safetensors")
+    export_safetensors(state, tmp_path / "rec.safetensors", {**meta, "sampling": {"temperature": 1.3}})
+    generate(
+        2, tmp_path / "a", checkpoint=tmp_path / "rec.safetensors", steps=3, device="cpu", progress=False
+    )
+    generate(
+        2, tmp_path / "b", checkpoint=tiny_run / "model.safetensors", steps=3, device="cpu", progress=False
+    )
+    assert json.loads((tmp_path / "a" / "generation.json").read_text())["temperature"] == 1.3
+    assert json.loads((tmp_path / "b" / "generation.json").read_text())["temperature"] == 0.7
+    with pytest.raises(ValueError, match="temperature"):
+        generate(
+            2,
+            tmp_path / "c",
+            checkpoint=tmp_path / "rec.safetensors",
+            steps=3,
+            temperature=0.0,
+            progress=False,
+        )
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
