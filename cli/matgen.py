@@ -59,6 +59,7 @@ def generate(
     workers: int = typer.Option(
         0, help="Processes that decode and write CIFs while sampling goes on (0: none)."
     ),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (for long GPU runs)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Generate crystals to CIF files (one per crystal) plus samples.csv."""
@@ -84,6 +85,7 @@ def generate(
             resume=resume,
             progress=not quiet,
             workers=workers,
+            compile=compile,
         )
     except (CheckpointError, FileExistsError, ValueError) as e:
         fail(str(e))
