@@ -314,3 +314,11 @@ def test_shipped_checkpoint_generates_valid_crystals(tmp_path: Path) -> None:
     for f in _cif_files(out):
         Structure.from_file(f)
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("name", ["ko_dfm_small_cpu.toml", "ko_dfm_default_gpu.toml"])
+def test_shipped_training_configs_load(name: str) -> None:
+    from matgen.train import load_train_config
+
+    cfg = load_train_config(Path(__file__).resolve().parents[2] / "matgen" / "configs" / name)
+    assert cfg.kind == "dfm" and cfg.scheduler == "ko" and cfg.train.steps > 0
