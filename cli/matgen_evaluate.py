@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from cli._common import fail
+
 __all__ = ["evaluate_command"]
 
 
@@ -53,24 +55,33 @@ def evaluate_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Evaluate generated crystals: validity, coverage, distributions, CHGNet stability, S.U.N."""
+    from matgen.data import DownloadError
     from matgen.evaluate import evaluate
 
-    evaluate(
-        inputs,
-        out,
-        data_dir=data_dir,
-        skip_stability=skip_stability,
-        device=device,
-        hull=hull,
-        test_limit=test_limit,
-        train_limit=train_limit,
-        relax_steps=relax_steps,
-        fmax=fmax,
-        batch_atoms=batch_atoms,
-        seed=seed,
-        workers=workers,
-        cache_dir=cache_dir,
-        progress=progress,
-        console=True,
-    )
+    try:
+        evaluate(
+            inputs,
+            out,
+            data_dir=data_dir,
+            skip_stability=skip_stability,
+            device=device,
+            hull=hull,
+            test_limit=test_limit,
+            train_limit=train_limit,
+            relax_steps=relax_steps,
+            fmax=fmax,
+            batch_atoms=batch_atoms,
+            seed=seed,
+            workers=workers,
+            cache_dir=cache_dir,
+            progress=progress,
+            console=True,
+        )
+    except DownloadError as e:
+        fail(
+            f"{e}\nthe MP-20 reference (test set for coverage, train set for novelty) is needed: pass --data-dir or "
+            f"set MATGEN_DATA to a folder with train/val/test.csv[.gz]; results computed so far are kept in {out}"
+        )
+    except (ValueError, FileNotFoundError) as e:
+        fail(f"{e} (results computed so far are kept in {out})")
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'report.md'}")

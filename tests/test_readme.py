@@ -20,4 +20,5 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "matgen generate" in bash[0] and "pip install" in bash[0]
     assert "pytest" in bash[1] and "pip install" in bash[1]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "pip install -q torch==2.13.0 && pip install -q -e '.[test]' && python -m pytest -q" in ci
+    readme_cmd = bash[1].strip().split(" && ", 2)[2]  # after creating and activating the venv
+    assert readme_cmd.replace("pip install ", "pip install -q ") in ci

@@ -1,0 +1,43 @@
+"""`matgen evaluate` reports a missing MP-20 reference as a clear error and keeps the work done so far."""
+
+from pathlib import Path
+
+import pytest
+import typer
+from evaluate_helpers import rock_salt, write_cif
+from typer.testing import CliRunner
+
+from cli.matgen_evaluate import evaluate_command
+
+
+def test_missing_reference_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matgen.data
+
+    def offline(url: str, target: Path, timeout: float) -> None:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(matgen.data, "_download", offline)
+    monkeypatch.delenv("MATGEN_DATA", raising=False)
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    write_cif(cifs / "nacl.cif", rock_salt())
+    app = typer.Typer()
+    app.command()(evaluate_command)
+    result = CliRunner().invoke(
+        app,
+        [
+            str(cifs),
+            "--out",
+            str(tmp_path / "out"),
+            "--skip-stability",
+            "--data-dir",
+            str(empty),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "MATGEN_DATA" in result.output and "--data-dir" in result.output
+    assert "Traceback" not in result.output
+    assert (tmp_path / "out" / "journal.jsonl").exists()
