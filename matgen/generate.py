@@ -133,6 +133,7 @@ class CrystalGenerator:
         elements: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
         float64: bool = True,
+        progress: bool = False,
     ) -> Tensor:
         """Sample token sequences (B, 6 + 4 max(num_atoms)) for the given atom counts."""
         num_atoms = num_atoms.to(self.device)
@@ -168,6 +169,7 @@ class CrystalGenerator:
             clamp_values=x0,
             float64=float64,
             generator=generator,
+            progress=progress,
         )
         return result.tokens
 
@@ -460,6 +462,7 @@ def generate(
                 corrector=corrector,
                 elements=elements,
                 generator=g,
+                progress=progress,
             ).cpu()
             first_id = b * batch_size
             if pool is None:
