@@ -307,12 +307,16 @@ def test_cli_train_tiny(shared_data_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="the shipped checkpoint is not in this checkout")
 def test_shipped_checkpoint_generates_valid_crystals(tmp_path: Path) -> None:
     gen = CrystalGenerator.from_checkpoint(device="cpu")
-    assert gen.metadata["kind"] == "dfm"
+    assert gen.metadata["kind"] == "dfm" and gen.metadata["data"]["n_train"] > 27000
     out = tmp_path / "shipped"
-    summary = generate(8, out, steps=100, batch_size=8, device="cpu", seed=0, progress=False)
-    assert summary.written >= 6  # a trained model mostly writes decodable crystals
-    for f in _cif_files(out):
-        Structure.from_file(f)
+    summary = generate(16, out, steps=100, batch_size=16, device="cpu", seed=0, progress=False)
+    # a trained model mostly writes decodable crystals (about 3 in 4 for the shipped one); an untrained or
+    # mis-loaded one writes almost none
+    assert summary.written >= 8, summary
+    from matgen.evaluate.validity import structure_validity
+
+    valid = [structure_validity(Structure.from_file(f))[0] for f in _cif_files(out)]
+    assert sum(valid) >= 6
     shutil.rmtree(out)
 
 
