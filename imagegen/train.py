@@ -10,7 +10,6 @@ Validation uses images held out from the training split; the test split is kept 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from dfm_core.training import (
     config_from_dict,
     export_safetensors,
     load_best_weights,
+    load_config,
     seed_everything,
     train,
 )
@@ -106,18 +106,7 @@ class ImagegenTrainConfig:
 
 def load_train_config(path: str | os.PathLike) -> ImagegenTrainConfig:
     """Read a TOML or JSON file with top-level keys and [path] / [model] / [train] tables."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import tomllib
-
-        data = tomllib.loads(text)
-    try:
-        return ImagegenTrainConfig.from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    return load_config(path, ImagegenTrainConfig)
 
 
 def model_config_for(config: ImagegenTrainConfig, data: ImageDataset) -> UNetConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from dfm_core.training import (
     config_from_dict,
     export_safetensors,
     load_best_weights,
+    load_config,
     seed_everything,
     train,
 )
@@ -93,18 +93,7 @@ class MatgenTrainConfig:
 
 def load_train_config(path: str | os.PathLike) -> MatgenTrainConfig:
     """Read a TOML or JSON file with top-level keys and [model] / [train] tables."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import tomllib
-
-        data = tomllib.loads(text)
-    try:
-        return MatgenTrainConfig.from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    return load_config(path, MatgenTrainConfig)
 
 
 def crystal_path(scheduler: str = "ko") -> MixturePath:

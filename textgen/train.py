@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from dfm_core.training import (
     TrainResult,
     config_from_dict,
     load_best_weights,
+    load_config,
     seed_everything,
     train,
 )
@@ -141,20 +141,7 @@ class TextgenTrainConfig:
 
 def load_train_config(path: str | os.PathLike) -> TextgenTrainConfig:
     """Read a TOML or JSON file with top-level keys and ``[path]``, ``[model]``, ``[train]`` tables."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import tomllib
-
-        data = tomllib.loads(text)
-    try:
-        return TextgenTrainConfig.from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    return load_config(path, TextgenTrainConfig)
 
 
 @dataclass
