@@ -5,10 +5,17 @@ Default reference (``/work/shared/data/mp_hull``, see its README): MP2020-correc
 It is APPROXIMATE: stable phases outside MP-20/MPTS-52 are missing, so the hull is too high and E_hull is
 biased low (optimistic); on 3,000 MP rows it reproduced MP's e_above_hull within 10 meV for 91.7% of them.
 
-:class:`FormationEnergyHull` follows the README recipe, but builds a pymatgen ``PhaseDiagram`` *per
-chemical system on demand* (all entries whose elements lie within the crystal's elements, plus 0-eV
-elemental terminals) and keeps the most recent ones in an LRU cache; one PatchedPhaseDiagram over all
-entries would take minutes to build. For a crystal with N atoms and CHGNet total energy E:
+:class:`FormationEnergyHull` follows the README recipe without building a phase diagram: the lower convex
+envelope at one composition ``c`` is the linear program
+
+    E_form^hull(c) = min_w  sum_j w_j e_j   s.t.  sum_j w_j x_j = c,  w >= 0
+
+over the reference entries ``j`` (fractional compositions ``x_j``, formation energies per atom ``e_j``)
+whose elements lie within ``c``'s, plus 0-eV elemental terminals. It is exact in any number of elements;
+a pymatgen ``PhaseDiagram`` (a Qhull hull in k-1 dimensions) took minutes for 6-12-element systems, whose
+facet count grows combinatorially. Entries with ``e_j > 0`` never touch the hull (the terminals give 0) and
+are dropped, as are all but the lowest entry of each composition. For a crystal with N atoms and CHGNet
+total energy E:
 
     E_form = (E - sum_i n_i mu_i) / N           (mu_i: elemental reference energy per atom)
     E_hull = E_form - E_form^hull(composition)  (can be negative: below the reference hull)
@@ -97,23 +104,28 @@ class FormationEnergyHull:
         self.elemental_refs = dict(elemental_refs)
         self.description = description
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, object] = OrderedDict()
-        # Grouped by element set from the formula text; Compositions are built only for systems in use.
+        self._cache: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # Grouped by element set from the formula text; only entries that can touch the hull are kept
+        # (e <= 0), and Compositions are parsed only for systems in use.
         self._raw: dict[frozenset[str], list[tuple[str, float]]] = {}
         for formula, e in zip(formulas, np.asarray(formation_energies, dtype=float), strict=True):
-            if np.isfinite(e):
+            if np.isfinite(e) and e <= 0.0:
                 system = frozenset(_ELEMENT_RE.findall(str(formula)))
                 self._raw.setdefault(system, []).append((str(formula), float(e)))
-        self._by_system: dict[frozenset[str], list[tuple[Composition, float]]] = {}
+        self._parsed: dict[frozenset[str], list[tuple[dict[str, float], float]]] = {}
 
-    def _entries(self, system: frozenset[str]) -> list[tuple[Composition, float]]:
-        if system not in self._by_system:
+    def _entries(self, system: frozenset[str]) -> list[tuple[dict[str, float], float]]:
+        """``[(fractional composition, formation energy per atom)]`` of the entries with exactly ``system``."""
+        if system not in self._parsed:
             with warnings.catch_warnings():
                 warnings.simplefilter(
                     "ignore"
                 )  # pymatgen warns about noble gases lacking electronegativities
-                self._by_system[system] = [(Composition(f), e) for f, e in self._raw.get(system, [])]
-        return self._by_system[system]
+                self._parsed[system] = [
+                    ({el.symbol: x for el, x in Composition(f).fractional_composition.items()}, e)
+                    for f, e in self._raw.get(system, [])
+                ]
+        return self._parsed[system]
 
     @classmethod
     def from_csv(
@@ -140,25 +152,38 @@ class FormationEnergyHull:
             frame[col].astype(str).tolist(), frame["formation_energy_per_atom"].to_numpy(), refs, **kwargs
         )
 
-    def _phase_diagram(self, elements: frozenset[str]):
-        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    def _system(self, elements: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Fractional compositions ``(n, k)`` over sorted ``elements`` and energies ``(n,)`` of the candidates.
 
-        key = "-".join(sorted(elements))
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        entries = [PDEntry(Composition(el), 0.0) for el in sorted(elements)]
-        for r in range(1, len(elements) + 1):
-            for sub in itertools.combinations(sorted(elements), r):
-                for comp, e in self._entries(frozenset(sub)):
-                    entries.append(PDEntry(comp, e * comp.num_atoms))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pd_ = PhaseDiagram(entries)
-        self._cache[key] = pd_
+        The candidates are the elemental terminals (0 eV) and, per distinct composition, the lowest entry
+        whose elements lie within ``elements``.
+        """
+        if elements in self._cache:
+            self._cache.move_to_end(elements)
+            return self._cache[elements]
+        within = frozenset(elements)
+        if 2 ** len(within) <= len(self._raw):
+            subsystems = [
+                frozenset(sub)
+                for r in range(1, len(elements) + 1)
+                for sub in itertools.combinations(elements, r)
+                if frozenset(sub) in self._raw
+            ]
+        else:
+            subsystems = [system for system in self._raw if system <= within]
+        lowest: dict[tuple[float, ...], float] = {}
+        for i in range(len(elements)):
+            lowest[tuple(float(j == i) for j in range(len(elements)))] = 0.0
+        for sub in subsystems:
+            for frac, e in self._entries(sub):
+                key = tuple(round(frac.get(el, 0.0), 12) for el in elements)
+                if e < lowest.get(key, np.inf):
+                    lowest[key] = e
+        table = (np.array(list(lowest), dtype=float), np.array(list(lowest.values()), dtype=float))
+        self._cache[elements] = table
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return pd_
+        return table
 
     def formation_energy_per_atom(self, composition: Composition, energy_per_atom: float) -> float:
         comp = Composition(composition).element_composition
@@ -169,10 +194,21 @@ class FormationEnergyHull:
         return float(energy_per_atom - mu)
 
     def hull_formation_energy_per_atom(self, composition: Composition) -> float:
+        """The linear program of the module docstring, solved with HiGHS."""
+        from scipy.optimize import linprog
+
         comp = Composition(composition).element_composition
-        return float(
-            self._phase_diagram(frozenset(el.symbol for el in comp.elements)).get_hull_energy_per_atom(comp)
-        )
+        if comp.num_atoms <= 0:
+            raise ValueError("empty composition")
+        elements = tuple(sorted(el.symbol for el in comp.elements))
+        if len(elements) == 1:
+            return 0.0
+        fractions, energies = self._system(elements)
+        target = np.array([comp.get_atomic_fraction(el) for el in elements])
+        res = linprog(energies, A_eq=fractions.T, b_eq=target, bounds=(0, None), method="highs")
+        if res.status != 0:
+            raise RuntimeError(f"hull linear program failed for {comp.reduced_formula}: {res.message}")
+        return min(0.0, float(res.fun))
 
     def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float:
         comp = Composition(composition).element_composition

@@ -6,6 +6,7 @@ import gzip
 import json
 import pickle
 
+import numpy as np
 import pandas as pd
 import pytest
 from evaluate_helpers import rock_salt, write_cif
@@ -109,3 +110,46 @@ def test_generator_manifest_counts_missing_crystals(tmp_path):
     assert [i.id for i in items] == ["crystal_000000", "crystal_000001"]
     assert items[0].cif and items[0].read_error is None
     assert items[1].read_error == "generator produced no crystal: atoms coincide"
+
+
+def _random_reference(rng, elements, n_entries):
+    formulas, energies = [], []
+    for _ in range(n_entries):
+        k = int(rng.integers(2, len(elements) + 1))
+        chosen = rng.choice(elements, size=k, replace=False)
+        formulas.append("".join(f"{el}{int(rng.integers(1, 5))}" for el in chosen))
+        energies.append(float(rng.uniform(-2.0, 0.3)))
+    return formulas, energies
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_linear_program_hull_matches_pymatgen_phase_diagram(seed):
+    rng = np.random.default_rng(seed)
+    elements = ["Li", "Fe", "P", "O"]
+    formulas, energies = _random_reference(rng, elements, 40)
+    hull = FormationEnergyHull(formulas, energies, {el: 0.0 for el in elements})
+    entries = [PDEntry(Composition(el), 0.0) for el in elements] + [
+        PDEntry(Composition(f), e * Composition(f).num_atoms) for f, e in zip(formulas, energies, strict=True)
+    ]
+    phase_diagram = PhaseDiagram(entries)
+    for _ in range(25):
+        k = int(rng.integers(1, 5))
+        target = Composition({el: int(rng.integers(1, 6)) for el in rng.choice(elements, k, replace=False)})
+        assert hull.hull_formation_energy_per_atom(target) == pytest.approx(
+            phase_diagram.get_hull_energy_per_atom(target), abs=1e-9
+        )
+
+
+def test_linear_program_hull_in_many_elements():
+    """Twelve elements (a Qhull phase diagram of these did not finish in minutes): the hull lies below
+    every reference entry, reaches the one sitting exactly at the target, and ignores entries outside it."""
+    rng = np.random.default_rng(3)
+    elements = ["Li", "Na", "K", "Mg", "Ca", "Fe", "Co", "Ni", "Cu", "Zn", "O", "S"]
+    formulas, energies = _random_reference(rng, elements, 300)
+    target = Composition({el: i + 1 for i, el in enumerate(elements)})
+    formulas += [target.formula.replace(" ", ""), "LiCl"]
+    energies += [-2.5, -9.0]  # the lowest entry anywhere, exactly at the target; Cl is outside the system
+    hull = FormationEnergyHull(formulas, energies, {el: 0.0 for el in [*elements, "Cl"]})
+    assert hull.hull_formation_energy_per_atom(target) == pytest.approx(-2.5, abs=1e-9)
+    for f, e in zip(formulas[:60], energies[:60], strict=True):
+        assert hull.hull_formation_energy_per_atom(Composition(f)) <= min(e, 0.0) + 1e-9
