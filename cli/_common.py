@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -29,3 +31,22 @@ def fail(message: str, code: int = 2) -> None:
     """Print an error in red to stderr and exit with ``code`` (nothing is lost: callers write atomically)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def given(**flags: Any) -> dict[str, Any]:
+    """The flags the user gave (``None`` means not given), paths as text as the configs store them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
+
+
+def report_training(result: Any, run_dir: Path) -> None:
+    """The one line every ``train`` command ends with."""
+    typer.echo(
+        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
+        f"weights: {run_dir / 'model.safetensors'}"
+    )
+
+
+# Options every app's ``train`` command shares.
+EXPORT_OPTION = typer.Option(None, help="Also write the best EMA weights to this .safetensors file.")
+NO_RESUME_OPTION = typer.Option(False, "--no-resume", help="Start afresh even if run-dir has a checkpoint.")
+QUIET_OPTION = typer.Option(False, help="No progress bar.")

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import typer
 
-from cli._common import fail, version_option
+from cli._common import (
+    EXPORT_OPTION,
+    NO_RESUME_OPTION,
+    QUIET_OPTION,
+    fail,
+    given,
+    report_training,
+    version_option,
+)
 
 app = typer.Typer(
     help="imagegen: discrete flow matching for images (metric-induced pixel paths, KO velocities, corrector).",
@@ -65,13 +73,9 @@ def train(
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     train_limit: int | None = typer.Option(None, help="Use only N training images."),
-    export: Path | None = typer.Option(
-        None, help="Also write the best EMA weights to this .safetensors file."
-    ),
-    no_resume: bool = typer.Option(
-        False, "--no-resume", help="Start afresh even if run-dir has a checkpoint."
-    ),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    export: Path | None = EXPORT_OPTION,
+    no_resume: bool = NO_RESUME_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train a pixel model with the cross-entropy of eq 11 (metric or mask path)."""
     from imagegen.model import UNetConfig
@@ -79,35 +83,16 @@ def train(
 
     try:
         cfg = load_train_config(config) if config else ImagegenTrainConfig()
-        top = {
-            k: v
-            for k, v in {
-                "dataset": dataset,
-                "image_size": image_size,
-                "channels": channels,
-                "class_conditional": class_conditional,
-                "train_limit": train_limit,
-            }.items()
-            if v is not None
-        }
-        if data_dir is not None:
-            top["data_dir"] = str(data_dir)
-        p = {
-            k: v
-            for k, v in {"kind": path, "c": beta_c, "a": beta_a, "scheduler": scheduler}.items()
-            if v is not None
-        }
-        tr = {
-            k: v
-            for k, v in {
-                "steps": steps,
-                "batch_size": batch_size,
-                "lr": lr,
-                "device": device,
-                "compile": compile,
-            }.items()
-            if v is not None
-        }
+        top = given(
+            dataset=dataset,
+            image_size=image_size,
+            channels=channels,
+            class_conditional=class_conditional,
+            train_limit=train_limit,
+            data_dir=data_dir,
+        )
+        p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
+        tr = given(steps=steps, batch_size=batch_size, lr=lr, device=device, compile=compile)
         model_cfg = UNetConfig.preset(size) if size is not None else cfg.model
         cfg = dataclasses.replace(
             cfg,
@@ -119,10 +104,7 @@ def train(
         result = train_image_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
-    typer.echo(
-        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
-        f"weights: {run_dir / 'model.safetensors'}"
-    )
+    report_training(result, run_dir)
 
 
 def _sampling(

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import typer
 
-from cli._common import fail, version_option
+from cli._common import (
+    EXPORT_OPTION,
+    NO_RESUME_OPTION,
+    QUIET_OPTION,
+    fail,
+    given,
+    report_training,
+    version_option,
+)
 
 app = typer.Typer(
     help="matgen: generate and evaluate crystals with kinetic-optimal discrete flow matching.",
@@ -110,13 +118,9 @@ def train(
     data_dir: Path | None = typer.Option(None, help="MP-20 folder (else $MATGEN_DATA, else download cache)."),
     train_limit: int | None = typer.Option(None, help="Use only the first N training crystals."),
     val_limit: int | None = typer.Option(None, help="Use only the first N validation crystals."),
-    export: Path | None = typer.Option(
-        None, help="Also write the best EMA weights to this .safetensors file."
-    ),
-    no_resume: bool = typer.Option(
-        False, "--no-resume", help="Start afresh even if run-dir has a checkpoint."
-    ),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    export: Path | None = EXPORT_OPTION,
+    no_resume: bool = NO_RESUME_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train DFM / KO-DFM (cross-entropy, eq 11) or the AR baseline on MP-20."""
     from matgen.model import CrystalDiTConfig
@@ -124,23 +128,14 @@ def train(
 
     try:
         cfg = load_train_config(config) if config else MatgenTrainConfig()
-        top = {
-            k: v
-            for k, v in {
-                "kind": kind,
-                "scheduler": scheduler,
-                "train_limit": train_limit,
-                "val_limit": val_limit,
-            }.items()
-            if v is not None
-        }
-        if data_dir is not None:
-            top["data_dir"] = str(data_dir)
-        tr = {
-            k: v
-            for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr, "device": device}.items()
-            if v is not None
-        }
+        top = given(
+            kind=kind,
+            scheduler=scheduler,
+            train_limit=train_limit,
+            val_limit=val_limit,
+            data_dir=data_dir,
+        )
+        tr = given(steps=steps, batch_size=batch_size, lr=lr, device=device)
         model_cfg = cfg.model
         if size is not None:
             presets = {
@@ -155,10 +150,7 @@ def train(
         result = train_crystal_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
-    typer.echo(
-        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
-        f"weights: {run_dir / 'model.safetensors'}"
-    )
+    report_training(result, run_dir)
 
 
 def _register_evaluate() -> None:

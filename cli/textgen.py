@@ -12,7 +12,15 @@ from pathlib import Path
 
 import typer
 
-from cli._common import fail, version_option
+from cli._common import (
+    EXPORT_OPTION,
+    NO_RESUME_OPTION,
+    QUIET_OPTION,
+    fail,
+    given,
+    report_training,
+    version_option,
+)
 
 app = typer.Typer(
     help="textgen: train, sample and evaluate discrete flow matching models for text.",
@@ -76,13 +84,9 @@ def train(
     tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
     cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
     train_limit: int | None = typer.Option(None, help="Use only the first N training sequences."),
-    export: Path | None = typer.Option(
-        None, help="Also write the best EMA weights to this .safetensors file."
-    ),
-    no_resume: bool = typer.Option(
-        False, "--no-resume", help="Start afresh even if run-dir has a checkpoint."
-    ),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    export: Path | None = EXPORT_OPTION,
+    no_resume: bool = NO_RESUME_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train a DFM text model (mask or eq-38 source, linear or KO scheduler) or the AR baseline."""
     from textgen.model import TextModelConfig
@@ -90,49 +94,34 @@ def train(
 
     try:
         cfg = load_train_config(config) if config else TextgenTrainConfig()
-        top = {
-            k: v
-            for k, v in {"kind": kind, "loss": loss, "seq_len": seq_len, "train_limit": train_limit}.items()
-            if v is not None
-        }
-        for key, value in (("data_dir", data_dir), ("tokenizer", tokenizer), ("cache_dir", cache_dir)):
-            if value is not None:
-                top[key] = str(value)
+        top = given(
+            kind=kind,
+            loss=loss,
+            seq_len=seq_len,
+            train_limit=train_limit,
+            data_dir=data_dir,
+            tokenizer=tokenizer,
+            cache_dir=cache_dir,
+        )
         if data:
             top["data"] = tuple(data)
-        path = dataclasses.replace(
-            cfg.path,
-            **{
-                k: v
-                for k, v in {"source": source, "beta0": beta0, "scheduler": scheduler}.items()
-                if v is not None
-            },
-        )
+        path = dataclasses.replace(cfg.path, **given(source=source, beta0=beta0, scheduler=scheduler))
         model_cfg = TextModelConfig.preset(size) if size is not None else cfg.model
         model_cfg = dataclasses.replace(
-            model_cfg,
-            **{
-                k: v
-                for k, v in {"hidden": hidden, "depth": depth, "heads": heads, "dropout": dropout}.items()
-                if v is not None
-            },
+            model_cfg, **given(hidden=hidden, depth=depth, heads=heads, dropout=dropout)
         )
-        tr = {
-            k: v
-            for k, v in {
-                "steps": steps,
-                "batch_size": batch_size,
-                "lr": lr,
-                "warmup_steps": warmup,
-                "lr_schedule": lr_schedule,
-                "ema_decay": ema_decay,
-                "eval_every": eval_every,
-                "ckpt_every": ckpt_every,
-                "seed": seed,
-                "device": device,
-            }.items()
-            if v is not None
-        }
+        tr = given(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=warmup,
+            lr_schedule=lr_schedule,
+            ema_decay=ema_decay,
+            eval_every=eval_every,
+            ckpt_every=ckpt_every,
+            seed=seed,
+            device=device,
+        )
         if compile:
             tr["compile"] = True
         cfg = dataclasses.replace(
@@ -141,10 +130,7 @@ def train(
         result = train_text_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
-    typer.echo(
-        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
-        f"weights: {run_dir / 'model.safetensors'}"
-    )
+    report_training(result, run_dir)
 
 
 @app.command()

@@ -89,7 +89,7 @@ class FormationEnergyHull:
         formation_energies: formation energy per atom (eV/atom) of each, on the same scale as the elemental
             references (MP2020-corrected for the default data).
         elemental_refs: ``{element: energy per atom}`` used to turn total energies into formation energies.
-        cache_size: number of chemical-system phase diagrams kept in memory.
+        cache_size: number of chemical systems whose candidate tables are kept in memory.
         description: one line for reports.
     """
 

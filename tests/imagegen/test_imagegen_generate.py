@@ -131,3 +131,34 @@ def test_labels_guidance_and_checkpoint_validation(generator: ImageGenerator, tm
     assert SamplingConfig(velocity="power", alpha=2, corrector=1.5, corrector_q=1).label() == (
         "power-2+corr(w=1.5,p=0,q=1)"
     )
+
+
+def test_cli_train_on_an_image_folder_keeps_the_given_flags(tmp_path: Path) -> None:
+    """`imagegen train` on a folder of PNGs: the flags given land in the saved config, the rest keep defaults."""
+    import json
+
+    from imagegen.train import ImagegenTrainConfig
+
+    for split, n in (("train", 12), ("test", 4)):
+        for cls in ("a", "b"):
+            folder = tmp_path / "images" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (8, 8), 20 * i + (100 if cls == "b" else 0)).save(folder / f"{i}.png")
+    run_dir, export, config = tmp_path / "run", tmp_path / "model.safetensors", tmp_path / "c.toml"
+    config.write_text("val_size = 4\n[train]\neval_batches = 1\nema_decay = 0.5\n")
+    args = ["train", "--config", str(config), "--run-dir", str(run_dir), "--dataset", "folder"]
+    args += ["--data-dir", str(tmp_path / "images")]
+    args += ["--image-size", "8", "--channels", "1", "--size", "tiny", "--path", "mask", "--steps", "3"]
+    args += ["--batch-size", "4", "--device", "cpu", "--export", str(export), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained to step 3" in result.output and export.exists()
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["train"]["steps"] == 3 and saved["train"]["batch_size"] == 4
+    assert saved["train"]["ema_decay"] == 0.5  # from the file, and a flag not given keeps its default:
+    assert saved["train"]["lr"] == ImagegenTrainConfig().train.lr
+    config = saved["metadata"]["imagegen_config"]
+    assert config["path"]["kind"] == "mask" and config["data_dir"] == str(tmp_path / "images")
+    again = runner.invoke(app, [*args[:-1], "--no-resume", "--steps", "2", "--quiet"])
+    assert again.exit_code == 0 and "trained to step 2" in again.output
