@@ -105,6 +105,18 @@ def analyze_crystal(payload: tuple[str, str | None, dict | None, str | None]) ->
         rec["reason"] = "; ".join([f"failed sanity bounds: {insane}", *reasons])
         return rec
     rec["sane"] = True
+    try:
+        _measure(structure, rec, reasons)
+    except Exception as exc:  # one odd crystal must never stop the run: record why and go on
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        reasons.append(f"analysis failed: {type(exc).__name__}{': ' + msg if msg else ''}")
+        rec["valid"] = False
+    rec["reason"] = "; ".join(reasons) or None
+    return rec
+
+
+def _measure(structure: Structure, rec: dict[str, Any], reasons: list[str]) -> None:
+    """Density, validity and fingerprints of a sane crystal, into ``rec`` (reasons appended)."""
     rec["density"] = float(structure.density)
     rec["volume_per_atom"] = float(structure.volume / len(structure))
     struct_ok, why = structure_validity(structure)
@@ -122,8 +134,6 @@ def analyze_crystal(payload: tuple[str, str | None, dict | None, str | None]) ->
     if fp is None:
         reasons.append("CrystalNN fingerprint failed (counted invalid, as in CDVAE)")
     rec["valid"] = bool(struct_ok and rec["comp_valid"] and fp is not None)
-    rec["reason"] = "; ".join(reasons) or None
-    return rec
 
 
 def _payload(item: InputItem) -> tuple[str, str | None, dict | None, str | None]:

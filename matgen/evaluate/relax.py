@@ -395,6 +395,9 @@ def shared_potential(device: str | torch.device = "auto") -> CHGNetBatchPotentia
 
 
 # ------------------------------------------------------------------------------------------ relaxation
+CHGNET_MAX_Z = 94  # CHGNet's atom embedding has one row per element H ... Pu
+
+
 @dataclass
 class RelaxResult:
     """Outcome of relaxing one crystal.
@@ -567,11 +570,17 @@ def relax_structures(
 
     for i, s in enumerate(structures):
         try:
+            numbers = np.array(s.atomic_numbers, dtype=np.int64)
+            beyond = sorted({el.symbol for el in s.composition.elements if el.Z > CHGNET_MAX_Z})
+            if beyond:
+                raise ValueError(
+                    f"CHGNet covers elements up to Pu (Z = {CHGNET_MAX_Z}); found {', '.join(beyond)}"
+                )
             cell0 = np.array(s.lattice.matrix, dtype=np.float64)
             queue.append(
                 _Slot(
                     index=i,
-                    numbers=np.array(s.atomic_numbers, dtype=np.int64),
+                    numbers=numbers,
                     cell0=cell0,
                     frac_of_r0=np.linalg.inv(cell0),
                     r0=np.array(s.cart_coords, dtype=np.float64),

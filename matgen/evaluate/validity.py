@@ -65,6 +65,13 @@ class SanityBounds:
     max_atoms: int = 1000
 
 
+def _is_element(species: object) -> bool:
+    """A pymatgen Element, or an ion of one (Species); not a DummySpecies such as ``X``."""
+    from pymatgen.core import Element
+
+    return isinstance(species, Element) or isinstance(getattr(species, "element", None), Element)
+
+
 def check_sanity(structure: Structure, bounds: SanityBounds | None = None) -> str | None:
     """``None`` if the crystal is safe to analyse, else the reason it is not. Costs O(n_atoms)."""
     b = bounds or SanityBounds()
@@ -75,6 +82,9 @@ def check_sanity(structure: Structure, bounds: SanityBounds | None = None) -> st
         return f"{n} atoms > {b.max_atoms}"
     if not structure.is_ordered:
         return "disordered (partially occupied) sites are not supported"
+    unknown = sorted({str(sp) for sp in structure.composition if not _is_element(sp)})
+    if unknown:
+        return f"species that are not chemical elements: {', '.join(unknown)}"
     matrix = np.asarray(structure.lattice.matrix, dtype=float)
     if not np.isfinite(matrix).all() or not np.isfinite(structure.frac_coords).all():
         return "non-finite lattice or coordinates"

@@ -155,3 +155,12 @@ def test_isolated_atoms_do_not_break_the_batch(potential):
     lonely = Structure(Lattice.cubic(30.0), ["Na"], [[0, 0, 0]])
     results = relax_structures([lonely], potential=potential, progress=False, steps=3)
     assert results[0].error is None and np.isfinite(results[0].energy)
+
+
+def test_elements_beyond_chgnet_are_refused_with_a_reason(potential):
+    from pymatgen.core import Lattice, Structure
+
+    americium = Structure(Lattice.cubic(3.5), ["Am"], [[0, 0, 0]])
+    results = relax_structures([americium, rock_salt(5.64)], potential=potential, progress=False, steps=3)
+    assert "up to Pu" in results[0].error and "Am" in results[0].error
+    assert results[1].error is None and np.isfinite(results[1].energy)

@@ -76,3 +76,26 @@ def test_parse_cif_rejects_garbage():
         parse_cif("")
     with pytest.raises(Exception):  # noqa: B017 -- pymatgen raises various types
         parse_cif("not a cif at all")
+
+
+def test_sanity_bounds_reject_dummy_species_and_accept_ions():
+    from pymatgen.core import DummySpecies, Species
+
+    dummy = Structure(Lattice.cubic(4.2), [DummySpecies("X", 1), Species("Cl", -1)], [[0, 0, 0], [0.5] * 3])
+    assert "not chemical elements: X+" in check_sanity(dummy)
+    ions = Structure(Lattice.cubic(4.2), [Species("Na", 1), Species("Cl", -1)], [[0, 0, 0], [0.5] * 3])
+    assert check_sanity(ions) is None
+
+
+def test_an_analysis_error_is_recorded_not_raised(monkeypatch):
+    """Whatever a metric raises on an odd crystal becomes that crystal's reason; the run goes on."""
+    from matgen.evaluate import pipeline
+
+    def broken(_structure):
+        raise RuntimeError("simulated neighbour-search failure")
+
+    monkeypatch.setattr(pipeline, "structure_validity", broken)
+    cif = Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3]).to(fmt="cif")
+    rec = pipeline.analyze_crystal(("nacl.cif", cif, None, None))
+    assert rec["parsed"] and rec["sane"] and not rec["valid"]
+    assert "analysis failed: RuntimeError: simulated neighbour-search failure" in rec["reason"]
