@@ -250,9 +250,11 @@ def make_velocity(
         base = CampbellVelocity()
     else:
         raise ValueError(f"unknown velocity {name!r}: choose ko, power, power-inf or campbell")
-    if callable(corrector) or float(corrector) > 0:
+    if callable(corrector):
         return CorrectedVelocity(base, corrector)
-    return base
+    if not float(corrector) >= 0:  # also refuses NaN
+        raise ValueError(f"the corrector weight must be non-negative (eq 35), got {corrector}")
+    return CorrectedVelocity(base, corrector) if float(corrector) > 0 else base
 
 
 def _rates_from_flux(j: Tensor, p: Tensor, z: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from pymatgen.core import Structure
 
+from dfm_core.training import resolve_device
 from matgen.evaluate.coverage import coverage_metrics, wasserstein_metrics
 from matgen.evaluate.fingerprints import (
     composition_fingerprint,
@@ -197,6 +198,12 @@ def evaluate(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(out_dir)
+    hull_ref = None
+    if not skip_stability:  # a bad --device or --hull fails now, not after the cheap stages
+        from matgen.evaluate.hull import load_hull
+
+        resolve_device(device)
+        hull_ref = load_hull(hull, data_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. read, parse, validity, fingerprints --------------------------------------------------------------
@@ -246,12 +253,8 @@ def evaluate(
 
         # 3. relaxation -----------------------------------------------------------------------------------
         relax_recs: dict[str, dict[str, Any]] = {}
-        hull_ref = None
         if not skip_stability:
             t0 = time.perf_counter()
-            from matgen.evaluate.hull import load_hull
-
-            hull_ref = load_hull(hull, data_dir)
             to_relax = [
                 k
                 for k, rec in enumerate(basic)

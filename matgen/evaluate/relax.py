@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from pymatgen.core import Lattice, Structure
 
+from dfm_core.training import resolve_device
+
 __all__ = [
     "CHGNetBatchPotential",
     "GraphArrays",
@@ -73,13 +75,6 @@ FIRE_FDEC = 0.5
 FIRE_ASTART = 0.1
 FIRE_FA = 0.99
 FIRE_MAXSTEP = 0.2
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------------------------- graphs

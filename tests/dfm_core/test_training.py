@@ -17,6 +17,7 @@ from dfm_core.training import (
     load_checkpoint,
     load_config,
     load_safetensors,
+    resolve_device,
     train,
 )
 
@@ -304,3 +305,13 @@ def test_ema_and_export_see_through_torch_compile(tmp_path):
     assert set(ema.shadow) == {name for name, _ in model.named_parameters()}
     state, _ = load_safetensors(export_safetensors(compiled, tmp_path / "c.safetensors", {}))
     assert set(state) == set(model.state_dict())
+
+
+def test_resolve_device_names_the_problem():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="CUDA is not available|GPU"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")

@@ -416,6 +416,9 @@ def test_make_velocity():
         make_velocity("power")
     with pytest.raises(ValueError):
         make_velocity("nope")
+    for bad in (-0.1, float("nan")):  # a negative weight would give negative off-diagonal rates (eq 35)
+        with pytest.raises(ValueError, match="non-negative"):
+            make_velocity("ko", corrector=bad)
     with pytest.raises(ValueError):
         PowerVelocity(0.0)
     # a negative corrector weight is refused

@@ -41,3 +41,26 @@ def test_missing_reference_data_is_a_clear_error(tmp_path: Path, monkeypatch: py
     assert "MATGEN_DATA" in result.output and "--data-dir" in result.output
     assert "Traceback" not in result.output
     assert (tmp_path / "out" / "journal.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--device", "cuda:7", "CUDA"), ("--device", "tpu", "unknown device"), ("--hull", "missing", "hull")],
+)
+def test_a_bad_device_or_hull_fails_before_any_work(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    import torch
+
+    if value.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    write_cif(cifs / "nacl.cif", rock_salt())
+    app = typer.Typer()
+    app.command()(evaluate_command)
+    value = str(tmp_path / value) if flag == "--hull" else value
+    args = [str(cifs), "--out", str(tmp_path / "out"), flag, value, "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
