@@ -45,10 +45,25 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    import platform
+    import subprocess
+    import sys
+
+    import pymatgen.core
+    import scipy
     from pymatgen.core import Composition
 
     from matgen.evaluate.hull import FormationEnergyHull, load_hull
 
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?"
+    )
+    print("command: python " + " ".join(sys.argv))
+    print(
+        f"machine: {model}; Python {platform.python_version()}, scipy {scipy.__version__}, pymatgen "
+        f"{pymatgen.core.__version__}; clock: wall, one process each"
+    )
     hull = load_hull(args.hull)
     assert isinstance(hull, FormationEnergyHull)
     counts: dict[str, int] = {}
