@@ -118,6 +118,9 @@ def train(
     data_dir: Path | None = typer.Option(None, help="MP-20 folder (else $MATGEN_DATA, else download cache)."),
     train_limit: int | None = typer.Option(None, help="Use only the first N training crystals."),
     val_limit: int | None = typer.Option(None, help="Use only the first N validation crystals."),
+    max_atoms: int | None = typer.Option(
+        None, help="Largest crystal the model takes (MP-20: 20); larger ones are left out with a warning."
+    ),
     export: Path | None = EXPORT_OPTION,
     no_resume: bool = NO_RESUME_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -133,6 +136,7 @@ def train(
             scheduler=scheduler,
             train_limit=train_limit,
             val_limit=val_limit,
+            max_atoms=max_atoms,
             data_dir=data_dir,
         )
         tr = given(steps=steps, batch_size=batch_size, lr=lr, device=device)

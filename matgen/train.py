@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -172,8 +173,22 @@ def train_crystal_model(
     val_split = load_token_dataset("val", config.data_dir, limit=config.val_limit, progress=progress)
     train_data = PaddedCrystals.from_split(train_split, config.max_atoms)
     val_data = PaddedCrystals.from_split(val_split, config.max_atoms)
+    too_large = {
+        name: len(split.ids) - len(data)
+        for name, split, data in (("train", train_split, train_data), ("val", val_split, val_data))
+    }
+    if any(too_large.values()):
+        largest = max(int(s.num_atoms.max()) for s in (train_split, val_split) if len(s.ids))
+        warnings.warn(
+            f"left out {too_large['train']} train and {too_large['val']} val crystals with more than "
+            f"max_atoms={config.max_atoms} atoms (the largest has {largest}); raise max_atoms to keep them",
+            stacklevel=2,
+        )
     if len(train_data) == 0 or len(val_data) == 0:
-        raise ValueError("no crystals to train on: check the data directory and the limits")
+        raise ValueError(
+            f"no crystals to train on ({len(train_data)} train, {len(val_data)} val with at most "
+            f"max_atoms={config.max_atoms} atoms): check the data directory, the limits and max_atoms"
+        )
 
     model_cfg = dataclasses.replace(config.model, max_atoms=config.max_atoms)
     model = build_model(config.kind, model_cfg)
@@ -199,6 +214,8 @@ def train_crystal_model(
             "n_train": len(train_data),
             "n_val": len(val_data),
             "train_skipped": len(train_split.skipped),
+            "train_over_max_atoms": too_large["train"],
+            "val_over_max_atoms": too_large["val"],
         },
         "atom_count_distribution": atom_count_distribution(train_data.num_atoms, config.max_atoms).tolist(),
         "parameters": count_parameters(model),

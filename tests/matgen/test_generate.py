@@ -295,11 +295,17 @@ def test_cli_train_tiny(shared_data_dir: Path, tmp_path: Path) -> None:
             "16",
             "--val-limit",
             "8",
+            "--max-atoms",
+            "10",
             "--quiet",
         ],
     )
     assert result.exit_code == 0, result.output
     assert (run_dir / "model.safetensors").is_file()
+    meta = json.loads((run_dir / "config.json").read_text())["metadata"]
+    data = meta["data"]  # crystals above --max-atoms are left out, and counted
+    assert meta["model_config"]["max_atoms"] == 10 and data["train_over_max_atoms"] > 0
+    assert data["n_train"] + data["train_over_max_atoms"] + data["train_skipped"] == 16
     bad = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "r2"), "--size", "huge"])
     assert bad.exit_code == 2 and "--size" in bad.output
 
