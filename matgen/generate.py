@@ -89,7 +89,13 @@ class CrystalGenerator:
         try:
             state, meta = load_safetensors(path)
         except (ValueError, OSError) as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+            exported = path.parent / "model.safetensors"
+            hint = (
+                f"; {exported} is the model `matgen train` exported from this run"
+                if exported.is_file()
+                else ""
+            )
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}{hint}") from e
         if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:
             raise CheckpointError(
                 f"{path} is a safetensors file but not a matgen checkpoint (format={meta.get('format')!r}); "

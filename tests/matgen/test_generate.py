@@ -241,6 +241,12 @@ def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
         CrystalGenerator.from_checkpoint(other)
 
 
+def test_a_training_checkpoint_points_to_the_exported_model(tiny_run: Path) -> None:
+    with pytest.raises(CheckpointError, match="torch .pt") as err:
+        CrystalGenerator.from_checkpoint(tiny_run / "last.pt")
+    assert str(tiny_run / "model.safetensors") in str(err.value)
+
+
 def test_cli_generate_and_refusals(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     ck = str(tiny_run / "model.safetensors")
