@@ -50,6 +50,7 @@ __all__ = [
     "HullReference",
     "PhaseDiagramHull",
     "default_hull_path",
+    "hull_compounds",
     "load_hull",
 ]
 
@@ -64,6 +65,15 @@ class HullReference(Protocol):
     description: str
 
     def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float: ...
+
+
+def hull_compounds(hull: object, composition: Composition) -> float:
+    """Reference compounds (not elements) in ``composition``'s chemical system, or NaN when unknown.
+
+    Zero means the hull there is the elements alone, so a low E_hull only says the crystal beats them.
+    """
+    count = getattr(hull, "reference_compounds", None)
+    return float(count(composition)) if count is not None else float("nan")
 
 
 def _open(path: Path):
@@ -184,6 +194,12 @@ class FormationEnergyHull:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return table
+
+    def reference_compounds(self, composition: Composition) -> int:
+        """Candidate reference compounds (formation energy <= 0, elements excluded) in the system."""
+        comp = Composition(composition).element_composition
+        elements = tuple(sorted(el.symbol for el in comp.elements))
+        return len(self._system(elements)[1]) - len(elements)
 
     def formation_energy_per_atom(self, composition: Composition, energy_per_atom: float) -> float:
         comp = Composition(composition).element_composition

@@ -37,6 +37,7 @@ from matgen.evaluate.fingerprints import (
     parallel_map,
     structure_fingerprint,
 )
+from matgen.evaluate.hull import hull_compounds, load_hull
 from matgen.evaluate.inputs import InputItem, parse_cif, read_inputs
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
 from matgen.evaluate.validity import check_sanity, composition_validity, structure_validity
@@ -200,8 +201,6 @@ def evaluate(
     out = Path(out_dir)
     hull_ref = None
     if not skip_stability:  # a bad --device or --hull fails now, not after the cheap stages
-        from matgen.evaluate.hull import load_hull
-
         resolve_device(device)
         hull_ref = load_hull(hull, data_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +326,7 @@ def evaluate(
             relax_steps=None,
             relax_converged=None,
             e_hull=nan,
+            hull_compounds=nan,
             stability_reason=None,
         )
         if not skip_stability:
@@ -351,6 +351,7 @@ def evaluate(
                     relaxed = structure_from_json(r["relaxed"])
                     assert hull_ref is not None
                     row["e_hull"] = float(hull_ref.e_above_hull(relaxed.composition, r["e_relaxed_per_atom"]))
+                    row["hull_compounds"] = hull_compounds(hull_ref, relaxed.composition)
                 except Exception as exc:
                     row["stability_reason"] = f"E_hull failed: {exc}"
                 if not r["relax_converged"]:
@@ -497,6 +498,9 @@ def _summarize(
         s["sun_rate"] = frac(results["sun"].astype(bool))
         s["msun_rate"] = frac(results["metastable"].astype(bool) & uniq & nov)
         s["n_stable"] = int(results["stable"].astype(bool).sum())
+        s["n_stable_no_reference_compounds"] = int(
+            (results["stable"].astype(bool) & (results["hull_compounds"] == 0)).sum()
+        )
         s["n_sun"] = int(results["sun"].astype(bool).sum())
         finite = eh[np.isfinite(eh)]
         s["e_hull_mean"] = float(finite.mean()) if len(finite) else float("nan")

@@ -54,6 +54,10 @@ def test_formation_energy_hull(tmp_path, target):
         -0.9 - tie
     )
     assert hull.e_above_hull(Composition("Na"), MU["Na"]) == pytest.approx(0.0)
+    assert (
+        hull.reference_compounds(Composition("NaCl")) == 2
+        and hull.reference_compounds(Composition("Na")) == 0
+    )
     with pytest.raises(KeyError):
         hull.e_above_hull(Composition("KCl"), -3.0)
 

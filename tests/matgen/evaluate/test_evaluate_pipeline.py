@@ -96,6 +96,7 @@ def test_broken_inputs_are_counted_with_reasons(mp20_dir, hull_dir, fp_cache, tm
     assert "apart" in rows.loc["overlap.cif", "reason"]
     assert rows.loc["overlap.cif", "stability_reason"].startswith("not relaxed")
     assert np.isfinite(rows.loc["nacl.cif", "e_hull"])
+    assert rows.loc["nacl.cif", "hull_compounds"] >= 1  # Na-Cl compounds of MP-20 are in the reference
     assert bool(rows.loc["nacl.cif", "valid"])
     assert summary["n_relaxed"] == 1 and summary["stability_note"]
 
