@@ -122,10 +122,15 @@ def train(
         None, help="Largest crystal the model takes (MP-20: 20); larger ones are left out with a warning."
     ),
     export: Path | None = EXPORT_OPTION,
+    export_bf16: bool = typer.Option(
+        False, "--export-bf16", help="Store the --export weights in bfloat16 (half the file size)."
+    ),
     no_resume: bool = NO_RESUME_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train DFM / KO-DFM (cross-entropy, eq 11) or the AR baseline on MP-20."""
+    import torch
+
     from matgen.model import CrystalDiTConfig
     from matgen.train import MatgenTrainConfig, load_train_config, train_crystal_model
 
@@ -151,7 +156,16 @@ def train(
                 raise ValueError(f"--size must be one of {sorted(presets)}, got {size!r}")
             model_cfg = presets[size]()
         cfg = dataclasses.replace(cfg, **top, model=model_cfg, train=dataclasses.replace(cfg.train, **tr))
-        result = train_crystal_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
+        if export_bf16 and export is None:
+            raise ValueError("--export-bf16 needs --export PATH")
+        result = train_crystal_model(
+            cfg,
+            run_dir,
+            resume=not no_resume,
+            export=export,
+            progress=not quiet,
+            export_dtype=torch.bfloat16 if export_bf16 else None,
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)

@@ -160,12 +160,14 @@ def train_crystal_model(
     resume: bool = True,
     export: str | os.PathLike | None = None,
     progress: bool = True,
+    export_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train a crystal model on MP-20 train, validating on MP-20 val (test is never touched).
 
     Writes ``run_dir/{last,best}.pt`` and ``metrics.jsonl`` (resumable), and ``run_dir/model.safetensors``
     (EMA weights of the best validation step, with the config, data ids digest and atom-count
-    distribution in its metadata), copied to ``export`` if given.
+    distribution in its metadata), copied to ``export`` if given, with floating-point weights cast to
+    ``export_dtype`` there (``torch.bfloat16`` halves the file).
     """
     run_dir = Path(run_dir)
     seed_everything(config.train.seed)
@@ -234,7 +236,7 @@ def train_crystal_model(
     out = run_dir / "model.safetensors"
     export_checkpoint(run_dir, out, config, metadata)
     if export is not None:
-        export_checkpoint(run_dir, Path(export), config, metadata)
+        export_checkpoint(run_dir, Path(export), config, metadata, dtype=export_dtype)
     return result
 
 

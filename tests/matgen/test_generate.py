@@ -303,11 +303,24 @@ def test_cli_train_tiny(shared_data_dir: Path, tmp_path: Path) -> None:
             "8",
             "--max-atoms",
             "10",
+            "--export",
+            str(tmp_path / "half.safetensors"),
+            "--export-bf16",
             "--quiet",
         ],
     )
     assert result.exit_code == 0, result.output
     assert (run_dir / "model.safetensors").is_file()
+    from dfm_core.training import load_safetensors
+
+    full, _ = load_safetensors(run_dir / "model.safetensors")
+    half, _ = load_safetensors(tmp_path / "half.safetensors")
+    assert {t.dtype for t in half.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(half[k], full[k].to(half[k].dtype)) for k in full)
+    written = generate(
+        3, tmp_path / "from_half", checkpoint=tmp_path / "half.safetensors", steps=4, device="cpu"
+    )
+    assert written.requested == 3 and written.written + written.failed == 3
     meta = json.loads((run_dir / "config.json").read_text())["metadata"]
     data = meta["data"]  # crystals above --max-atoms are left out, and counted
     assert meta["model_config"]["max_atoms"] == 10 and data["train_over_max_atoms"] > 0
@@ -332,9 +345,15 @@ def test_shipped_checkpoint_generates_valid_crystals(tmp_path: Path) -> None:
     shutil.rmtree(out)
 
 
-@pytest.mark.parametrize("name", ["ko_dfm_small_cpu.toml", "ko_dfm_default_gpu.toml"])
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "matgen" / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.toml")))
 def test_shipped_training_configs_load(name: str) -> None:
+    from matgen.model import build_model, count_parameters
     from matgen.train import load_train_config
 
-    cfg = load_train_config(Path(__file__).resolve().parents[2] / "matgen" / "configs" / name)
+    cfg = load_train_config(CONFIG_DIR / name)
     assert cfg.kind == "dfm" and cfg.scheduler == "ko" and cfg.train.steps > 0
+    if "ship" in name:  # a config meant to make the shipped model must fit the repo's ~25 MB in bf16
+        assert 2 * count_parameters(build_model(cfg.kind, cfg.model)) < 25e6
