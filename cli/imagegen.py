@@ -312,3 +312,7 @@ def path_preview(
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     typer.echo(f"wrote {out}: rows t = {', '.join(f'{t:.2f}' for t in ts.tolist())}")
+
+
+if __name__ == "__main__":  # python -m cli.imagegen, where the console script is not installed
+    app()

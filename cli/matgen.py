@@ -178,3 +178,7 @@ def _register_evaluate() -> None:
 
 
 _register_evaluate()
+
+
+if __name__ == "__main__":  # python -m cli.matgen, where the console script is not installed
+    app()

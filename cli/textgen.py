@@ -320,3 +320,7 @@ def prepare(
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     Console().print(table)
+
+
+if __name__ == "__main__":  # python -m cli.textgen, where the console script is not installed
+    app()
