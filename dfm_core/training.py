@@ -131,6 +131,8 @@ class TrainConfig:
         warmup_steps: linear warmup from ``lr / warmup_steps`` to ``lr``.
         lr_schedule: ``"cosine"`` (decay to ``min_lr_ratio * lr`` at ``steps``) or ``"constant"``.
         min_lr_ratio: floor of the cosine schedule, as a fraction of ``lr``.
+        decay_start: with ``"cosine"``, hold ``lr`` until this step and decay from there
+            (warmup-stable-decay); ``None`` decays right after the warmup.
         grad_clip: max global gradient norm; ``<= 0`` disables clipping.
         ema_decay: EMA decay; 0 makes the EMA a copy of the weights.
         bf16: bf16 autocast for forward/loss (on CUDA only; CPU runs stay fp32).
@@ -151,6 +153,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
+    decay_start: int | None = None
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     bf16: bool = True
@@ -168,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.steps < 0 or self.warmup_steps < 0:
             raise ValueError("steps and warmup_steps must be >= 0")
+        if self.decay_start is not None and not 0 <= self.decay_start <= self.steps:
+            raise ValueError(f"decay_start must be in [0, steps={self.steps}], got {self.decay_start}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -221,20 +226,30 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 class WarmupSchedule:
-    """LR multiplier: linear warmup ``(s + 1) / W`` then cosine to ``min_ratio`` at ``total``, or constant.
+    """LR multiplier: linear warmup ``(s + 1) / W``, then 1 until ``decay_start`` (default: the end of the
+    warmup), then cosine to ``min_ratio`` at ``total``; or constant after the warmup.
 
     A callable object (not a lambda) so ``LambdaLR.state_dict`` round-trips it.
     """
 
-    def __init__(self, warmup: int, total: int, kind: str = "cosine", min_ratio: float = 0.0) -> None:
+    def __init__(
+        self,
+        warmup: int,
+        total: int,
+        kind: str = "cosine",
+        min_ratio: float = 0.0,
+        decay_start: int | None = None,
+    ) -> None:
         self.warmup, self.total, self.kind, self.min_ratio = warmup, total, kind, min_ratio
+        self.decay_start = decay_start
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        if self.kind == "constant":
+        start = max(self.warmup, getattr(self, "decay_start", None) or 0)
+        if self.kind == "constant" or step < start:
             return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        progress = min(1.0, (step - start) / max(1, self.total - start))
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -668,7 +683,10 @@ def train(
         fused=device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupSchedule(config.warmup_steps, config.steps, config.lr_schedule, config.min_lr_ratio)
+        optimizer,
+        WarmupSchedule(
+            config.warmup_steps, config.steps, config.lr_schedule, config.min_lr_ratio, config.decay_start
+        ),
     )
     ema = EMA(model, config.ema_decay)
     data_gen = torch.Generator().manual_seed(config.seed)

@@ -229,6 +229,15 @@ def test_warmup_cosine_schedule():
     assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert s(4) == pytest.approx(1.0) and s(9) == pytest.approx(0.55) and s(14) == pytest.approx(0.1)
     assert WarmupSchedule(0, 10, "constant")(7) == 1.0
+    wsd = WarmupSchedule(warmup=4, total=24, kind="cosine", min_ratio=0.1, decay_start=14)  # hold, then decay
+    assert [wsd(i) for i in (4, 10, 14)] == [1.0, 1.0, 1.0]
+    assert wsd(19) == pytest.approx(0.55) and wsd(24) == pytest.approx(0.1)
+    state = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), wsd).state_dict()
+    restored = WarmupSchedule(0, 1)
+    restored.__dict__.update(state["lr_lambdas"][0])  # what LambdaLR.load_state_dict does
+    assert restored(19) == wsd(19)
+    with pytest.raises(ValueError, match="decay_start"):
+        TrainConfig(steps=10, decay_start=11)
 
 
 def test_ema_update_and_swap():
