@@ -337,6 +337,12 @@ class EMA:
 # --------------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write via ``write(tmp_path)`` into a temp file next to ``path``, fsync, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,6 +352,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,11 +232,14 @@ def _decode_and_write(
             row["error"] = reason
         else:
             fname = f"{cid}.cif"
-            _atomic_write_text(out / fname, structure.to(fmt="cif"))
+            with warnings.catch_warnings():  # pymatgen: "No Pauling electronegativity for Ne" and the like
+                warnings.filterwarnings("ignore", message="No Pauling electronegativity")
+                _atomic_write_text(out / fname, structure.to(fmt="cif"))
+                formula = structure.composition.reduced_formula
             lat = structure.lattice
             row.update(
                 file=fname,
-                formula=structure.composition.reduced_formula,
+                formula=formula,
                 a=round(lat.a, 4),
                 b=round(lat.b, 4),
                 c=round(lat.c, 4),

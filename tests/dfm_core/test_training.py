@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,14 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         _atomic_write(target, failing)
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    _atomic_write(atomic, lambda tmp: Path(tmp).write_text("x"))
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_resume_refuses_a_different_architecture(tmp_path):
