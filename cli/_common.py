@@ -46,7 +46,9 @@ def report_training(result: Any, run_dir: Path) -> None:
     )
 
 
-# Options every app's ``train`` command shares.
-EXPORT_OPTION = typer.Option(None, help="Also write the best EMA weights to this .safetensors file.")
-NO_RESUME_OPTION = typer.Option(False, "--no-resume", help="Start afresh even if run-dir has a checkpoint.")
-QUIET_OPTION = typer.Option(False, help="No progress bar.")
+class TrainFlags:
+    """Options every app's ``train`` command shares."""
+
+    export = typer.Option(None, help="Also write the best EMA weights to this .safetensors file.")
+    no_resume = typer.Option(False, "--no-resume", help="Start afresh even if run-dir has a checkpoint.")
+    quiet = typer.Option(False, help="No progress bar.")

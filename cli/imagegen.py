@@ -11,15 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import (
-    EXPORT_OPTION,
-    NO_RESUME_OPTION,
-    QUIET_OPTION,
-    fail,
-    given,
-    report_training,
-    version_option,
-)
+from cli._common import TrainFlags, fail, given, report_training, version_option
 
 app = typer.Typer(
     help="imagegen: discrete flow matching for images (metric-induced pixel paths, KO velocities, corrector).",
@@ -73,9 +65,9 @@ def train(
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     train_limit: int | None = typer.Option(None, help="Use only N training images."),
-    export: Path | None = EXPORT_OPTION,
-    no_resume: bool = NO_RESUME_OPTION,
-    quiet: bool = QUIET_OPTION,
+    export: Path | None = TrainFlags.export,
+    no_resume: bool = TrainFlags.no_resume,
+    quiet: bool = TrainFlags.quiet,
 ) -> None:
     """Train a pixel model with the cross-entropy of eq 11 (metric or mask path)."""
     from imagegen.model import UNetConfig

@@ -11,15 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import (
-    EXPORT_OPTION,
-    NO_RESUME_OPTION,
-    QUIET_OPTION,
-    fail,
-    given,
-    report_training,
-    version_option,
-)
+from cli._common import TrainFlags, fail, given, report_training, version_option
 
 app = typer.Typer(
     help="matgen: generate and evaluate crystals with kinetic-optimal discrete flow matching.",
@@ -121,12 +113,12 @@ def train(
     max_atoms: int | None = typer.Option(
         None, help="Largest crystal the model takes (MP-20: 20); larger ones are left out with a warning."
     ),
-    export: Path | None = EXPORT_OPTION,
+    export: Path | None = TrainFlags.export,
     export_bf16: bool = typer.Option(
         False, "--export-bf16", help="Store the --export weights in bfloat16 (half the file size)."
     ),
-    no_resume: bool = NO_RESUME_OPTION,
-    quiet: bool = QUIET_OPTION,
+    no_resume: bool = TrainFlags.no_resume,
+    quiet: bool = TrainFlags.quiet,
 ) -> None:
     """Train DFM / KO-DFM (cross-entropy, eq 11) or the AR baseline on MP-20."""
     import torch

@@ -12,15 +12,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import (
-    EXPORT_OPTION,
-    NO_RESUME_OPTION,
-    QUIET_OPTION,
-    fail,
-    given,
-    report_training,
-    version_option,
-)
+from cli._common import TrainFlags, fail, given, report_training, version_option
 
 app = typer.Typer(
     help="textgen: train, sample and evaluate discrete flow matching models for text.",
@@ -84,9 +76,9 @@ def train(
     tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
     cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
     train_limit: int | None = typer.Option(None, help="Use only the first N training sequences."),
-    export: Path | None = EXPORT_OPTION,
-    no_resume: bool = NO_RESUME_OPTION,
-    quiet: bool = QUIET_OPTION,
+    export: Path | None = TrainFlags.export,
+    no_resume: bool = TrainFlags.no_resume,
+    quiet: bool = TrainFlags.quiet,
 ) -> None:
     """Train a DFM text model (mask or eq-38 source, linear or KO scheduler) or the AR baseline."""
     from textgen.model import TextModelConfig
