@@ -246,7 +246,7 @@ class WarmupSchedule:
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        start = max(self.warmup, getattr(self, "decay_start", None) or 0)
+        start = max(self.warmup, self.decay_start or 0)
         if self.kind == "constant" or step < start:
             return 1.0
         progress = min(1.0, (step - start) / max(1, self.total - start))

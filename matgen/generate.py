@@ -219,36 +219,35 @@ def _decode_and_write(
     cif_tok = tok.CrystalTokenizer()
     out = Path(out_dir)
     rows = []
-    for j, seq in enumerate(tokens):
-        cid = f"{prefix}_{first_id + j:06d}"
-        row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
-        n_atoms = (int((seq != tok.PAD_ID).sum()) - 6) // 4
-        row.update(id=cid, num_atoms=n_atoms, constraint=constraint, batch=batch)
-        structure, reason = cif_tok.try_decode(seq)
-        if structure is not None:
-            reason = _coincident_atoms(structure)
-            structure = None if reason else structure
-        if structure is None:
-            row["error"] = reason
-        else:
-            fname = f"{cid}.cif"
-            with warnings.catch_warnings():  # pymatgen: "No Pauling electronegativity for Ne" and the like
-                warnings.filterwarnings("ignore", message="No Pauling electronegativity")
+    with warnings.catch_warnings():  # once per batch: pymatgen's "No Pauling electronegativity for Ne" etc.
+        warnings.filterwarnings("ignore", message="No Pauling electronegativity")
+        for j, seq in enumerate(tokens):
+            cid = f"{prefix}_{first_id + j:06d}"
+            row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
+            n_atoms = (int((seq != tok.PAD_ID).sum()) - 6) // 4
+            row.update(id=cid, num_atoms=n_atoms, constraint=constraint, batch=batch)
+            structure, reason = cif_tok.try_decode(seq)
+            if structure is not None:
+                reason = _coincident_atoms(structure)
+                structure = None if reason else structure
+            if structure is None:
+                row["error"] = reason
+            else:
+                fname = f"{cid}.cif"
                 _atomic_write_text(out / fname, structure.to(fmt="cif"))
-                formula = structure.composition.reduced_formula
-            lat = structure.lattice
-            row.update(
-                file=fname,
-                formula=formula,
-                a=round(lat.a, 4),
-                b=round(lat.b, 4),
-                c=round(lat.c, 4),
-                alpha=round(lat.alpha, 3),
-                beta=round(lat.beta, 3),
-                gamma=round(lat.gamma, 3),
-                volume=round(lat.volume, 4),
-            )
-        rows.append(row)
+                lat = structure.lattice
+                row.update(
+                    file=fname,
+                    formula=structure.composition.reduced_formula,
+                    a=round(lat.a, 4),
+                    b=round(lat.b, 4),
+                    c=round(lat.c, 4),
+                    alpha=round(lat.alpha, 3),
+                    beta=round(lat.beta, 3),
+                    gamma=round(lat.gamma, 3),
+                    volume=round(lat.volume, 4),
+                )
+            rows.append(row)
     return rows
 
 

@@ -112,7 +112,7 @@ def analyze_crystal(payload: tuple[str, str | None, dict | None, str | None]) ->
     except Exception as exc:  # one odd crystal must never stop the run: record why and go on
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         reasons.append(f"analysis failed: {type(exc).__name__}{': ' + msg if msg else ''}")
-        rec["valid"] = False
+        # rec["valid"] stays False: _measure sets it last, after everything that can raise
     rec["reason"] = "; ".join(reasons) or None
     return rec
 
