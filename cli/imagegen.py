@@ -38,9 +38,7 @@ def train(
     run_dir: Path = typer.Option(
         Path("runs/imagegen"), help="Folder for checkpoints and metrics (resumable)."
     ),
-    config: Path | None = typer.Option(
-        None, help="TOML/JSON config with [path], [model] and [train] tables."
-    ),
+    config: Path | None = typer.Option(None, help="TOML/JSON config with path, model and train tables."),
     dataset: str | None = typer.Option(None, help="cifar10, fashion-mnist or folder."),
     data_dir: Path | None = typer.Option(
         None, help="Data root (else $IMAGEGEN_DATA); the image folder for 'folder'."

@@ -99,7 +99,7 @@ def generate(
 @app.command()
 def train(
     run_dir: Path = typer.Option(Path("runs/matgen"), help="Folder for checkpoints and metrics (resumable)."),
-    config: Path | None = typer.Option(None, help="TOML/JSON config with [model] and [train] tables."),
+    config: Path | None = typer.Option(None, help="TOML/JSON config with model and train tables."),
     kind: str | None = typer.Option(None, help="dfm (atom-pooling DiT) or ar (autoregressive baseline)."),
     scheduler: str | None = typer.Option(None, help="ko (KO-DFM, eq 33) or linear (DFM)."),
     size: str | None = typer.Option(None, help="Model size preset: tiny, small or default (~25M)."),

@@ -37,7 +37,7 @@ def train(
         Path("runs/textgen"), help="Folder for checkpoints and metrics (resumable)."
     ),
     config: Path | None = typer.Option(
-        None, help="TOML/JSON config with top-level keys and [path] [model] [train]."
+        None, help="TOML/JSON config: top-level keys, or path, model and train tables."
     ),
     kind: str | None = typer.Option(None, help="dfm (flow matching) or ar (autoregressive baseline)."),
     source: str | None = typer.Option(

@@ -1,10 +1,14 @@
 """The three command-line apps start the way a fresh machine starts them."""
 
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+import typer
 
 
 @pytest.mark.parametrize("app", ["matgen", "textgen", "imagegen"])
@@ -20,3 +24,24 @@ def test_cli_modules_run_with_python_m(app: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(app)
+
+
+_RICH_TAG = re.compile(r"(?<!\\)\[[a-z#/@][^\[\]]*\]")
+
+
+@pytest.mark.parametrize("app", ["matgen", "textgen", "imagegen"])
+def test_cli_help_texts_survive_rich_markup(app: str) -> None:
+    """Help is rendered with rich markup, which silently deletes a `[word]` (e.g. "[train] tables")."""
+    command = typer.main.get_command(importlib.import_module(f"cli.{app}").app)
+    texts: list[tuple[str, str]] = []
+
+    def walk(cmd: click.Command, name: str) -> None:
+        texts.append((name, cmd.help or ""))
+        texts.extend((f"{name} {p.name}", getattr(p, "help", None) or "") for p in cmd.params)
+        for sub_name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{name} {sub_name}")
+
+    walk(command, app)
+    assert len(texts) > 10
+    eaten = [(where, text) for where, text in texts if _RICH_TAG.search(text)]
+    assert not eaten, f"rich would delete bracketed words from: {eaten}"
