@@ -10,6 +10,7 @@ Modules, one idea each:
 * :mod:`dfm_core.objectives`  cross-entropy (eq 11), ELBOs (eq 36, 37), fair evaluation (E.1)
 * :mod:`dfm_core.nn`          a DiT backbone with adaLN time conditioning
 * :mod:`dfm_core.training`    the training loop shared by the apps
+* :mod:`dfm_core.atomic_io`   atomic file writes (checkpoints, caches, CIFs, tables)
 """
 
 from dfm_core.objectives import (

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import struct
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,6 +32,8 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from dfm_core.atomic_io import atomic_write
 
 __all__ = [
     "EMA",
@@ -337,29 +338,6 @@ class EMA:
 # --------------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via ``write(tmp_path)`` into a temp file next to ``path``, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
@@ -474,7 +452,7 @@ def export_safetensors(
     for key, value in (metadata or {}).items():
         header[str(key)] = json.dumps(value)
     path = Path(path)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
 
 
@@ -756,7 +734,7 @@ def train(
             "architecture": _architecture(model),
             "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
         }
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def validate() -> float:
         val_gen = torch.Generator(device=device).manual_seed(config.seed + 2)

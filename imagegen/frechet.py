@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from dfm_core.atomic_io import atomic_write
+
 __all__ = ["FeatureStats", "frechet_distance", "score_name"]
 
 
@@ -42,12 +44,11 @@ class FeatureStats:
         return cls(f.mean(0), np.cov(f, rowvar=False), int(f.shape[0]), extractor)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(
+            path,
+            lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor),
+            suffix=".npz",
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:

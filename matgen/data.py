@@ -12,10 +12,8 @@ Data flow::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -27,6 +25,7 @@ import torch
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
+from dfm_core.atomic_io import atomic_write
 from matgen.tokenizer import (
     PAD_ID,
     TOKENIZER_VERSION,
@@ -106,11 +105,9 @@ def _find_split_file(split: str, directory: Path) -> Path | None:
 
 def _download(url: str, target: Path, timeout: float) -> None:
     """Download ``url`` to ``target`` via a temp file in the same directory and an atomic rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def fetch(tmp: Path) -> None:
+        with tmp.open("wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
             with tqdm(
                 total=int(total) if total and total.isdigit() else None,
@@ -130,10 +127,8 @@ def _download(url: str, target: Path, timeout: float) -> None:
                 f"downloaded {url} but it does not look like an MP-20 CSV (header lacks {missing}): "
                 f"{header[:120]!r}"
             )
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+
+    atomic_write(target, fetch, suffix=".part")
 
 
 def ensure_split_file(
@@ -277,15 +272,7 @@ def _cache_path(split_file: Path, split: str, limit: int | None, cache_dir: Path
 
 
 def _save_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), suffix=".part")
 
 
 def _load_cached(path: Path) -> TokenizedSplit:

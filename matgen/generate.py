@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dfm_core.atomic_io import atomic_write_text
 from dfm_core.sampler import sample
 from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import make_velocity
@@ -234,7 +235,7 @@ def _decode_and_write(
                 row["error"] = reason
             else:
                 fname = f"{cid}.cif"
-                _atomic_write_text(out / fname, structure.to(fmt="cif"))
+                atomic_write_text(out / fname, structure.to(fmt="cif"))
                 lat = structure.lattice
                 row.update(
                     file=fname,
@@ -262,15 +263,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_done_rows(samples: Path, batch_sizes: dict[int, int]) -> list[dict[str, str]]:
@@ -405,8 +397,8 @@ def generate(
                 f"{out} is not empty: pass --overwrite to replace its crystals or --resume to continue the run"
             )
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
-    _atomic_write_text(samples_path, _rows_to_csv(done_rows, header=True))
+    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(samples_path, _rows_to_csv(done_rows, header=True))
     done_batches = {int(r["batch"]) for r in done_rows}
 
     constraint = (

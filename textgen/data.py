@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dfm_core.atomic_io import atomic_write, atomic_write_text
 from textgen.tokenizer import EOT_ID, TextTokenizer
 
 __all__ = [
@@ -347,11 +348,9 @@ def load_corpus(
     docs = reader(path)
     tokens = tokenize_documents(docs, tokenizer)
     if use_cache:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, tokens, allow_pickle=False)
-        os.replace(tmp, file)
-        meta_file.write_text(
+        atomic_write(file, lambda tmp: np.save(tmp, tokens, allow_pickle=False), suffix=".npy")
+        atomic_write_text(
+            meta_file,
             json.dumps(
                 {
                     "name": name,
@@ -360,7 +359,7 @@ def load_corpus(
                     "num_tokens": int(tokens.shape[0]),
                 }
             )
-            + "\n"
+            + "\n",
         )
     return TokenCorpus(name, tokens, len(docs), [str(path)])
 

@@ -21,10 +21,8 @@ Reference set
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Composition, Structure
 
+from dfm_core.atomic_io import atomic_write
 from matgen.evaluate._cdvae_constants import COMP_SCALER_MEANS, COMP_SCALER_STDS
 
 __all__ = [
@@ -197,15 +196,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
 
 
 def load_test_reference(

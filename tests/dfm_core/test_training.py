@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from dfm_core.training import (
     EMA,
     TrainConfig,
     WarmupSchedule,
-    _atomic_write,
     export_safetensors,
     load_checkpoint,
     load_config,
@@ -152,29 +150,6 @@ def test_checkpoint_contents_and_atomicity(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable training checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    target = tmp_path / "last.pt"
-    target.write_text("old")
-
-    def failing(tmp):
-        with open(tmp, "w") as f:
-            f.write("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        _atomic_write(target, failing)
-    assert target.read_text() == "old"
-    assert list(tmp_path.iterdir()) == [target]
-
-
-def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    atomic = tmp_path / "atomic.txt"
-    _atomic_write(atomic, lambda tmp: Path(tmp).write_text("x"))
-    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_resume_refuses_a_different_architecture(tmp_path):

@@ -1,0 +1,57 @@
+"""Atomic writes: the target holds the old content or the complete new one; no temp file survives."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dfm_core.atomic_io import atomic_write, atomic_write_text
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_text("old")
+
+    def failing(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_interrupt_during_write_leaves_no_temp(tmp_path):
+    def interrupted(tmp: Path) -> None:
+        tmp.write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "sub" / "x.txt", interrupted)
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_permissions_match_a_plain_write(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_text_round_trips_and_replaces(tmp_path, durable):
+    target = tmp_path / "a" / "b.cif"
+    atomic_write_text(target, "first", durable=durable)
+    atomic_write_text(target, "données ✓", durable=durable)
+    assert target.read_text(encoding="utf-8") == "données ✓"
+    assert [p.name for p in target.parent.iterdir()] == ["b.cif"]
+
+
+def test_suffix_keeps_numpy_from_renaming_the_temp(tmp_path):
+    target = tmp_path / "stats.npz"
+    atomic_write(target, lambda tmp: np.savez(tmp, mu=np.arange(3)), suffix=".npz")
+    with np.load(target) as d:
+        assert d["mu"].tolist() == [0, 1, 2]
+    assert os.listdir(tmp_path) == ["stats.npz"]
