@@ -218,7 +218,8 @@ def train_image_model(
 
     metadata = {
         "model_config": model_cfg.to_dict(),
-        "imagegen_config": config.to_dict(),
+        # the run as trained: its model table is the U-Net actually built (image shape, vocabulary, classes)
+        "imagegen_config": dataclasses.replace(config, model=model_cfg).to_dict(),
         "path": {**config.path.to_dict(), "vocab_size": config.path.vocab_size},
         "image_shape": list(data.shape),
         "class_names": list(data.class_names) if data.class_names else None,

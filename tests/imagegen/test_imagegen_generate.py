@@ -160,5 +160,7 @@ def test_cli_train_on_an_image_folder_keeps_the_given_flags(tmp_path: Path) -> N
     assert saved["train"]["lr"] == ImagegenTrainConfig().train.lr
     config = saved["metadata"]["imagegen_config"]
     assert config["path"]["kind"] == "mask" and config["data_dir"] == str(tmp_path / "images")
+    assert config["model"] == saved["metadata"]["model_config"]  # the U-Net built, not the bare preset
+    assert config["model"]["image_size"] == 8 and config["model"]["image_channels"] == 1
     again = runner.invoke(app, [*args[:-1], "--no-resume", "--steps", "2", "--quiet"])
     assert again.exit_code == 0 and "trained to step 2" in again.output
