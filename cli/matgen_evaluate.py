@@ -57,6 +57,11 @@ def evaluate_command(
     """Evaluate generated crystals: validity, coverage, distributions, CHGNet stability, S.U.N."""
     from matgen.data import DownloadError
     from matgen.evaluate import evaluate
+    from matgen.evaluate.journal import JournalMismatch
+
+    def kept() -> str:
+        journal = out / "journal.jsonl"
+        return f"; results computed so far are kept in {out}" if journal.is_file() else ""
 
     try:
         evaluate(
@@ -80,8 +85,11 @@ def evaluate_command(
     except DownloadError as e:
         fail(
             f"{e}\nthe MP-20 reference (test set for coverage, train set for novelty) is needed: pass --data-dir or "
-            f"set MATGEN_DATA to a folder with train/val/test.csv[.gz]; results computed so far are kept in {out}"
+            f"set MATGEN_DATA to a folder with train/val/test.csv[.gz]{kept()}"
         )
-    except (ValueError, FileNotFoundError) as e:
-        fail(f"{e} (results computed so far are kept in {out})")
+    except (ValueError, FileNotFoundError, JournalMismatch) as e:
+        fail(f"{e}{kept()}")
+    except OSError as e:  # an output folder that cannot be written, a disk that is full, ...
+        where = f" ({e.filename})" if e.filename else ""
+        fail(f"cannot read or write a file{where}: {e.strerror or e}{kept()}")
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'report.md'}")

@@ -3,7 +3,7 @@
 Every app writes its checkpoints, caches, CIFs and tables through these two functions: the content goes to a
 hidden temp file beside the target, is flushed to disk, and is then renamed over the target (``os.replace``
 is atomic on POSIX and Windows). The temp file is created with mode 0666 minus the umask, so the result has
-the permissions of a plain ``open(path, "w")``.
+the permissions of a plain ``open(path, "w")``, whatever mode the writer callback chose.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def atomic_write(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name; umask applies
+    mode = tmp.stat().st_mode & 0o777  # the mode of a plain write; some writers (safetensors) make 0600
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         if durable:
             fd = os.open(tmp, os.O_RDWR)
             try:

@@ -146,11 +146,23 @@ class FormationEnergyHull:
         ``elemental_refs``: a dict, a JSON(.gz) path, or ``None`` for ``ELEMENTAL_REFS_NAME`` next to the CSV.
         """
         csv = Path(csv)
-        frame = pd.read_csv(csv)
+        try:
+            frame = pd.read_csv(csv)
+        except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+            raise ValueError(f"hull reference {csv} is not a readable CSV: {_first_line(exc)}") from None
         col = next((c for c in FORMULA_COLUMNS if c in frame.columns), None)
         if col is None or "formation_energy_per_atom" not in frame.columns:
             raise ValueError(
                 f"{csv} needs a formula column ({', '.join(FORMULA_COLUMNS)}) and formation_energy_per_atom"
+            )
+        energies = pd.to_numeric(frame["formation_energy_per_atom"], errors="coerce")
+        bad = int(energies.isna().sum())
+        frame = frame.assign(formation_energy_per_atom=energies)[energies.notna()]
+        if frame.empty:
+            raise ValueError(f"hull reference {csv} has no row with a numeric formation_energy_per_atom")
+        if bad:
+            warnings.warn(
+                f"{csv}: {bad} rows without a numeric formation_energy_per_atom ignored", stacklevel=2
             )
         if elemental_refs is None:
             elemental_refs = csv.parent / ELEMENTAL_REFS_NAME
@@ -243,13 +255,25 @@ class PhaseDiagramHull:
     @classmethod
     def from_pickle(cls, path: str | Path) -> PhaseDiagramHull:
         path = Path(path)
-        with _open(path) as f:
-            obj = pickle.load(f)  # noqa: S301 -- a file the user pointed us to
+        try:
+            with _open(path) as f:
+                obj = pickle.load(f)  # noqa: S301 -- a file the user pointed us to
+        except Exception as exc:  # UnpicklingError, BadGzipFile, EOFError, missing classes, ...
+            raise ValueError(f"hull reference {path} is not a readable pickle: {_first_line(exc)}") from None
+        if not callable(getattr(obj, "get_hull_energy_per_atom", None)):
+            raise ValueError(
+                f"hull reference {path} holds a {type(obj).__name__}, not a pymatgen (Patched)PhaseDiagram"
+            )
         return cls(obj, description=f"{type(obj).__name__} from {path.name}")
 
     def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float:
         comp = Composition(composition).element_composition
         return float(energy_per_atom - self.phase_diagram.get_hull_energy_per_atom(comp))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def default_hull_path(data_dir: str | Path | None = None) -> Path:

@@ -1,10 +1,17 @@
 """Reading a generator's output: a folder of CIFs, one CIF, a CSV/parquet table with a ``cif`` column, or
-a list of pymatgen Structures. Every crystal gets a stable, unique id (the key of the resume journal).
+a list of pymatgen Structures. Every crystal gets a stable, unique id (the key of the resume journal) and a
+digest of its content (so that a resumed run notices an input that changed under the same id).
+
+Folders are searched recursively (symlinked folders included) for ``.cif`` and ``.cif.gz`` files; hidden
+files and folders (``.ipynb_checkpoints``, macOS ``._x.cif``) and ``__MACOSX`` are skipped. A CIF file with
+several crystal data blocks gives one crystal per block (id ``file.cif:blockname``). Text is read as
+UTF-8, or UTF-16 when the file starts with a UTF-16 byte-order mark.
 
 A table may instead have a ``file`` column of CIF paths relative to the table; rows with an empty ``file``
 count as crystals the generator failed to produce (reason from an ``error`` column if present). A folder
 holding such a ``samples.csv`` (what ``matgen generate`` writes) is read through it, so that decoding
-failures enter the denominators instead of silently disappearing.
+failures enter the denominators instead of silently disappearing; CIFs in the folder that the manifest does
+not list are added after its rows.
 
 Ids: a file's path relative to the folder (``sub/x.cif``); a table's id column (the first of
 ``material_id, id, name, file``) or ``row{i}``; ``s{i}`` for in-memory structures. Repeated ids get a
@@ -13,9 +20,13 @@ Ids: a file's path relative to the folder (``sub/x.cif``); a table's id column (
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
+import os
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +36,19 @@ from pymatgen.core import Structure
 __all__ = ["InputItem", "parse_cif", "read_inputs"]
 
 ID_COLUMNS = ("material_id", "id", "name", "file")
-TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+TABLE_SUFFIXES = (
+    ".csv",
+    ".csv.gz",
+    ".csv.bz2",
+    ".csv.xz",
+    ".csv.zip",
+    ".parquet",
+    ".pq",
+)
+CIF_SUFFIXES = (".cif", ".cif.gz")
 MANIFEST_NAME = "samples.csv"  # written by ``matgen generate`` next to its CIFs
+_DATA_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
+_ATOM_SITE = re.compile(r"_atom_site_", re.IGNORECASE)
 
 
 @dataclass
@@ -38,17 +60,30 @@ class InputItem:
     structure: Structure | None = None
     read_error: str | None = None
 
+    @property
+    def digest(self) -> str:
+        """A short hash of the content: a resumed run recomputes a crystal whose digest changed."""
+        if self.structure is not None:
+            payload = repr(self.structure.as_dict()).encode()
+        else:
+            payload = f"{self.cif!r}|{self.read_error!r}".encode()
+        return hashlib.sha1(payload).hexdigest()[:16]
+
 
 def parse_cif(text: str) -> Structure:
     """Parse the first structure of a CIF (conventional setting as written, no primitive reduction).
 
     Raises:
-        ValueError: empty text or nothing pymatgen can read.
+        ValueError: empty text, a site occupancy <= 0 (pymatgen would drop the site silently), or nothing
+            pymatgen can read.
     """
     from pymatgen.io.cif import CifParser
 
     if not text or not text.strip():
         raise ValueError("empty CIF")
+    bad = _non_positive_occupancy(text)
+    if bad is not None:
+        raise ValueError(f"site occupancy {bad} <= 0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen warns per CIF about rounding and occupancies
         parser = CifParser(io.StringIO(text))
@@ -58,37 +93,134 @@ def parse_cif(text: str) -> Structure:
     return structures[0]
 
 
+def _non_positive_occupancy(text: str) -> str | None:
+    """The first ``_atom_site_occupancy`` value <= 0 in the CIF, if any."""
+    if "_atom_site_occupancy" not in text.lower():
+        return None
+    from pymatgen.io.cif import CifFile
+
+    try:
+        blocks = CifFile.from_str(text).data.values()
+    except Exception:
+        return None  # the parser proper reports what is wrong
+    for block in blocks:
+        values = block.data.get("_atom_site_occupancy")
+        for value in [values] if isinstance(values, str) else values or []:
+            try:
+                if float(re.sub(r"\(.*\)$", "", str(value).strip())) <= 0:
+                    return str(value)
+            except ValueError:
+                continue  # "." or "?": unknown, left to the parser
+    return None
+
+
 def _unique(ids: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    """``ids`` with repeats renamed ``id#k``, never onto a name that another input already has."""
+    reserved = set(ids)
+    kept: set[str] = set()
+    counters: dict[str, int] = {}
     out = []
     for i in ids:
-        if i in seen:
-            seen[i] += 1
-            out.append(f"{i}#{seen[i]}")
-        else:
-            seen[i] = 0
+        if i not in kept:
+            kept.add(i)
             out.append(i)
+            continue
+        k = counters.get(i, 0) + 1
+        while f"{i}#{k}" in reserved:
+            k += 1
+        counters[i] = k
+        reserved.add(f"{i}#{k}")
+        out.append(f"{i}#{k}")
     return out
+
+
+def _decode(data: bytes) -> str:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
 
 
 def _read_text(path: Path) -> tuple[str | None, str | None]:
     try:
-        return path.read_text(encoding="utf-8", errors="replace"), None
-    except OSError as exc:
+        data = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+        return _decode(data), None
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
         return None, f"unreadable file: {exc}"
 
 
-def _read_table(path: Path) -> list[InputItem]:
+def _blocks(text: str) -> list[tuple[str, str]]:
+    """``[(block name, block text)]`` of the data blocks that hold atom sites (all of ``text`` if <= 1)."""
+    starts = list(_DATA_BLOCK.finditer(text))
+    if len(starts) <= 1:
+        return [("", text)]
+    ends = [m.start() for m in starts[1:]] + [len(text)]
+    blocks = [
+        (m.group(1) or str(k), text[m.start() : e]) for k, (m, e) in enumerate(zip(starts, ends, strict=True))
+    ]
+    crystals = [b for b in blocks if _ATOM_SITE.search(b[1])]
+    return crystals if len(crystals) > 1 else [("", text)]
+
+
+def _file_items(path: Path, id_: str) -> list[InputItem]:
+    text, err = _read_text(path)
+    if text is None:
+        return [InputItem(id=id_, read_error=err)]
+    return [InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in _blocks(text)]
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _cif_files(folder: Path) -> Iterator[Path]:
+    """CIF files under ``folder``, sorted per directory, following symlinked folders once each."""
+    visited: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(files):
+            if not _hidden(name) and name.lower().endswith(CIF_SUFFIXES):
+                yield Path(root) / name
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
     name = path.name.lower()
-    frame = pd.read_parquet(path) if name.endswith((".parquet", ".pq")) else pd.read_csv(path)
+    try:
+        if name.endswith((".parquet", ".pq")):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as exc:  # pandas/pyarrow raise many types for a bad file
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read the table {path}: {text}") from None
+
+
+def _cell_text(value: object) -> str | None:
+    if isinstance(value, bytes | bytearray):
+        return _decode(bytes(value))
+    return value if isinstance(value, str) else None
+
+
+def _table_items(path: Path, frame: pd.DataFrame) -> list[InputItem]:
     if "cif" not in frame.columns and "file" not in frame.columns:
         raise ValueError(f"{path} has neither a 'cif' nor a 'file' column (columns: {list(frame.columns)})")
     id_col = next((c for c in ID_COLUMNS if c in frame.columns), None)
-    ids = _unique([str(x) for x in frame[id_col]] if id_col else [f"row{i}" for i in range(len(frame))])
+    raw_ids = list(frame[id_col]) if id_col else [None] * len(frame)
+    ids = _unique(
+        [
+            str(x) if x is not None and pd.notna(x) and str(x).strip() else f"row{k}"
+            for k, x in enumerate(raw_ids)
+        ]
+    )
     if "cif" in frame.columns:
-        cifs = [c if isinstance(c, str) else None for c in frame["cif"]]
+        cifs = [_cell_text(c) for c in frame["cif"]]
         return [
-            InputItem(id=i, cif=c, read_error=None if c is not None else "empty CIF")
+            InputItem(id=i, cif=c, read_error=None if c is not None and c.strip() else "empty CIF")
             for i, c in zip(ids, cifs, strict=True)
         ]
     errors = frame["error"] if "error" in frame.columns else [None] * len(frame)
@@ -103,27 +235,65 @@ def _read_table(path: Path) -> list[InputItem]:
     return items
 
 
+def _folder_items(folder: Path) -> list[InputItem]:
+    manifest = folder / MANIFEST_NAME
+    listed: list[InputItem] = []
+    listed_files: set[str] = set()
+    if manifest.is_file():
+        try:
+            frame = _read_frame(manifest)
+        except ValueError as exc:
+            warnings.warn(f"ignoring {manifest}: {exc}; reading the CIF files instead", stacklevel=3)
+            frame = None
+        if frame is not None and "file" in frame.columns:
+            listed = _table_items(manifest, frame)
+            listed_files = {
+                (folder / f).resolve().as_posix() for f in frame["file"] if isinstance(f, str) and f.strip()
+            }
+    extra: list[InputItem] = []
+    for f in _cif_files(folder):
+        if f.resolve().as_posix() in listed_files:
+            continue
+        extra.extend(_file_items(f, f.relative_to(folder).as_posix()))
+    if listed and extra:
+        warnings.warn(
+            f"{len(extra)} CIF(s) in {folder} are not listed in {MANIFEST_NAME}; they are evaluated too",
+            stacklevel=3,
+        )
+    items = listed + extra
+    return [
+        InputItem(i, it.cif, it.structure, it.read_error)
+        for i, it in zip(_unique([it.id for it in items]), items, strict=True)
+    ]
+
+
 def read_inputs(inputs: str | Path | Sequence[Structure]) -> list[InputItem]:
-    """Collect the crystals to evaluate (see module docstring for the accepted forms and ids)."""
+    """Collect the crystals to evaluate (see module docstring for the accepted forms and ids).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: a table that cannot be read or lacks a ``cif``/``file`` column, or a file of an
+            unknown kind.
+    """
     if not isinstance(inputs, str | Path):
         items = list(inputs)
         if not all(isinstance(s, Structure) for s in items):
             raise TypeError("a list input must contain pymatgen Structures")
         return [InputItem(id=f"s{i}", structure=s) for i, s in enumerate(items)]
     path = Path(inputs).expanduser()
-    manifest = path / MANIFEST_NAME
-    if path.is_dir() and manifest.is_file() and "file" in pd.read_csv(manifest, nrows=0).columns:
-        return _read_table(manifest)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(".cif"))
-        out = []
-        for f in files:
-            text, err = _read_text(f)
-            out.append(InputItem(id=f.relative_to(path).as_posix(), cif=text, read_error=err))
-        return out
+        return _folder_items(path)
     if not path.exists():
         raise FileNotFoundError(f"no such input: {path}")
-    if path.name.lower().endswith(TABLE_SUFFIXES):
-        return _read_table(path)
-    text, err = _read_text(path)
-    return [InputItem(id=path.name, cif=text, read_error=err)]
+    name = path.name.lower()
+    if name.endswith(TABLE_SUFFIXES):
+        return _table_items(path, _read_frame(path))
+    if name.endswith(CIF_SUFFIXES):
+        return _file_items(path, path.name)
+    text, _ = _read_text(path)
+    if text is not None and _DATA_BLOCK.search(text):
+        return _file_items(path, path.name)  # a CIF under another name
+    raise ValueError(
+        f"{path}: unknown input kind; expected a folder, a .cif[.gz] file, or a table "
+        f"({', '.join(TABLE_SUFFIXES)})"
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,21 @@ def _payload(item: InputItem) -> tuple[str, str | None, dict | None, str | None]
 
 
 # ------------------------------------------------------------------------------------------ the driver
+def _check_settings(**values: Any) -> None:
+    """Refuse settings that cannot mean anything (before any work is done)."""
+    fmax = values["fmax"]
+    if not (isinstance(fmax, int | float) and math.isfinite(fmax) and fmax > 0):
+        raise ValueError(f"fmax must be a positive number of eV/A, got {fmax}")
+    for name in ("relax_steps", "chunk_size"):
+        if values[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {values[name]}")
+    for name in ("batch_atoms", "test_limit", "train_limit"):
+        if values[name] is not None and values[name] < 1:
+            raise ValueError(f"{name} must be at least 1 (or unset for no limit), got {values[name]}")
+    if values["workers"] < 0:
+        raise ValueError(f"workers must be >= 0 (0 = no extra processes), got {values['workers']}")
+
+
 def evaluate(
     inputs: str | Path | Sequence[Structure],
     out_dir: str | Path,
@@ -198,25 +214,53 @@ def evaluate(
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    _check_settings(
+        relax_steps=relax_steps,
+        fmax=fmax,
+        batch_atoms=batch_atoms,
+        workers=workers,
+        test_limit=test_limit,
+        train_limit=train_limit,
+        chunk_size=chunk_size,
+    )
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} exists and is not a folder")
     hull_ref = None
     if not skip_stability:  # a bad --device or --hull fails now, not after the cheap stages
         resolve_device(device)
         hull_ref = load_hull(hull, data_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     # 1. read, parse, validity, fingerprints --------------------------------------------------------------
     t0 = time.perf_counter()
     items = read_inputs(inputs)
     if not items:
+        where = str(inputs) if isinstance(inputs, str | Path) else "the input list"
         raise ValueError(
-            f"no crystals found in {inputs!r} (expected .cif files or a table with a 'cif' column)"
+            f"no crystals found in {where} (expected .cif[.gz] files or a table with a 'cif' column)"
         )
     ids = [it.id for it in items]
-    meta = {"format": JOURNAL_FORMAT, "relax_steps": relax_steps, "fmax": fmax}
-    journal = Journal(out / "journal.jsonl", meta)
+    digests = {it.id: it.digest for it in items}
+    relax_settings = {"step_cap": relax_steps, "fmax_target": fmax}  # kept in each relax record
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / "journal.jsonl", {"format": JOURNAL_FORMAT})
+
+    def current(stage: str, id_: str) -> bool:
+        """A journal record for ``id_`` made from the same input (and, for relaxations, the same settings)."""
+        rec = journal.get(stage, id_)
+        if rec is None or rec.get("digest") != digests[id_]:
+            return False
+        return stage != "relax" or all(rec.get(k) == v for k, v in relax_settings.items())
+
     try:
-        todo = [it for it in items if not journal.has("basic", it.id)]
+        todo = [it for it in items if not current("basic", it.id)]
+        n_changed = sum(journal.has("basic", it.id) for it in todo)
+        if n_changed:
+            warnings.warn(
+                f"{n_changed} crystal(s) in {out} were evaluated from other input under the same id; "
+                "they are evaluated again",
+                stacklevel=2,
+            )
         buffer: list[dict[str, Any]] = []
         for rec in parallel_map(
             analyze_crystal,
@@ -225,7 +269,7 @@ def evaluate(
             desc="validity + fingerprints",
             progress=progress,
         ):
-            buffer.append(rec)
+            buffer.append({**rec, "digest": digests[rec["id"]]})
             if len(buffer) >= chunk_size:
                 journal.append(buffer)
                 buffer = []
@@ -257,7 +301,7 @@ def evaluate(
             to_relax = [
                 k
                 for k, rec in enumerate(basic)
-                if rec["struct_valid"] and structures[k] is not None and not journal.has("relax", ids[k])
+                if rec["struct_valid"] and structures[k] is not None and not current("relax", ids[k])
             ]
             if to_relax:
                 from matgen.evaluate.relax import relax_structures
@@ -270,6 +314,8 @@ def evaluate(
                             {
                                 "stage": "relax",
                                 "id": ids[k],
+                                "digest": digests[ids[k]],
+                                **relax_settings,
                                 "e_initial_per_atom": res.initial_energy_per_atom,
                                 "e_relaxed": res.energy,
                                 "e_relaxed_per_atom": res.energy_per_atom,
@@ -295,10 +341,9 @@ def evaluate(
                     progress=progress,
                 )
             timings["relax_s"] = time.perf_counter() - t0
-        for i in ids:
-            r = journal.get("relax", i)
-            if r is not None:
-                relax_recs[i] = r
+            for i in ids:
+                if current("relax", i):
+                    relax_recs[i] = journal.get("relax", i)
     finally:
         journal.close()
 

@@ -55,3 +55,18 @@ def test_suffix_keeps_numpy_from_renaming_the_temp(tmp_path):
     with np.load(target) as d:
         assert d["mu"].tolist() == [0, 1, 2]
     assert os.listdir(tmp_path) == ["stats.npz"]
+
+
+def test_a_writer_that_makes_private_files_still_gives_plain_permissions(tmp_path):
+    """safetensors' save_file (and mkstemp) create 0600 files; the result must not be private."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+
+    def private(tmp: Path) -> None:
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+
+    made = atomic_write(tmp_path / "model.safetensors", private)
+    assert made.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

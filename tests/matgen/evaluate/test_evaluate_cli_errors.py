@@ -64,3 +64,37 @@ def test_a_bad_device_or_hull_fails_before_any_work(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fmax", "nan"], "fmax must be a positive number"),
+        (["--fmax", "0"], "fmax must be a positive number"),
+        (["--relax-steps", "0"], "relax_steps must be at least 1"),
+        (["--test-limit", "0"], "test_limit must be at least 1"),
+        (["--train-limit", "-5"], "train_limit must be at least 1"),
+        (["--batch-atoms", "0"], "batch_atoms must be at least 1"),
+        (["--workers", "-1"], "workers must be >= 0"),
+        (["--out", "{tmp}/a_file"], "exists and is not a folder"),
+    ],
+)
+def test_impossible_settings_are_refused_before_any_work(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    write_cif(cifs / "nacl.cif", rock_salt())
+    (tmp_path / "a_file").write_text("keep me")
+    app = typer.Typer()
+    app.command()(evaluate_command)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = [str(cifs), "--skip-stability", "--no-progress"]
+    if "--out" not in args:
+        base += ["--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert "kept in" not in result.output  # nothing was computed, so nothing is claimed to be kept
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "a_file").read_text() == "keep me"

@@ -14,7 +14,7 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition
 from pymatgen.entries.computed_entries import ComputedEntry
 
-from matgen.evaluate import load_hull, read_inputs
+from matgen.evaluate import load_hull, parse_cif, read_inputs
 from matgen.evaluate.hull import ELEMENTAL_REFS_NAME, FormationEnergyHull
 
 MU = {"Na": -1.3, "Cl": -1.8}  # made-up elemental energies per atom
@@ -157,3 +157,100 @@ def test_linear_program_hull_in_many_elements():
     assert hull.hull_formation_energy_per_atom(target) == pytest.approx(-2.5, abs=1e-9)
     for f, e in zip(formulas[:60], energies[:60], strict=True):
         assert hull.hull_formation_energy_per_atom(Composition(f)) <= min(e, 0.0) + 1e-9
+
+
+def test_repeated_ids_never_collide_with_an_existing_id(tmp_path):
+    cif = write_cif(tmp_path / "a.cif", rock_salt()).read_text()
+    pd.DataFrame({"id": ["a", "a", "a#1"], "cif": [cif, cif.replace("Na", "K"), cif]}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    items = read_inputs(tmp_path / "t.csv")
+    assert len({i.id for i in items}) == 3
+    assert items[2].id == "a#1" and "K" in items[1].cif
+
+
+def test_folder_reading_covers_every_cif_and_skips_hidden_files(tmp_path):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    text = write_cif(folder / "plain.cif", rock_salt()).read_text()
+    (folder / "packed.cif.gz").write_bytes(gzip.compress(text.encode()))
+    (folder / "wide.cif").write_text(text, encoding="utf-16")
+    block2 = text.replace("data_", "data_second_", 1)
+    (folder / "two_blocks.cif").write_text(text + "\n" + block2)
+    (folder / "._plain.cif").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (folder / ".ipynb_checkpoints").mkdir()
+    write_cif(folder / ".ipynb_checkpoints" / "plain-checkpoint.cif", rock_salt())
+    (folder / "dangling.cif").symlink_to(tmp_path / "missing.cif")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_cif(elsewhere / "linked.cif", rock_salt(6.0))
+    (folder / "link").symlink_to(elsewhere, target_is_directory=True)
+
+    items = {i.id: i for i in read_inputs(folder)}
+    two = [k for k in items if k.startswith("two_blocks.cif:")]
+    assert len(two) == 2
+    assert set(items) - set(two) == {
+        "dangling.cif",
+        "link/linked.cif",
+        "packed.cif.gz",
+        "plain.cif",
+        "wide.cif",
+    }
+    assert items["dangling.cif"].read_error.startswith("unreadable file")
+    for key in ("packed.cif.gz", "wide.cif", *two, "link/linked.cif"):
+        assert len(parse_cif(items[key].cif)) == 2, key
+
+
+def test_manifest_adds_unlisted_cifs_and_an_unreadable_manifest_falls_back(tmp_path):
+    write_cif(tmp_path / "crystal_000000.cif", rock_salt())
+    write_cif(tmp_path / "extra.cif", rock_salt(6.0))
+    pd.DataFrame({"id": ["crystal_000000"], "file": ["crystal_000000.cif"]}).to_csv(
+        tmp_path / "samples.csv", index=False
+    )
+    with pytest.warns(UserWarning, match="not listed"):
+        assert [i.id for i in read_inputs(tmp_path)] == ["crystal_000000", "extra.cif"]
+    (tmp_path / "samples.csv").write_text("")
+    with pytest.warns(UserWarning, match="ignoring"):
+        assert [i.id for i in read_inputs(tmp_path)] == ["crystal_000000.cif", "extra.cif"]
+
+
+def test_tables_with_bytes_cifs_and_bad_tables(tmp_path):
+    cif = write_cif(tmp_path / "a.cif", rock_salt()).read_text()
+    pd.DataFrame({"cif": [cif.encode()]}).to_parquet(tmp_path / "b.parquet", index=False)
+    (item,) = read_inputs(tmp_path / "b.parquet")
+    assert item.read_error is None and len(parse_cif(item.cif)) == 2
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="cannot read the table .*empty.csv"):
+        read_inputs(tmp_path / "empty.csv")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="unknown input kind"):
+        read_inputs(tmp_path / "notes.txt")
+
+
+def test_zero_occupancy_is_refused_not_dropped(tmp_path):
+    text = write_cif(tmp_path / "a.cif", rock_salt()).read_text()
+    lines = text.splitlines()
+    last_site = max(k for k, line in enumerate(lines) if line.strip().startswith(("Na", "Cl")))
+    fields = lines[last_site].split()
+    fields[-1] = "0.0"  # the occupancy column comes last in pymatgen's CIFs
+    lines[last_site] = "  ".join(fields)
+    with pytest.raises(ValueError, match="occupancy 0.0 <= 0"):
+        parse_cif("\n".join(lines))
+
+
+def test_bad_hull_files_give_clear_errors(tmp_path):
+    (tmp_path / "junk.pkl").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable pickle"):
+        load_hull(tmp_path / "junk.pkl")
+    (tmp_path / "bad.pkl.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="not a readable pickle"):
+        load_hull(tmp_path / "bad.pkl.gz")
+    (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="holds a dict, not a pymatgen"):
+        load_hull(tmp_path / "dict.pkl")
+    _write_reference(tmp_path)
+    pd.DataFrame({"formula": ["NaCl"], "formation_energy_per_atom": ["abc"]}).to_csv(
+        tmp_path / "words.csv", index=False
+    )
+    with pytest.raises(ValueError, match="no row with a numeric"):
+        load_hull(tmp_path / "words.csv")

@@ -207,3 +207,37 @@ def test_cli_writes_outputs(mp20_dir, hull_dir, fp_cache, tmp_path):
     assert "APPROXIMATE" in result.output
     relaxed = pd.read_csv(out / "relaxed.csv.gz")
     assert list(relaxed["id"]) == ["nacl.cif"]
+
+
+def test_rerun_with_other_inputs_under_the_same_ids_recomputes_them(mp20_dir, hull_dir, fp_cache, tmp_path):
+    """Ids alone do not identify a crystal: a rerun into the same folder must not reuse stale rows."""
+    cifs = {
+        k: write_cif(tmp_path / f"{k}.cif", rock_salt(a)).read_text() for k, a in (("a", 5.6), ("b", 6.4))
+    }
+    pd.DataFrame({"cif": [cifs["a"]]}).to_csv(tmp_path / "first.csv", index=False)
+    pd.DataFrame({"cif": [cifs["b"]]}).to_csv(tmp_path / "second.csv", index=False)
+    out = tmp_path / "out"
+    _run(tmp_path / "first.csv", out, mp20_dir, hull_dir, fp_cache)
+    first = _rows(out).set_index("id").loc["row0", "density"]
+    with pytest.warns(UserWarning, match="evaluated again"):
+        _run(tmp_path / "second.csv", out, mp20_dir, hull_dir, fp_cache)
+    second = _rows(out).set_index("id").loc["row0", "density"]
+    assert second == pytest.approx(rock_salt(6.4).density, rel=1e-6)
+    assert first == pytest.approx(rock_salt(5.6).density, rel=1e-6)
+
+
+def test_a_cheap_rerun_after_a_stability_run_with_other_settings(mp20_dir, hull_dir, fp_cache, tmp_path):
+    """Relaxation settings live with the relaxations: a --skip-stability rerun (or new settings) is fine."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    write_cif(folder / "nacl.cif", rock_salt())
+    out = tmp_path / "out"
+    _run(folder, out, mp20_dir, hull_dir, fp_cache, skip_stability=False, relax_steps=3)
+    assert _run(folder, out, mp20_dir, hull_dir, fp_cache)["n_inputs"] == 1
+    summary = _run(folder, out, mp20_dir, hull_dir, fp_cache, skip_stability=False, relax_steps=60)
+    rows = _rows(out)
+    assert (
+        summary["n_relaxed"] == 1 and rows.loc[0, "relax_steps"] > 3 or bool(rows.loc[0, "relax_converged"])
+    )
+    recs = Journal(out / "journal.jsonl").records
+    assert recs[("relax", "nacl.cif")]["step_cap"] == 60
