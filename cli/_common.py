@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,14 @@ def version_option(app_name: str):
     return typer.Option(
         False, "--version", help="Print the version and exit.", callback=_callback, is_eager=True
     )
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings on a terminal: the message, not the library's source line that raised it."""
+    return f"warning: {message}\n"
+
+
+warnings.formatwarning = _one_line_warning  # the CLIs import this module; the Python API is untouched
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -89,10 +89,15 @@ def generate(
         )
     except (CheckpointError, FileExistsError, ValueError) as e:
         fail(str(e))
+    except OSError as e:  # an --out that cannot be created or written
+        where = f" {e.filename}" if e.filename else ""
+        fail(f"cannot write{where}: {e.strerror or e}")
+    kept = (
+        f"; {summary.skipped_batches} batch(es) kept from the earlier run" if summary.skipped_batches else ""
+    )
     typer.echo(
-        f"wrote {summary.written} CIF files to {summary.out_dir} ({summary.failed} sequences did not decode"
-        f"{', ' + str(summary.skipped_batches) + ' batches kept from the earlier run' if summary.skipped_batches else ''})"
-        f" in {summary.seconds:.1f} s; list: {summary.out_dir / 'samples.csv'}"
+        f"wrote {summary.written} CIF file(s) to {summary.out_dir} ({summary.failed} sequence(s) did not "
+        f"decode{kept}) in {summary.seconds:.1f} s; list: {summary.out_dir / 'samples.csv'}"
     )
 
 

@@ -20,8 +20,13 @@ import json
 import math
 import os
 import random
+import signal
 import struct
+import sys
+import threading
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -40,6 +45,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "WarmupSchedule",
+    "check_writable_file",
     "config_from_dict",
     "export_safetensors",
     "load_best_weights",
@@ -64,24 +70,70 @@ BatchSource = Callable[[torch.Generator], Any] | Iterable[Any]
 
 
 def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-    """Build the dataclass ``cls`` from ``data``, rejecting unknown keys with a clear error.
+    """Build the dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type with
+    a clear error (a config file's ``steps = "two"`` must not surface as a TypeError deep in training).
 
-    Lists become tuples for tuple-typed fields (TOML and JSON have no tuples).
+    Lists become tuples for tuple-typed fields (TOML and JSON have no tuples); whole floats become ints for
+    int fields and ints become floats for float fields.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__} settings must be a table of key = value, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(
             f"unknown {cls.__name__} key(s): {', '.join(unknown)}; valid keys are: {', '.join(fields)}"
         )
-    kwargs = {}
-    for key, value in data.items():
-        if isinstance(value, list) and "tuple" in str(fields[key].type):
-            value = tuple(value)
-        kwargs[key] = value
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _typed_value(f"{cls.__name__}.{key}", hints[key], value) for key, value in data.items()}
     return cls(**kwargs)
+
+
+def _typed_value(name: str, hint: Any, value: Any) -> Any:
+    """``value`` checked (and mildly converted) against the simple type ``hint``; other hints pass through."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{name} needs a value, got none")
+    problems = []
+    for option in (o for o in options if o is not type(None)):
+        origin = typing.get_origin(option)
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            problems.append("true or false")
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append("a whole number")
+        elif option is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            problems.append("a number")
+        elif option is str:
+            if isinstance(value, str):
+                return value
+            problems.append("text")
+        elif origin is typing.Literal:
+            if value in typing.get_args(option):
+                return value
+            problems.append("one of " + ", ".join(repr(a) for a in typing.get_args(option)))
+        elif origin is tuple or option is tuple:
+            if isinstance(value, list | tuple):
+                return tuple(value)
+            problems.append("a list")
+        elif dataclasses.is_dataclass(option):
+            if isinstance(value, Mapping | option):
+                return value
+            problems.append(f"a [{name.split('.')[-1]}] table")
+        else:
+            return value  # dicts, Any, ...: the dataclass checks them itself
+    raise ValueError(f"{name} must be {' or '.join(problems)}, got {value!r}")
 
 
 def load_config(path: str | os.PathLike, cls: type[C], section: str | None = None) -> C:
@@ -103,10 +155,16 @@ def load_config(path: str | os.PathLike, cls: type[C], section: str | None = Non
     if path.suffix == ".toml":
         import tomllib
 
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from None
     elif path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
     else:
         raise ValueError(f"config must be a .toml or .json file, got {path}")
     if section is not None:
@@ -172,6 +230,14 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.steps < 0 or self.warmup_steps < 0:
             raise ValueError("steps and warmup_steps must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if min(self.log_every, self.eval_batches) < 1:
+            raise ValueError("log_every and eval_batches must be >= 1")
+        if min(self.ckpt_every, self.eval_every) < 0:
+            raise ValueError("ckpt_every and eval_every must be >= 0 (0: only at the end / never)")
         if self.decay_start is not None and not 0 <= self.decay_start <= self.steps:
             raise ValueError(f"decay_start must be in [0, steps={self.steps}], got {self.decay_start}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
@@ -199,6 +265,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_writable_file(path: str | os.PathLike | None, what: str = "export") -> None:
+    """Fail now, not after hours of training, if ``path`` cannot become a file (a folder, or under a file)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{what} path {path} is a folder; give a file name such as {path / 'model.safetensors'}"
+        )
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{what} path {path} lies under {parent}, which is a file")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -588,8 +668,39 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) during training: the first one lets the current step finish, so that the loop can
+    checkpoint a consistent state and stop; a second one interrupts at once. Only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+
 def _check_resumable(
-    ckpt: Mapping[str, Any], model: nn.Module, config: TrainConfig, metadata: Mapping
+    ckpt: Mapping[str, Any],
+    model: nn.Module,
+    config: TrainConfig,
+    metadata: Mapping,
+    identity: Mapping | None = None,
 ) -> None:
     saved, current = ckpt["architecture"], _architecture(model)
     if saved != current:
@@ -606,10 +717,22 @@ def _check_resumable(
                 "cannot resume: metadata['model_config'] differs from the checkpoint's "
                 f"({saved_meta['model_config']} vs {metadata['model_config']}). Use a new run_dir or resume=False."
             )
+    saved_identity = ckpt.get("identity")
+    if saved_identity and identity is not None and saved_identity != identity:
+        diff = {k: (saved_identity.get(k), identity.get(k)) for k in set(saved_identity) | set(identity)}
+        diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+        raise ValueError(
+            f"cannot resume: this run was trained on other data or another objective (saved -> now: {diff}). "
+            "Use a new run_dir or resume=False (--no-resume)."
+        )
     old = ckpt["config"]
     changed = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
     if changed:
-        warnings.warn(f"resuming with a changed TrainConfig (saved -> now): {changed}", stacklevel=3)
+        warnings.warn(
+            f"resuming with a changed TrainConfig (saved -> now): {changed}; the new settings apply from "
+            f"step {ckpt['step']} on",
+            stacklevel=3,
+        )
 
 
 def train(
@@ -622,6 +745,7 @@ def train(
     resume: bool = True,
     extra_metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
+    identity: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` to minimise ``loss_fn``; see the module docstring for what it writes.
 
@@ -642,6 +766,10 @@ def train(
         extra_metadata: JSON-serialisable facts stored in checkpoints and ``config.json`` (e.g.
             ``{"model_config": ...}``, which must also match on resume).
         progress: show a tqdm bar.
+        identity: JSON-serialisable facts that define the run (data digests, path, objective): resuming a
+            checkpoint whose identity differs is refused. Changed :class:`TrainConfig` settings are allowed
+            on resume (with a warning) and take effect: the LR schedule, weight decay and betas follow the
+            new config from the resumed step on (e.g. more ``steps`` extend the cosine decay).
 
     Returns:
         :class:`TrainResult`.
@@ -652,6 +780,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     # JSON round trip: fails early on non-serialisable metadata and makes resume comparisons exact
     metadata = json.loads(json.dumps(dict(extra_metadata or {})))
+    identity = json.loads(json.dumps(dict(identity or {})))
     device = resolve_device(config.device)
     use_bf16 = config.bf16 and device.type == "cuda"
     last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
@@ -667,12 +796,17 @@ def train(
         betas=config.betas,
         fused=device.type == "cuda",
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        WarmupSchedule(
+
+    def lr_scheduler(done_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """The config's schedule, positioned after ``done_steps`` optimizer steps."""
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.lr
+        schedule = WarmupSchedule(
             config.warmup_steps, config.steps, config.lr_schedule, config.min_lr_ratio, config.decay_start
-        ),
-    )
+        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=done_steps - 1)
+
+    scheduler = lr_scheduler(0)
     ema = EMA(model, config.ema_decay)
     data_gen = torch.Generator().manual_seed(config.seed)
     loss_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -681,10 +815,12 @@ def train(
     resumed_window = {"loss_sum": 0.0, "steps": 0}  # a partly filled logging window, for identical logs
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path, map_location=device)
-        _check_resumable(ckpt, model, config, metadata)
+        _check_resumable(ckpt, model, config, metadata, identity)
         _unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moments; the hyperparameters come from config:
+        for group, weight_decay in zip(optimizer.param_groups, (config.weight_decay, 0.0), strict=True):
+            group["weight_decay"], group["betas"] = weight_decay, config.betas
+        scheduler = lr_scheduler(int(ckpt["step"]))
         ema.load_state_dict(ckpt["ema"])
         ckpt["rng"]["torch"] = ckpt["rng"]["torch"].cpu()
         ckpt["rng"]["data_gen"] = ckpt["rng"]["data_gen"].cpu()
@@ -701,8 +837,9 @@ def train(
             )
         del ckpt
     else:
-        if metrics_path.exists():
-            metrics_path.unlink()
+        for stale in (metrics_path, last_path, best_path):  # a fresh run must not export an old model
+            if stale.exists():
+                stale.unlink()
         # dropout and any global-RNG use are seeded too (weights were initialised by the caller)
         seed_everything(config.seed)
     (run_dir / "config.json").write_text(
@@ -731,6 +868,7 @@ def train(
             "rng": _rng_state(data_gen, loss_gen),
             "config": config.to_dict(),
             "metadata": metadata,
+            "identity": identity,
             "architecture": _architecture(model),
             "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
         }
@@ -756,7 +894,9 @@ def train(
     clean = True  # state is consistent (between steps) and may be checkpointed on interrupt
     bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
     model.train()
+    interrupt = _DeferredInterrupt()
     try:
+        interrupt.install()
         while step < config.steps:
             clean = False
             batch = next_batch()
@@ -806,11 +946,16 @@ def train(
                         checkpoint(best_path)
             if (config.ckpt_every > 0 and step % config.ckpt_every == 0) or step == config.steps:
                 checkpoint(last_path)
+            if interrupt.requested:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         if clean and step > 0:
             checkpoint(last_path)
+            bar.close()
+            print(f"interrupted at step {step}; checkpoint saved to {last_path}", file=sys.stderr)
         raise
     finally:
+        interrupt.uninstall()
         bar.close()
     if step == (resumed_from or 0) and not last_path.exists():
         checkpoint(last_path)  # zero-step run: still leave a valid checkpoint

@@ -23,6 +23,7 @@ from dfm_core.paths import ProbabilityPath
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
+    check_writable_file,
     config_from_dict,
     export_safetensors,
     load_best_weights,
@@ -194,6 +195,7 @@ def train_image_model(
     parameters, the image shape and the class names in its metadata.
     """
     run_dir = Path(run_dir)
+    check_writable_file(export)
     seed_everything(config.train.seed)
     if data is None:
         data = load_dataset(
@@ -242,6 +244,12 @@ def train_image_model(
         resume=resume,
         extra_metadata=metadata,
         progress=progress,
+        identity={
+            "path": metadata["path"],
+            "class_conditional": metadata["class_conditional"],
+            "data": metadata["data"],
+            "train_limit": config.train_limit,
+        },
     )
     export_checkpoint(run_dir, run_dir / "model.safetensors", metadata)
     if export is not None:

@@ -54,6 +54,7 @@ __all__ = [
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/txie-93/cdvae/main/data/mp_20"
 SPLITS = ("train", "val", "test")
+DOWNLOAD_MARKER = ".mp20_download"  # in a folder that ensure_split_file fills: more splits may be fetched
 REQUIRED_COLUMNS = ("material_id", "cif")
 _CACHE_FORMAT = 1
 
@@ -159,6 +160,13 @@ def ensure_split_file(
         return found
     url = f"{base_url.rstrip('/')}/{split}.csv"
     target = directory / f"{split}.csv"
+    others = [f.name for other in SPLITS if (f := _find_split_file(other, directory)) is not None]
+    if others and not (directory / DOWNLOAD_MARKER).is_file():
+        # a folder with a data set of its own: never mix a downloaded MP-20 split into it
+        raise FileNotFoundError(
+            f"{directory} holds {', '.join(others)} but no {split}.csv[.gz]; a data folder needs all of "
+            f"{', '.join(f'{s}.csv' for s in SPLITS)} (MP-20 is downloaded only into an empty or new folder)"
+        )
     if not download:
         raise FileNotFoundError(
             f"no {split}.csv.gz or {split}.csv in {directory}; pass download=True to fetch {url}, "
@@ -166,6 +174,7 @@ def ensure_split_file(
         )
     try:
         _download(url, target, timeout)
+        (directory / DOWNLOAD_MARKER).write_text(f"MP-20 splits downloaded from {base_url}\n")
     except DownloadError:
         raise
     except (OSError, urllib.error.URLError, ValueError) as exc:

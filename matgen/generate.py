@@ -17,10 +17,11 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,10 @@ class CrystalGenerator:
         """Load a matgen checkpoint; ``compile`` wraps the network in ``torch.compile`` (worth it on a GPU
         for long runs: every step calls the network on the same shapes)."""
         path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        if path.is_dir():
+            inside = path / "model.safetensors"
+            hint = f"; did you mean {inside}?" if inside.is_file() else ""
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
         if not path.is_file():
             hint = " (the shipped default model is missing from this install)" if checkpoint is None else ""
             raise CheckpointError(f"checkpoint not found: {path}{hint}")
@@ -104,11 +109,21 @@ class CrystalGenerator:
                 "train one with `matgen train` or pass the shipped default"
             )
         kind = meta.get("kind", "dfm")
-        model = build_model(kind, CrystalDiTConfig.from_dict(meta["model_config"]))
+        try:
+            if not isinstance(meta["model_config"], dict):
+                raise ValueError("model_config is not a table of settings")
+            model = build_model(kind, CrystalDiTConfig.from_dict(meta["model_config"]))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its metadata does not describe a matgen model: {e}") from None
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights do not fit the architecture in its metadata: {e}") from e
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            first = next((line for line in lines if "size mismatch" in line or "Missing" in line), lines[-1])
+            more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+            raise CheckpointError(
+                f"{path}: weights do not fit the architecture in its metadata: {first}{more}"
+            ) from None
         dev = resolve_device(device)
         model.to(dev).eval()
         if compile:
@@ -127,7 +142,22 @@ class CrystalGenerator:
         dist = self.metadata.get("atom_count_distribution")
         if dist is None:
             raise CheckpointError(f"{self.checkpoint} records no atom-count distribution; pass num_atoms")
-        return torch.tensor(dist, dtype=torch.float64)
+        try:
+            probs = torch.tensor(dist, dtype=torch.float64)
+        except (TypeError, ValueError):
+            probs = torch.zeros(0)
+        if (
+            probs.ndim != 1
+            or len(probs) != self.max_atoms + 1
+            or not torch.isfinite(probs).all()
+            or (probs < 0).any()
+            or probs.sum() <= 0
+        ):
+            raise CheckpointError(
+                f"{self.checkpoint}: its atom_count_distribution is not {self.max_atoms + 1} non-negative "
+                "weights (counts 0 ... max_atoms); pass num_atoms or re-export the model"
+            )
+        return probs
 
     @torch.no_grad()
     def sample_tokens(
@@ -265,8 +295,22 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_done_rows(samples: Path, batch_sizes: dict[int, int]) -> list[dict[str, str]]:
-    """Rows of complete batches in samples.csv (a torn last line or a partial batch is dropped)."""
+def normalize_elements(elements: str | Sequence[str]) -> list[str]:
+    """Element symbols as a duplicate-free list in the given order; a string is split on commas ("Li,Fe,P,O")."""
+    if isinstance(elements, str):
+        elements = elements.split(",")
+    symbols = list(dict.fromkeys(e.strip() for e in elements if e.strip()))
+    unknown = [e for e in symbols if e not in tok.ELEMENT_SYMBOLS]
+    if unknown or not symbols:
+        raise ValueError(
+            f"unknown element symbol(s) {unknown or list(elements)}: use symbols such as Li,Fe,P,O (Z <= 94)"
+        )
+    return symbols
+
+
+def _read_done_rows(samples: Path, size_of: Callable[[int], int]) -> list[dict[str, str]]:
+    """Rows of complete batches in samples.csv (a torn last line, a partial batch, or a batch with a
+    listed CIF that is missing from the folder is dropped, so that it is generated again)."""
     if not samples.exists():
         return []
     text = samples.read_text()
@@ -282,7 +326,8 @@ def _read_done_rows(samples: Path, batch_sizes: dict[int, int]) -> list[dict[str
     done = []
     for b, rs in sorted(by_batch.items()):
         unique = {r["id"]: r for r in rs}
-        if len(unique) == batch_sizes.get(b, -1):
+        files_there = all((samples.parent / r["file"]).is_file() for r in unique.values() if r.get("file"))
+        if len(unique) == size_of(b) and files_there:
             done.extend(unique.values())
     return done
 
@@ -344,21 +389,24 @@ def generate(
     if overwrite and resume:
         raise ValueError("choose one of overwrite and resume")
     if elements is not None:
-        elements = [e.strip() for e in elements if e.strip()]
-        unknown = [e for e in elements if e not in tok.ELEMENT_SYMBOLS]
-        if unknown or not elements:
-            raise ValueError(
-                f"unknown element symbol(s) {unknown or elements}: use symbols such as Li,Fe,P,O (Z <= 94)"
-            )
+        elements = normalize_elements(elements)
+    if num_atoms is not None and (isinstance(num_atoms, bool) or int(num_atoms) != num_atoms):
+        raise ValueError(f"num_atoms must be a whole number, got {num_atoms}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} exists and is not a folder")
     gen = CrystalGenerator.from_checkpoint(checkpoint, device, compile=compile)
     if num_atoms is not None and not 1 <= num_atoms <= gen.max_atoms:
         raise ValueError(f"num_atoms must be between 1 and {gen.max_atoms} for this model, got {num_atoms}")
+    num_atoms = int(num_atoms) if num_atoms is not None else None
 
     if temperature is None:
         temperature = float(gen.metadata.get("sampling", {}).get("temperature", PAPER_TEMPERATURE))
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    out = Path(out_dir)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    make_velocity(velocity, corrector=corrector)  # an unknown velocity or scheduler fails before any file
+    crystal_path(scheduler or gen.metadata.get("scheduler", "ko"))
+    dist = None if num_atoms is not None else gen.atom_count_distribution()
     settings = {
         "n": n,
         "checkpoint_sha256": _file_digest(gen.checkpoint),
@@ -374,19 +422,34 @@ def generate(
         "prefix": prefix,
     }
     samples_path, settings_path = out / "samples.csv", out / "generation.json"
-    batch_sizes = {b: min(batch_size, n - b * batch_size) for b in range((n + batch_size - 1) // batch_size)}
+    n_batches = (n + batch_size - 1) // batch_size
+
+    def size_of(b: int) -> int:
+        return min(batch_size, n - b * batch_size) if 0 <= b < n_batches else -1
+
     done_rows: list[dict[str, str]] = []
     if out.exists() and any(out.iterdir()):
         if resume:
             if not settings_path.exists():
                 raise FileExistsError(f"{out} holds no generation.json: nothing to resume there")
-            old = json.loads(settings_path.read_text())
+            try:
+                old = json.loads(settings_path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot resume: {settings_path} is not valid JSON ({exc})") from None
+            if not isinstance(old, dict):
+                raise ValueError(f"cannot resume: {settings_path} does not hold generation settings")
+            if (
+                old.get("elements")
+                and settings["elements"]
+                and set(old["elements"]) == set(settings["elements"])
+            ):
+                settings["elements"] = elements = list(old["elements"])  # the same system, other order
             if old != settings:
                 diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
                 raise ValueError(
                     f"cannot resume {out}: settings differ from the earlier run (old, new): {diff}"
                 )
-            done_rows = _read_done_rows(samples_path, batch_sizes)
+            done_rows = _read_done_rows(samples_path, size_of)
         elif overwrite:
             for f in out.glob(f"{prefix}_*.cif"):
                 f.unlink()
@@ -412,23 +475,21 @@ def generate(
         )
         or "none"
     )
-    dist = None if num_atoms is not None else gen.atom_count_distribution()
     start = time.perf_counter()
     written = failed = 0
-    todo = [b for b in batch_sizes if b not in done_batches]
-    iterator = todo
+    todo = (b for b in range(n_batches) if b not in done_batches)
+    iterator: Any = todo
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(todo, desc="generating", unit="batch")
+        iterator = tqdm(todo, desc="generating", unit="batch", total=n_batches - len(done_batches))
     # Decoding and CIF writing are CPU work in Python; with workers they run in other processes while
     # the next batch samples, one batch in flight.
     pool = None
     if workers > 0:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from matgen.workers import process_pool
 
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        pool = process_pool(workers)
     pending: list[tuple[int, list]] = []
 
     def finish(b: int, futures: list) -> None:
@@ -443,7 +504,7 @@ def generate(
 
     try:
         for b in iterator:
-            size = batch_sizes[b]
+            size = size_of(b)
             g = torch.Generator(device=gen.device).manual_seed(_batch_seed(seed, b))
             if dist is None:
                 counts = torch.full((size,), int(num_atoms), dtype=torch.long)

@@ -25,6 +25,7 @@ from dfm_core.sources import mask_source
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
+    check_writable_file,
     config_from_dict,
     export_safetensors,
     load_best_weights,
@@ -170,6 +171,7 @@ def train_crystal_model(
     ``export_dtype`` there (``torch.bfloat16`` halves the file).
     """
     run_dir = Path(run_dir)
+    check_writable_file(export)
     seed_everything(config.train.seed)
     train_split = load_token_dataset("train", config.data_dir, limit=config.train_limit, progress=progress)
     val_split = load_token_dataset("val", config.data_dir, limit=config.val_limit, progress=progress)
@@ -232,6 +234,12 @@ def train_crystal_model(
         resume=resume,
         extra_metadata=metadata,
         progress=progress,
+        identity={
+            "kind": config.kind,
+            "scheduler": config.scheduler if config.kind == "dfm" else None,
+            "train_ids_sha256": metadata["data"]["train_ids_sha256"],
+            "val_ids_sha256": metadata["data"]["val_ids_sha256"],
+        },
     )
     out = run_dir / "model.safetensors"
     export_checkpoint(run_dir, out, config, metadata)

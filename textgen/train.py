@@ -28,6 +28,7 @@ from dfm_core.paths import MixturePath
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
+    check_writable_file,
     config_from_dict,
     load_best_weights,
     load_config,
@@ -222,6 +223,7 @@ def train_text_model(
     ``run_dir/model.safetensors`` (best EMA weights + metadata + the stats source PMF), copied to
     ``export`` if given."""
     run_dir = Path(run_dir)
+    check_writable_file(export)
     tokenizer = TextTokenizer(config.tokenizer)
     data = data or prepare_data(config, tokenizer)
     seed_everything(config.train.seed)
@@ -263,6 +265,14 @@ def train_text_model(
         resume=resume,
         extra_metadata=metadata,
         progress=progress,
+        identity={
+            "kind": config.kind,
+            "path": metadata["path"],
+            "loss": config.loss,
+            "seq_len": config.seq_len,
+            "tokenizer_sha256": tokenizer.digest,
+            "train_sha256": metadata["data"]["train_sha256"],
+        },
     )
     meta = {**metadata, **load_best_weights(run_dir, model)}
     export_text_model(model, run_dir / "model.safetensors", meta, source_pmf)

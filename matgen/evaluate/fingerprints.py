@@ -125,10 +125,9 @@ def parallel_map(
     bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
     try:
         if workers and workers > 0 and len(items) > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
+            from matgen.workers import process_pool
 
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            with process_pool(workers) as pool:
                 for out in pool.map(func, items, chunksize=max(1, min(64, len(items) // (4 * workers)))):
                     bar.update(1)
                     yield out

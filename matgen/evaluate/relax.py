@@ -738,10 +738,9 @@ def relax_structures(
     pending: tuple[_Group, _Pending] | None = None
     pool = None
     if graph_workers and graph_workers > 0:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from matgen.workers import process_pool
 
-        pool = ProcessPoolExecutor(graph_workers, mp_context=mp.get_context("spawn"))
+        pool = process_pool(graph_workers)
 
     def complete(p: tuple[_Group, _Pending]) -> None:
         group, handle = p

@@ -308,3 +308,90 @@ def test_resolve_device_names_the_problem():
         resolve_device("tpu")
     with pytest.raises(ValueError, match="CUDA is not available|GPU"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_resuming_with_more_steps_keeps_learning(tmp_path):
+    """A finished cosine schedule ends at lr 0: asking for more steps must extend it, not replay the old one."""
+    train(tiny_model(), denoise_loss, batches, config(steps=6, eval_every=0), tmp_path, progress=False)
+    before = {k: v.clone() for k, v in load_checkpoint(tmp_path / "last.pt")["model"].items()}
+    with pytest.warns(UserWarning, match="new settings apply from step 6"):
+        train(tiny_model(), denoise_loss, batches, config(steps=12, eval_every=0), tmp_path, progress=False)
+    after = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-4
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    schedule = WarmupSchedule(2, 12, "cosine")
+    assert lrs[-2] == pytest.approx(1e-2 * schedule(9)) and lrs[-2] > 0  # step 9 of the new 12-step schedule
+
+
+def test_a_fresh_run_removes_the_old_runs_checkpoints(tmp_path):
+    train(tiny_model(), denoise_loss, batches, config(steps=6), tmp_path, val_loss, progress=False)
+    assert (tmp_path / "best.pt").exists()
+    train(
+        tiny_model(),
+        denoise_loss,
+        batches,
+        config(steps=2, eval_every=0),
+        tmp_path,
+        resume=False,
+        progress=False,
+    )
+    assert not (tmp_path / "best.pt").exists()  # else the export would pick the old run's best weights
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+def test_resume_refuses_another_identity(tmp_path):
+    run = dict(loss_fn=denoise_loss, train_batches=batches, run_dir=tmp_path, progress=False)
+    train(tiny_model(), config=config(steps=2), identity={"data": "a"}, **run)
+    with pytest.raises(ValueError, match="other data or another objective.*'data': \\('a', 'b'\\)"):
+        train(tiny_model(), config=config(steps=4), identity={"data": "b"}, **run)
+    assert train(tiny_model(), config=config(steps=4), identity={"data": "a"}, **run).step == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('steps = "two"', "TrainConfig.steps must be a whole number, got 'two'"),
+        ("steps = 2.5", "TrainConfig.steps must be a whole number"),
+        ('lr = "1e-3"', "TrainConfig.lr must be a number"),
+        ("device = 3", "TrainConfig.device must be text"),
+        ('lr_schedule = "step"', "one of 'cosine', 'constant'"),
+        ("batch_size = 0", "batch_size must be >= 1"),
+        ("steps = [", "is not valid TOML"),
+    ],
+)
+def test_config_files_with_wrong_values_name_the_key_and_file(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match="bad.toml") as info:
+        load_config(path, TrainConfig)
+    assert message in str(info.value)
+
+
+def test_config_values_are_mildly_converted():
+    cfg = TrainConfig.from_dict({"steps": 2.0, "lr": 1, "betas": [0.9, 0.95], "decay_start": None})
+    assert cfg.steps == 2 and isinstance(cfg.steps, int) and cfg.lr == 1.0 and cfg.betas == (0.9, 0.95)
+
+
+def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path):
+    """SIGINT lands mid-step (in the loss) almost always: the step must finish and be saved, not lost."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def interrupted_loss(model, x1, generator):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during the forward pass of step 5
+            os.kill(os.getpid(), signal.SIGINT)
+        return denoise_loss(model, x1, generator)
+
+    cfg = config(steps=12, ckpt_every=100, eval_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), interrupted_loss, batches, cfg, tmp_path / "cut", progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "cut", progress=False)
+    whole = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "whole", progress=False)
+    assert resumed.step == whole.step == 12
+    a, b = (load_checkpoint(p / "last.pt")["model"] for p in (tmp_path / "cut", tmp_path / "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

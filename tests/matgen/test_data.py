@@ -79,7 +79,7 @@ def test_download_from_file_url(tmp_path, remote_dir):
     cache = tmp_path / "cache"
     path = ensure_split_file("test", cache, base_url=remote_dir.as_uri())
     assert path == cache / "test.csv" and path.is_file()
-    assert [p.name for p in cache.iterdir()] == ["test.csv"]  # no temp files left behind
+    assert sorted(p.name for p in cache.iterdir()) == [".mp20_download", "test.csv"]  # no temp files left
     frame = load_split("test", cache)
     assert list(frame.columns) == ["material_id", "cif", "pretty_formula"]  # unnamed index dropped
     assert len(frame) == 4
@@ -217,3 +217,12 @@ def test_atom_count_distribution():
     assert 0.4 < (samples == 2).double().mean() < 0.6
     with pytest.raises(ValueError):
         atom_count_distribution(torch.tensor([0, 1]))
+
+
+def test_a_custom_data_folder_missing_a_split_is_not_filled_with_mp20(tmp_path, remote_dir):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "train.csv").write_text((remote_dir / "test.csv").read_text())
+    with pytest.raises(FileNotFoundError, match="holds train.csv but no val.csv"):
+        ensure_split_file("val", own, base_url=remote_dir.as_uri())
+    assert sorted(p.name for p in own.iterdir()) == ["train.csv"]

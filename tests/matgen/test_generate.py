@@ -13,7 +13,7 @@ from pymatgen.core import Structure
 from typer.testing import CliRunner
 
 from cli.matgen import app
-from dfm_core.training import TrainConfig
+from dfm_core.training import TrainConfig, export_safetensors, load_safetensors
 from matgen.generate import DEFAULT_CHECKPOINT, CheckpointError, CrystalGenerator, generate
 from matgen.model import CrystalDiTConfig
 from matgen.train import MatgenTrainConfig, train_crystal_model
@@ -357,3 +357,67 @@ def test_shipped_training_configs_load(name: str) -> None:
     assert cfg.kind == "dfm" and cfg.scheduler == "ko" and cfg.train.steps > 0
     if "ship" in name:  # a config meant to make the shipped model must fit the repo's ~25 MB in bf16
         assert 2 * count_parameters(build_model(cfg.kind, cfg.model)) < 25e6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be a positive number"),
+        ({"temperature": float("inf")}, "temperature must be a positive number"),
+        ({"velocity": "foo"}, "velocity"),
+        ({"scheduler": "foo"}, "foo"),
+        ({"num_atoms": 3.5}, "whole number"),
+        ({"elements": "Fe,Xx"}, "unknown element"),
+    ],
+)
+def test_rejected_settings_leave_no_output_folder(tiny_run: Path, tmp_path: Path, kwargs, message) -> None:
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=message):
+        generate(
+            2, out, checkpoint=tiny_run / "model.safetensors", steps=2, device="cpu", progress=False, **kwargs
+        )
+    assert not out.exists()  # so the corrected command can run into the same folder
+
+
+def test_output_path_that_is_a_file_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(ValueError, match="not a folder"):
+        generate(
+            2, tmp_path / "afile", checkpoint=tiny_run / "model.safetensors", device="cpu", progress=False
+        )
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_resume_regenerates_a_batch_whose_cif_was_deleted(tiny_run: Path, tmp_path: Path) -> None:
+    run = dict(checkpoint=tiny_run / "model.safetensors", steps=4, batch_size=4, device="cpu", progress=False)
+    generate(8, tmp_path / "ref", **run)
+    generate(8, tmp_path / "x", **run)
+    victim = _cif_files(tmp_path / "x")[-1]
+    victim.unlink()
+    summary = generate(8, tmp_path / "x", resume=True, **run)
+    assert summary.skipped_batches == 1 and victim.is_file()
+    assert [f.read_text() for f in _cif_files(tmp_path / "x")] == [
+        f.read_text() for f in _cif_files(tmp_path / "ref")
+    ]
+
+
+def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_path: Path) -> None:
+    run = dict(checkpoint=tiny_run / "model.safetensors", steps=3, batch_size=2, device="cpu", progress=False)
+    generate(2, tmp_path / "x", elements="Li,O,Li", **run)
+    assert all(r["constraint"] == "elements=Li,O" for r in _rows(tmp_path / "x"))
+    summary = generate(4, tmp_path / "y", elements=["O", "Li"], **run)
+    again = generate(4, tmp_path / "y", elements=["Li", "O"], resume=True, **run)  # same system: resumes
+    assert summary.skipped_batches == 0 and again.skipped_batches == 2
+
+
+def test_tampered_atom_count_distribution_is_a_checkpoint_error(tiny_run: Path, tmp_path: Path) -> None:
+    state, meta = load_safetensors(tiny_run / "model.safetensors")
+    for bad in ([-1.0] * 21, [1.0] * 5, "x"):
+        path = tmp_path / "bad.safetensors"
+        export_safetensors(
+            {k: v.contiguous() for k, v in state.items()}, path, {**meta, "atom_count_distribution": bad}
+        )
+        with pytest.raises(CheckpointError, match="atom_count_distribution"):
+            generate(2, tmp_path / "out", checkpoint=path, steps=2, device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match="is a folder.*model.safetensors"):
+        generate(2, tmp_path / "out", checkpoint=tiny_run, steps=2, device="cpu", progress=False)

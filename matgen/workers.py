@@ -1,0 +1,40 @@
+"""Worker processes for CPU-side work (CIF decoding and writing, fingerprints, CHGNet graphs).
+
+Workers are spawned (safe with CUDA and threads in the parent) and exit on their own when the parent dies:
+a parent killed with SIGKILL cannot shut its pool down, and its workers would otherwise wait on their
+task pipe forever.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+__all__ = ["process_pool"]
+
+PARENT_POLL_S = 1.0
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Pool initializer: a daemon thread that ends the worker once its parent is gone."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A spawn-context pool of ``workers`` processes that do not outlive this process."""
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_exit_when_orphaned,
+        initargs=(os.getpid(),),
+    )
