@@ -13,6 +13,7 @@ Step 2 is a valid PMF for any h. The last step, which ends at t = 1 where every 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,6 +113,8 @@ def sample(
         return_trajectory: also return x_t at every grid time (on CPU).
         progress: show a tqdm progress bar.
     """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
     if time_grid is None:
         if steps is None:
             raise ValueError("give steps or time_grid")

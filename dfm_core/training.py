@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import atomic_write
+from dfm_core.atomic_io import atomic_write, remove_stale_temps
 
 __all__ = [
     "EMA",
@@ -778,6 +778,7 @@ def train(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)  # half-written checkpoints of a killed run
     # JSON round trip: fails early on non-serialisable metadata and makes resume comparisons exact
     metadata = json.loads(json.dumps(dict(extra_metadata or {})))
     identity = json.loads(json.dumps(dict(identity or {})))

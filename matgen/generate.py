@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write_text
+from dfm_core.atomic_io import atomic_write_text, remove_stale_temps
 from dfm_core.sampler import sample
 from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import make_velocity
@@ -449,6 +449,7 @@ def generate(
                 raise ValueError(
                     f"cannot resume {out}: settings differ from the earlier run (old, new): {diff}"
                 )
+            remove_stale_temps(out)  # CIFs half-written when the earlier run was killed
             done_rows = _read_done_rows(samples_path, size_of)
         elif overwrite:
             for f in out.glob(f"{prefix}_*.cif"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dfm_core.atomic_io import atomic_write, atomic_write_text
+from dfm_core.atomic_io import atomic_write, atomic_write_text, remove_stale_temps
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -70,3 +70,22 @@ def test_a_writer_that_makes_private_files_still_gives_plain_permissions(tmp_pat
 
     made = atomic_write(tmp_path / "model.safetensors", private)
     assert made.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_stale_temps_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".last.pt.{dead_pid}.0123abcd.tmp"
+    mine = tmp_path / f".best.pt.{os.getpid()}.89abcdef.tmp"
+    keep = tmp_path / ".hidden_config"
+    for p in (stale, mine, keep):
+        p.write_text("x")
+    atomic_write_text(tmp_path / "last.pt", "complete")
+    assert remove_stale_temps(tmp_path) == 1
+    assert not stale.exists() and mine.exists() and keep.exists()
+    assert (tmp_path / "last.pt").read_text() == "complete"

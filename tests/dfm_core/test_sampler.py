@@ -384,3 +384,11 @@ def test_categorical_frequencies(dtype):
     pos = w > 0
     res = chisquare(counts[pos].numpy(), (w[pos] / w.sum() * n).double().numpy())
     assert res.pvalue > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_sampler_refuses_meaningless_temperatures(temperature):
+    path = MixturePath(mask_source(4, 3), LinearScheduler())
+    x0 = torch.full((2, 4), 3)
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        sample(lambda x, t: torch.zeros(*x.shape, 4), path, x0, steps=2, temperature=temperature)
