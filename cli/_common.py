@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,10 +50,9 @@ def given(**flags: Any) -> dict[str, Any]:
 
 def report_training(result: Any, run_dir: Path) -> None:
     """The one line every ``train`` command ends with."""
-    typer.echo(
-        f"trained to step {result.step}; best val loss {result.best_val_loss:.4f}; "
-        f"weights: {run_dir / 'model.safetensors'}"
-    )
+    best = result.best_val_loss
+    val = f"best val loss {best:.4f}" if math.isfinite(best) else "no validation run (weights: the last step)"
+    typer.echo(f"trained to step {result.step}; {val}; weights: {run_dir / 'model.safetensors'}")
 
 
 class TrainFlags:

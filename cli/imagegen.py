@@ -33,6 +33,22 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
 
 
+def _ints(text: str, what: str) -> list[int]:
+    """Comma-separated whole numbers; '2.7' or 'abc' are refused with the offending item named."""
+    out = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(int(item))
+        except ValueError:
+            where = f" in {text!r}" if item != text.strip() else ""
+            raise ValueError(
+                f"{what} must be a comma-separated list of whole numbers, got {item!r}{where}"
+            ) from None
+    return out
+
+
 @app.command()
 def train(
     run_dir: Path = typer.Option(
@@ -63,6 +79,9 @@ def train(
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     train_limit: int | None = typer.Option(None, help="Use only N training images."),
+    val_size: int | None = typer.Option(
+        None, help="Training images held out for validation (default 1000; lower it for small folders)."
+    ),
     export: Path | None = TrainFlags.export,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
@@ -79,6 +98,7 @@ def train(
             channels=channels,
             class_conditional=class_conditional,
             train_limit=train_limit,
+            val_size=val_size,
             data_dir=data_dir,
         )
         p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
@@ -150,11 +170,24 @@ def sample(
     """Sample images into a grid PNG (and optionally one PNG per image)."""
     import time
 
+    from imagegen.data import check_count
     from imagegen.generate import CheckpointError, ImageGenerator
-    from imagegen.grid import save_grid, save_images
+    from imagegen.grid import (
+        check_grid_options,
+        check_image_file,
+        check_output_folder,
+        save_grid,
+        save_images,
+    )
 
-    try:
+    try:  # everything is checked before the model is loaded, so no sampling is lost to a bad option
         cfg = _sampling(steps, velocity, alpha, corrector, corrector_p, corrector_q, temperature, guidance)
+        check_count(n, "--n")
+        check_count(batch_size, "--batch-size")
+        check_grid_options(nrow, scale)
+        check_image_file(out, "--out")
+        if images_dir is not None:
+            check_output_folder(images_dir, "--images-dir")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
         on_batch = None
         if images_dir is not None:
@@ -213,38 +246,33 @@ def evaluate(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Score samples with FD-EffNetLite0 against held-out test images, over NFEs and sampler settings."""
-    from imagegen.data import load_dataset
-    from imagegen.evaluate import evaluate_sweep, reference_stats
+    from imagegen.data import check_count
+    from imagegen.evaluate import check_sweep, evaluate_sweep, load_evaluation_data, reference_stats
     from imagegen.features import EffNetLite0Features
     from imagegen.frechet import score_name
     from imagegen.generate import CheckpointError, ImageGenerator
+    from imagegen.grid import check_output_folder
 
-    try:
-        nfes = [int(v) for v in _floats(nfe, "--nfe")]
+    try:  # options are checked before the (slow) reference statistics and sampling
+        nfes = _ints(nfe, "--nfe")
         settings = [
             _sampling(1, v.strip(), alpha, w, corrector_p, corrector_q, temperature, guidance)
             for v in velocity.split(",")
             if v.strip()
             for w in _floats(corrector, "--corrector")
         ]
-        if not nfes or not settings:
-            raise ValueError("give at least one NFE, velocity and corrector weight")
+        check_sweep(settings, nfes, n, grids)
+        check_count(batch_size, "--batch-size")
+        if reference_n is not None:
+            check_count(reference_n, "--reference-n")
+        check_output_folder(out, "--out")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
         extractor = EffNetLite0Features(features_weights, device=gen.device)
-        train_cfg = gen.metadata.get("imagegen_config", {})
-        ds = dataset or train_cfg.get("dataset")
-        if ds is None:
-            raise ValueError("the checkpoint records no data set: pass --dataset")
-        root = data_dir if data_dir is not None else train_cfg.get("data_dir")
-        # a folder is read at the model's image shape
-        kw = {"image_size": gen.image_shape[1], "channels": gen.image_shape[0]}
-        ref_data = load_dataset(ds, reference_split, root, **kw)
-        if reference_n is not None:
-            ref_data = ref_data.random_subset(reference_n, seed)
+        ref_data = load_evaluation_data(gen, dataset, reference_split, data_dir, reference_n, seed)
         if not quiet:
             typer.echo(f"reference: {ref_data.name}, {len(ref_data)} images ({score_name(extractor.name)})")
         reference = reference_stats(ref_data, extractor)
-        baseline = load_dataset(ds, "train", root, **kw).random_subset(n, seed) if data_baseline else None
+        baseline = load_evaluation_data(gen, dataset, "train", data_dir, n, seed) if data_baseline else None
         rows = evaluate_sweep(
             gen,
             settings,
@@ -281,27 +309,38 @@ def path_preview(
     beta_c: float = typer.Option(3.0, "--beta-c", help="c of beta_t = c (t/(1-t))^a."),
     beta_a: float = typer.Option(0.9, "--beta-a", help="a of beta_t = c (t/(1-t))^a."),
     scheduler: str = typer.Option("ko", help="kappa_t of the mask path."),
-    n: int = typer.Option(8, "--n", help="Images (columns)."),
-    times: int = typer.Option(11, help="Times 0..1 (rows)."),
+    n: int = typer.Option(8, "--n", help="Images (columns), at most 64."),
+    times: int = typer.Option(11, help="Times 0..1 (rows), at most 101."),
     scale: int = typer.Option(2, help="Upscale factor of the PNG."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Draw x_t ~ p_t(. | x_1) along the path for a few test images, to choose c and a (as in E.4)."""
-    import torch
+    """Draw x_t ~ p_t(. | x_1) along the path for a few test images, to choose c and a (as in E.4).
 
-    from imagegen.data import load_dataset
-    from imagegen.grid import save_grid
-    from imagegen.paths import PixelPathConfig, path_samples
+    A folder without a test/ subfolder is previewed on its training images.
+    """
+    from imagegen.data import MissingSplitError, load_dataset
+    from imagegen.grid import check_grid_options, check_image_file, save_grid
+    from imagegen.paths import MAX_PREVIEW_IMAGES, MAX_PREVIEW_TIMES, PixelPathConfig, path_preview
 
+    note = ""
     try:
         cfg = PixelPathConfig(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
-        data = load_dataset(dataset, "test", data_dir, image_size=image_size).random_subset(n, seed)
-        ts = torch.linspace(0.0, 1.0, times)
-        xt = path_samples(data.images, cfg, ts, torch.Generator().manual_seed(seed))
-        save_grid(xt.reshape(-1, *data.shape), out, nrow=len(data), scale=scale)
+        if not 1 <= n <= MAX_PREVIEW_IMAGES:
+            raise ValueError(f"--n must be in 1..{MAX_PREVIEW_IMAGES} (images shown as columns), got {n}")
+        if not 1 <= times <= MAX_PREVIEW_TIMES:
+            raise ValueError(f"--times must be in 1..{MAX_PREVIEW_TIMES} (rows), got {times}")
+        check_grid_options(scale=scale)
+        check_image_file(out, "--out")
+        try:
+            data = load_dataset(dataset, "test", data_dir, image_size=image_size)
+        except MissingSplitError:
+            data = load_dataset(dataset, "train", data_dir, image_size=image_size)
+            note = " (no test/ subfolder: training images shown)"
+        xt, ts = path_preview(data, cfg, n, times, seed)
+        save_grid(xt.reshape(-1, *data.shape), out, nrow=xt.shape[1], scale=scale)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
-    typer.echo(f"wrote {out}: rows t = {', '.join(f'{t:.2f}' for t in ts.tolist())}")
+    typer.echo(f"wrote {out}{note}: rows t = {', '.join(f'{t:.2f}' for t in ts.tolist())}")
 
 
 if __name__ == "__main__":  # python -m cli.imagegen, where the console script is not installed

@@ -7,7 +7,6 @@ Each command is a thin layer over the Python API: ``textgen.train.train_text_mod
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import typer
@@ -24,6 +23,16 @@ app = typer.Typer(
 _DATA_HELP = "Text data folder (else $TEXTGEN_DATA, else <repo>/../shared/data/text)."
 _TOKENIZER_HELP = "GPT-2 tokenizer folder or tokenizer.json (else $TEXTGEN_TOKENIZER, else the shared copy)."
 _CACHE_HELP = "Token cache folder (else $TEXTGEN_CACHE, else ~/.cache/textgen)."
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """``"32,64,128"`` -> ``[32, 64, 128]``; anything else is a ValueError that names ``flag``."""
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(
+            f"{flag} takes a comma list of whole numbers such as 32,64,128, got {text!r}"
+        ) from None
 
 
 @app.callback()
@@ -120,7 +129,7 @@ def train(
             cfg, **top, path=path, model=model_cfg, train=dataclasses.replace(cfg.train, **tr)
         )
         result = train_text_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # FloatingPointError: the loss diverged
         fail(str(e))
     report_training(result, run_dir)
 
@@ -133,7 +142,9 @@ def sample(
         256, "--steps", "--nfe", help="Sampler steps (NFE); the AR baseline ignores it."
     ),
     length: int | None = typer.Option(None, help="Tokens per text (default: the training sequence length)."),
-    temperature: float = typer.Option(1.0, help="Posterior softmax temperature."),
+    temperature: float = typer.Option(
+        1.0, help="Posterior softmax temperature (> 0; 0 = greedy, AR baseline only)."
+    ),
     velocity: str = typer.Option(
         "ko", help="Velocity: ko (eq 26), power-inf, power (with --alpha) or campbell."
     ),
@@ -145,8 +156,8 @@ def sample(
     prompt: str | None = typer.Option(
         None, help="Text every sample starts with; [[N]] marks N tokens to infill."
     ),
-    seed: int = typer.Option(0, help="Random seed: the same seed gives the same texts."),
-    batch_size: int = typer.Option(16, help="Texts per sampler batch."),
+    seed: int = typer.Option(0, help="Random seed: the same seed and --batch-size give the same texts."),
+    batch_size: int = typer.Option(16, help="Texts per sampler batch (part of what the seed fixes)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Path | None = typer.Option(
         None, help="Write the texts here (.jsonl: one object per text; else plain text)."
@@ -157,11 +168,14 @@ def sample(
     tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
 ) -> None:
     """Sample texts from a trained model and print them (or write them with --out)."""
-    from textgen.checkpoint import CheckpointError, TextModel
-    from textgen.generate import generate_texts
+    from dfm_core.atomic_io import check_writable
+    from textgen.checkpoint import TextModel
+    from textgen.generate import generate_texts, write_texts
     from textgen.tokenizer import TextTokenizer
 
     try:
+        if out is not None:
+            check_writable(out, "--out")  # before sampling, so that no work is lost
         model = TextModel.load(checkpoint, device)
         tok = TextTokenizer(tokenizer)
         result = generate_texts(
@@ -180,18 +194,11 @@ def sample(
             seed=seed,
             batch_size=batch_size,
         )
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        if out is not None:
+            write_texts(result, out)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         fail(str(e))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".jsonl":
-            lines = [
-                json.dumps({"id": i, "text": t, "tokens": result.tokens[i].tolist(), **result.settings})
-                for i, t in enumerate(result.texts)
-            ]
-            out.write_text("\n".join(lines) + "\n")
-        else:
-            out.write_text("".join(f"=== sample {i} ===\n{t}\n" for i, t in enumerate(result.texts)))
         typer.echo(f"wrote {len(result.texts)} texts ({model.label}, NFE {steps}) to {out}")
         return
     for i, text in enumerate(result.texts):
@@ -218,8 +225,11 @@ def evaluate(
         0, help="Also draw this many samples per model and NFE for entropy / gen. perplexity."
     ),
     nfe: str = typer.Option("256", help="Comma list of sampler NFE for the sample statistics."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    velocity: str = typer.Option("ko", help="Sampling velocity: ko, power-inf, power, campbell."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (> 0; 0 = greedy, AR rows only)."),
+    velocity: str = typer.Option(
+        "ko", help="Sampling velocity: ko, power-inf, power (with --alpha) or campbell."
+    ),
+    alpha: float | None = typer.Option(None, help="alpha of the power velocity."),
     corrector: float = typer.Option(0.0, help="Corrector weight (eq 35) for sampling."),
     judge: Path | None = typer.Option(
         None,
@@ -239,15 +249,16 @@ def evaluate(
     """Perplexity table (ELBO bound for DFM, exact for AR) over the evaluation sets, plus sample quality."""
     from rich.console import Console
 
-    from textgen.checkpoint import CheckpointError
+    from dfm_core.atomic_io import check_writable
     from textgen.evaluate import evaluate as run
     from textgen.judge import JudgeUnavailable, load_judge
     from textgen.tokenizer import TextTokenizer
 
     console = Console()
     try:
+        check_writable(out, "--out", folder=True)  # before the (slow) evaluation
+        nfe_list = _int_list(nfe, "--nfe")
         tok = TextTokenizer(tokenizer)
-        nfe_list = [int(k) for k in nfe.split(",") if k.strip()]
         the_judge = load_judge(judge, device, tok) if judge is not None else None
         if the_judge is not None:
             console.print(f"judge: {the_judge.name}")
@@ -274,14 +285,18 @@ def evaluate(
             progress=not quiet,
             velocity=velocity,
             corrector=corrector,
+            alpha=alpha,
         )
-    except (CheckpointError, JudgeUnavailable, FileNotFoundError, ValueError) as e:
+    except (JudgeUnavailable, ValueError, OSError) as e:  # CheckpointError is a ValueError
         fail(str(e))
     if report.likelihood:
         console.print(report.likelihood_table())
     if report.samples:
         console.print(report.samples_table())
-    paths = report.write(out)
+    try:
+        paths = report.write(out)
+    except (ValueError, OSError) as e:
+        fail(str(e))
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -309,7 +324,7 @@ def prepare(
         for corpus_name, p, reader in resolve_corpora(data or ["train", *EVAL_CORPORA], data_dir):
             c = load_corpus(corpus_name, p, reader, tok, cache_dir)
             table.add_row(corpus_name, str(c.num_documents), f"{len(c):,}", str(p))
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:
         fail(str(e))
     Console().print(table)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "remove_stale_temps"]
+__all__ = ["atomic_write", "atomic_write_text", "check_writable", "remove_stale_temps"]
 
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.\w+)*$")
 
@@ -54,6 +55,35 @@ def atomic_write(
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=durable)
+
+
+def check_writable(path: str | os.PathLike, what: str = "output", folder: bool = False) -> Path:
+    """Fail now, before any long work, if ``path`` (a file, or a folder with ``folder=True``) cannot be
+    written: a folder where a file is wanted (or the reverse), a path under a file, or no permission
+    (probed by creating and removing a nameless temp file in the nearest existing folder).
+
+    Raises:
+        ValueError: naming ``what`` and the path.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        if folder:
+            raise ValueError(f"{what} {path} is a file, not a folder")
+        raise ValueError(f"{what} {path} is a folder; give a file name inside it or elsewhere")
+    target_dir = path if folder else path.parent
+    ancestor = next((p for p in (target_dir, *target_dir.parents) if p.exists()), Path.cwd())
+    if not ancestor.is_dir():
+        raise ValueError(f"{what} {path} lies under {ancestor}, which is a file")
+    if path.exists() and not folder and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path} cannot be written: no write permission")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: no write permission in {ancestor}")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be written in {ancestor}: {e.strerror or e}") from None
+    return path
 
 
 def _alive(pid: int) -> bool:

@@ -45,7 +45,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "WarmupSchedule",
-    "check_writable_file",
     "config_from_dict",
     "export_safetensors",
     "load_best_weights",
@@ -265,20 +264,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_writable_file(path: str | os.PathLike | None, what: str = "export") -> None:
-    """Fail now, not after hours of training, if ``path`` cannot become a file (a folder, or under a file)."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(
-            f"{what} path {path} is a folder; give a file name such as {path / 'model.safetensors'}"
-        )
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"{what} path {path} lies under {parent}, which is a file")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -888,6 +873,10 @@ def train(
             model.train(was_training)
         return total / max(1, config.eval_batches)
 
+    def diverged(loss: float) -> FloatingPointError:
+        kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was written"
+        return FloatingPointError(f"non-finite training loss {loss} at step {step}; {kept} (try a lower lr)")
+
     start_time = time.perf_counter()
     window_loss = torch.tensor(resumed_window["loss_sum"], device=device)
     window_steps, window_start = int(resumed_window["steps"]), time.perf_counter()
@@ -918,9 +907,7 @@ def train(
             if step % config.log_every == 0 or step == config.steps:
                 final_loss = float(window_loss) / window_steps
                 if not math.isfinite(final_loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss {final_loss} at step {step}; last good checkpoint: {last_path}"
-                    )
+                    raise diverged(final_loss)
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
@@ -946,6 +933,8 @@ def train(
                         best_val = val
                         checkpoint(best_path)
             if (config.ckpt_every > 0 and step % config.ckpt_every == 0) or step == config.steps:
+                if window_steps and not torch.isfinite(window_loss):  # never save diverged weights as last.pt
+                    raise diverged(float(window_loss))
                 checkpoint(last_path)
             if interrupt.requested:
                 raise KeyboardInterrupt

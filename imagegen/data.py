@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import operator
 import os
 import struct
 import warnings
@@ -38,6 +39,8 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_CLASSES",
     "ImageDataset",
+    "MissingSplitError",
+    "check_count",
     "default_cache_dir",
     "images_to_tokens",
     "load_cifar10",
@@ -127,11 +130,29 @@ class ImageDataset:
         return ImageDataset(self.images[idx], labels, self.class_names, self.name + suffix)
 
     def random_subset(self, n: int, seed: int = 0) -> ImageDataset:
-        """``n`` images drawn without replacement with a seeded permutation (all if ``n >= len``)."""
+        """``n`` images drawn without replacement with a seeded permutation (all if ``n >= len``).
+
+        Raises:
+            ValueError: ``n`` is not an integer >= 1.
+        """
+        n = check_count(n, "the number of images to draw")
         if n >= len(self):
             return self
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         return self.take(perm, f"[random {n}]")
+
+
+def check_count(value: object, what: str) -> int:
+    """``value`` as an int >= 1, else a ValueError naming ``what`` and the value (bools and 2.5 refused)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1, got {n}")
+    return n
 
 
 def images_to_tokens(images: Tensor) -> Tensor:
@@ -169,6 +190,10 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "imagegen"
+
+
+class MissingSplitError(FileNotFoundError):
+    """An image folder without the asked-for ``train/`` or ``test/`` subfolder."""
 
 
 def _check_split(split: str) -> None:
@@ -334,6 +359,22 @@ def _resize_crop(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_8bit(img):
+    """16-bit (and 32-bit integer) greyscale -> 8-bit "L", scaled by 1/257 (PIL's convert would clip).
+
+    The "I" mode holds 16-bit PNGs in some Pillow versions: its values are read as 0..65535.
+    """
+    from PIL import Image
+
+    if img.mode not in _SIXTEEN_BIT_MODES:
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+
+
 def load_image_folder(
     folder: str | os.PathLike,
     size: int,
@@ -350,17 +391,19 @@ def load_image_folder(
         channels: 3 (RGB) or 1 (grayscale).
         limit: read at most this many images.
 
+    16-bit greyscale images are scaled to 8 bits (value / 257, rounded).
     Labels come from the first-level subfolders (class folders) when every image lies in one.
     """
     from PIL import Image
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    size = check_count(size, "image size")
     root = Path(folder).expanduser()
     if split is not None and (root / split).is_dir():
         root = root / split
     elif split == "test":
-        raise FileNotFoundError(f"{root} has no test/ subfolder of held-out images")
+        raise MissingSplitError(f"{root} has no test/ subfolder of held-out images")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -372,7 +415,7 @@ def load_image_folder(
     arrays = []
     for p in files:
         with Image.open(p) as img:
-            arrays.append(np.asarray(_resize_crop(img.convert(mode), size)))
+            arrays.append(np.asarray(_resize_crop(_to_8bit(img).convert(mode), size)))
     images = np.stack(arrays)
     images = images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)
     rel = [p.relative_to(root).parts for p in files]
@@ -400,6 +443,8 @@ def load_dataset(
 
     For 'folder', ``data_dir`` (or ``$IMAGEGEN_DATA``) is the image folder and ``image_size`` is required.
     """
+    if limit is not None:
+        limit = check_count(limit, "limit")
     key = dataset.lower().replace("_", "-")
     if key in ("cifar10", "cifar-10"):
         return load_cifar10(split, data_dir, limit)

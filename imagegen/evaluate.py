@@ -24,16 +24,18 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from imagegen.data import ImageDataset, default_cache_dir, load_dataset
+from imagegen.data import ImageDataset, check_count, default_cache_dir, load_dataset
 from imagegen.frechet import FeatureStats, score_name
 from imagegen.generate import ImageGenerator, SamplingConfig
-from imagegen.grid import save_grid
+from imagegen.grid import check_output_folder, save_grid
 
 __all__ = [
     "RESULT_COLUMNS",
     "EvalRow",
     "FeatureExtractor",
+    "check_sweep",
     "evaluate_sweep",
+    "load_evaluation_data",
     "load_reference",
     "plot_score_vs_nfe",
     "reference_stats",
@@ -139,6 +141,67 @@ def _append_row(path: Path, row: EvalRow) -> None:
         os.fsync(f.fileno())
 
 
+def check_sweep(
+    settings: Sequence[SamplingConfig], nfes: Sequence[int], n: int, save_grids: int = 0
+) -> list[int]:
+    """Validate a sweep before any work; returns the NFEs as ints.
+
+    Raises:
+        ValueError: no setting or NFE, an NFE that is not a whole number >= 1 (2.7 is refused, not
+            truncated), ``n < 1`` or ``save_grids < 0``.
+    """
+    if not settings:
+        raise ValueError("give at least one sampler setting (velocity and corrector weight)")
+    if not nfes:
+        raise ValueError("give at least one NFE")
+    out = []
+    for nfe in nfes:
+        if isinstance(nfe, float) and nfe.is_integer():
+            nfe = int(nfe)
+        out.append(check_count(nfe, "each NFE (sampler steps)"))
+    check_count(n, "n (samples per point)")
+    if isinstance(save_grids, bool) or not isinstance(save_grids, int) or save_grids < 0:
+        raise ValueError(
+            f"save_grids (grid images per point) must be a whole number >= 0, got {save_grids!r}"
+        )
+    return out
+
+
+def load_evaluation_data(
+    generator: ImageGenerator,
+    dataset: str | None = None,
+    split: str = "test",
+    data_dir: str | os.PathLike | None = None,
+    n: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Images to compare ``generator``'s samples with: ``split`` of ``dataset`` (default: the one trained on).
+
+    A folder is read at the model's image shape; ``n`` draws a seeded random subset (default: all).
+
+    Raises:
+        ValueError: no data set given or recorded, ``n < 1``, or images of another shape than the model's
+            (e.g. CIFAR-10 for a Fashion-MNIST model).
+    """
+    if n is not None:
+        check_count(n, "the number of reference images")
+    train_cfg = generator.metadata.get("imagegen_config", {})
+    ds = dataset or train_cfg.get("dataset")
+    if ds is None:
+        raise ValueError("the checkpoint records no data set: pass --dataset")
+    root = data_dir if data_dir is not None else train_cfg.get("data_dir")
+    C, H, _ = generator.image_shape
+    data = load_dataset(ds, split, root, image_size=H, channels=C)
+    if data.shape != generator.image_shape:
+        trained = train_cfg.get("dataset")
+        hint = f"; the model was trained on {trained}" if trained else ""
+        raise ValueError(
+            f"data set {ds} ({data.name}) has images of shape {data.shape} but the model makes "
+            f"{generator.image_shape}: compare with the data set the model was trained on{hint}"
+        )
+    return data.random_subset(n, seed) if n is not None else data
+
+
 def evaluate_sweep(
     generator: ImageGenerator,
     settings: Sequence[SamplingConfig],
@@ -168,7 +231,13 @@ def evaluate_sweep(
         save_grids: write a grid PNG of the first ``save_grids`` samples of each point (0: none).
         log: called with a line per finished point (e.g. ``print``).
     """
-    out = Path(out_dir)
+    nfes = check_sweep(settings, nfes, n, save_grids)
+    if data_baseline is not None and data_baseline.shape != generator.image_shape:
+        raise ValueError(
+            f"data baseline {data_baseline.name} has images of shape {data_baseline.shape}, "
+            f"the model makes {generator.image_shape}"
+        )
+    out = check_output_folder(out_dir, "evaluation folder")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     name = score_name(extractor.name)

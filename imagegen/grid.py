@@ -1,4 +1,4 @@
-"""Writing images: a grid PNG of a batch, and one PNG per image."""
+"""Writing images: a grid PNG of a batch, and one PNG per image; output paths checked before any work."""
 
 from __future__ import annotations
 
@@ -9,27 +9,57 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-__all__ = ["grid_size", "make_grid", "save_grid", "save_images"]
+from dfm_core.atomic_io import check_writable
+from imagegen.data import check_count
+
+__all__ = [
+    "check_grid_options",
+    "check_image_file",
+    "check_output_folder",
+    "grid_size",
+    "make_grid",
+    "save_grid",
+    "save_images",
+]
+
+
+def check_grid_options(nrow: int | None = None, scale: int = 1, padding: int = 2) -> None:
+    """Raise a ValueError for ``nrow`` or ``scale`` below 1 (or not whole numbers), or a negative padding."""
+    if nrow is not None:
+        check_count(nrow, "nrow (images per grid row)")
+    check_count(scale, "scale")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a whole number >= 0, got {padding!r}")
+
+
+def _columns(n: int, nrow: int | None) -> int:
+    """Images per row: ``nrow`` capped at ``n`` (default ceil(sqrt n))."""
+    return max(1, min(nrow, n) if nrow is not None else math.ceil(math.sqrt(n)))
 
 
 def grid_size(
     n: int, image_hw: tuple[int, int], nrow: int | None = None, padding: int = 2
 ) -> tuple[int, int]:
     """(width, height) in pixels of the grid :func:`make_grid` draws for ``n`` images of (H, W)."""
-    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    check_count(n, "the number of images in a grid")
+    check_grid_options(nrow, padding=padding)
+    cols = _columns(n, nrow)
     rows = math.ceil(n / cols)
     H, W = image_hw
     return cols * (W + padding) + padding, rows * (H + padding) + padding
 
 
 def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
-    """uint8 (N, C, H, W) -> one uint8 array (rows, cols[, 3]) with ``nrow`` images per row (default sqrt N)."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    """uint8 (N, C, H, W) -> one uint8 array (rows, cols[, 3]) with ``nrow`` images per row (default sqrt N).
+
+    ``nrow`` above N is capped at N (one row, no empty columns).
+    """
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must be (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
     N, C, H, W = images.shape
     arr = images.detach().cpu().numpy().astype(np.uint8)
-    cols = nrow or max(1, math.ceil(math.sqrt(N)))
-    width, height = grid_size(N, (H, W), cols, padding)
+    width, height = grid_size(N, (H, W), nrow, padding)
+    cols = _columns(N, nrow)
     grid = np.full((C, height, width), pad_value, dtype=np.uint8)
     for i in range(N):
         r, c = divmod(i, cols)
@@ -38,13 +68,43 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_val
     return grid[0] if C == 1 else grid.transpose(1, 2, 0)
 
 
+def check_image_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """Check now, before any sampling, that an image file (e.g. a grid ``.png``) can be written at ``path``.
+
+    Raises:
+        ValueError: ``path`` is a folder, has no image extension PIL can write, or cannot be written.
+    """
+    from PIL import Image
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: give a .png file path, e.g. {path / 'samples.png'}")
+    ext = path.suffix.lower()
+    Image.init()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        got = f"extension {ext!r}" if ext else "no file extension"
+        raise ValueError(f"{what} {path} has {got}: give an image path ending in .png")
+    return check_writable(path, what)
+
+
+def check_output_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check now that ``folder`` is (or can become) a writable folder.
+
+    Raises:
+        ValueError: ``folder`` is a file, lies under a file, or cannot be written.
+    """
+    return check_writable(folder, what, folder=True)
+
+
 def save_grid(
     images: Tensor, path: str | os.PathLike, nrow: int | None = None, padding: int = 2, scale: int = 1
 ) -> Path:
     """Write ``images`` (uint8 (N, C, H, W)) as one grid PNG, optionally upscaled ``scale`` times (nearest)."""
     from PIL import Image
 
-    path = Path(path)
+    check_grid_options(nrow, scale, padding)
+    path = check_image_file(path, "grid")
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(make_grid(images, nrow, padding))
     if scale > 1:
@@ -59,7 +119,7 @@ def save_images(
     """Write each image as ``folder/{prefix}_{index:06d}.png``; returns the paths."""
     from PIL import Image
 
-    folder = Path(folder)
+    folder = check_output_folder(folder, "image folder")
     folder.mkdir(parents=True, exist_ok=True)
     arr = images.detach().cpu().numpy().astype(np.uint8)
     paths = []

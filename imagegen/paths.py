@@ -12,6 +12,7 @@ never-predicted mask token for the 257-token mask path.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,11 +22,25 @@ from torch import Tensor
 from dfm_core.paths import MetricPath, MixturePath, ProbabilityPath
 from dfm_core.schedulers import BetaSchedule, make_scheduler
 from dfm_core.sources import mask_source
+from imagegen.data import ImageDataset
 
-__all__ = ["NUM_LEVELS", "MASK_ID", "PixelPathConfig", "build_path", "pad_logits", "path_samples"]
+__all__ = [
+    "MASK_ID",
+    "MAX_PREVIEW_IMAGES",
+    "MAX_PREVIEW_TIMES",
+    "NUM_LEVELS",
+    "PixelPathConfig",
+    "build_path",
+    "pad_logits",
+    "path_preview",
+    "path_samples",
+]
 
 NUM_LEVELS = 256
 MASK_ID = 256
+MAX_PREVIEW_IMAGES = 64  # columns of a path preview (each draw holds (N, L, 256) probabilities)
+MAX_PREVIEW_TIMES = 101  # rows of a path preview
+_CHUNK_ELEMENTS = 1 << 24  # path_samples draws at most ~this many (position, value) probabilities at once
 
 
 @dataclass
@@ -48,6 +63,12 @@ class PixelPathConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("metric", "mask"):
             raise ValueError(f"path kind must be 'metric' or 'mask', got {self.kind!r}")
+        for name in ("c", "a", "scheduler_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"path parameter {name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"path parameter {name} must be a finite number > 0, got {value}")
         BetaSchedule(self.c, self.a)  # validates c, a
         make_scheduler(self.scheduler, n=self.scheduler_n)  # validates the name
 
@@ -89,13 +110,49 @@ def path_samples(
     """x_t ~ p_t(. | x1) for every image x1 and time: uint8 (T, N, C, H, W), mask tokens shown as grey (128).
 
     The way E.4 tunes c and a: look at samples along the conditional path and pick values that use the
-    whole time interval.
+    whole time interval. Images are drawn in chunks, so memory stays bounded for any number of images.
     """
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must be (N, C, H, W) with N >= 1, got shape {tuple(images.shape)}")
+    times = torch.as_tensor(times, dtype=torch.float64).flatten()
+    if times.numel() < 1:
+        raise ValueError("give at least one time")
+    if not (torch.isfinite(times).all() and (times >= 0).all() and (times <= 1).all()):
+        raise ValueError(f"times must lie in [0, 1], got {times.tolist()}")
     path = build_path(config)
     x1 = images.reshape(images.shape[0], -1).long()
+    chunk = max(1, _CHUNK_ELEMENTS // (x1.shape[1] * path.vocab_size))
     out = []
     for t in times.tolist():
-        xt = path.sample(x1, torch.full((x1.shape[0],), float(t)), generator=generator)
+        parts = [
+            path.sample(part, torch.full((part.shape[0],), float(t)), generator=generator)
+            for part in x1.split(chunk)
+        ]
+        xt = torch.cat(parts)
         xt = torch.where(xt == MASK_ID, torch.full_like(xt, 128), xt) if config.kind == "mask" else xt
         out.append(xt.reshape(images.shape).to(torch.uint8))
     return torch.stack(out)
+
+
+def path_preview(
+    data: ImageDataset, config: PixelPathConfig, n: int = 8, times: int = 11, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """x_t for ``n`` random images of ``data`` at ``times`` evenly spaced t in [0, 1] (the E.4 preview).
+
+    Returns:
+        ``(xt, ts)``: uint8 (times, n', C, H, W) with n' = min(n, len(data)), and the times (float).
+
+    Raises:
+        ValueError: ``n`` outside 1..MAX_PREVIEW_IMAGES or ``times`` outside 1..MAX_PREVIEW_TIMES.
+    """
+    if not _is_int(n) or not 1 <= n <= MAX_PREVIEW_IMAGES:
+        raise ValueError(f"a path preview shows 1 to {MAX_PREVIEW_IMAGES} images (n), got {n}")
+    if not _is_int(times) or not 1 <= times <= MAX_PREVIEW_TIMES:
+        raise ValueError(f"a path preview shows 1 to {MAX_PREVIEW_TIMES} times, got {times}")
+    subset = data.random_subset(n, seed)
+    ts = torch.linspace(0.0, 1.0, times)
+    return path_samples(subset.images, config, ts, torch.Generator().manual_seed(seed)), ts
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

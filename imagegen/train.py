@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dfm_core.atomic_io import check_writable
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import ProbabilityPath
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
-    check_writable_file,
     config_from_dict,
     export_safetensors,
     load_best_weights,
@@ -31,7 +31,7 @@ from dfm_core.training import (
     seed_everything,
     train,
 )
-from imagegen.data import ImageDataset, load_dataset
+from imagegen.data import ImageDataset, check_count, load_dataset
 from imagegen.model import PixelUNet, UNetConfig, count_parameters
 from imagegen.paths import PixelPathConfig, build_path
 
@@ -90,8 +90,13 @@ class ImagegenTrainConfig:
             self.train = TrainConfig.from_dict(self.train)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.val_size < 1:
-            raise ValueError("val_size must be >= 1")
+        check_count(self.val_size, "val_size (images held out for validation)")
+        if self.train_limit is not None:
+            check_count(self.train_limit, "train_limit (training images to use)")
+        if self.image_size is not None:
+            check_count(self.image_size, "image_size")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -148,7 +153,14 @@ def _split(
     data: ImageDataset, val_size: int, seed: int, limit: int | None
 ) -> tuple[ImageDataset, ImageDataset]:
     if len(data) <= val_size:
-        raise ValueError(f"{data.name} has {len(data)} images: too few to hold out {val_size} for validation")
+        hint = (
+            f"; set a smaller val_size (--val-size, e.g. {max(1, len(data) // 10)})"
+            if len(data) >= 2
+            else ": at least 2 images are needed"
+        )
+        raise ValueError(
+            f"{data.name} has {len(data)} images: too few to hold out {val_size} for validation{hint}"
+        )
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if limit is not None:
@@ -195,7 +207,8 @@ def train_image_model(
     parameters, the image shape and the class names in its metadata.
     """
     run_dir = Path(run_dir)
-    check_writable_file(export)
+    if export is not None:
+        check_writable(export, "export path")
     seed_everything(config.train.seed)
     if data is None:
         data = load_dataset(

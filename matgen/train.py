@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from dfm_core.atomic_io import check_writable
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import MixturePath
 from dfm_core.schedulers import make_scheduler
@@ -25,7 +26,6 @@ from dfm_core.sources import mask_source
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
-    check_writable_file,
     config_from_dict,
     export_safetensors,
     load_best_weights,
@@ -171,7 +171,8 @@ def train_crystal_model(
     ``export_dtype`` there (``torch.bfloat16`` halves the file).
     """
     run_dir = Path(run_dir)
-    check_writable_file(export)
+    if export is not None:
+        check_writable(export, "export path")
     seed_everything(config.train.seed)
     train_split = load_token_dataset("train", config.data_dir, limit=config.train_limit, progress=progress)
     val_split = load_token_dataset("val", config.data_dir, limit=config.val_limit, progress=progress)

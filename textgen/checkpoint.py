@@ -62,6 +62,14 @@ class TextModel:
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> TextModel:
         file = Path(checkpoint)
+        if file.is_dir():
+            inside = file / "model.safetensors"
+            hint = (
+                f"did you mean {inside}?"
+                if inside.is_file()
+                else "give a .safetensors file (a `textgen train` run writes <run-dir>/model.safetensors)"
+            )
+            raise CheckpointError(f"checkpoint {file} is a folder, not a file: {hint}")
         if not file.is_file():
             raise CheckpointError(f"checkpoint not found: {file}")
         try:

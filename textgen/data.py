@@ -13,7 +13,8 @@ Named corpora (paths relative to the data folder: ``--data-dir``, else ``$TEXTGE
 
 Any other text can be given by path: a ``.txt``/``.tokens`` file is one document, a ``.jsonl`` file
 one document per line (its ``text`` field, else ``extract``, else its first string field), and a
-folder means every such file below it (sorted).
+folder means every such file below it (sorted). Files must be UTF-8: any other encoding is an error
+that names the file (no guessing).
 
 The tokenized evaluation sets get the usual detokenisers (those used for GPT-2's zero-shot numbers
 and by SEDD/MDLM): WikiText is split into articles at its top-level ``= Title =`` headings, PTB test
@@ -48,6 +49,7 @@ __all__ = [
     "ptb_detokenize",
     "lambada_detokenize",
     "split_wikitext_articles",
+    "read_text",
     "read_documents",
     "resolve_corpora",
     "load_corpus",
@@ -151,28 +153,49 @@ def split_wikitext_articles(text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A file's text, which must be UTF-8 (newlines normalised to ``\\n``).
+
+    Raises:
+        ValueError: the file is not UTF-8; the message names the file, the line and the byte.
+    """
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(
+                f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): "
+                "re-encode it, e.g. iconv -f latin1 -t utf-8"
+            ) from None
+        raise
+
+
 def _jsonl_texts(path: Path, field: str | None = None) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-            if isinstance(row, str):
-                docs.append(row)
-                continue
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected an object or a string")
-            keys = [field] if field else ["text", "extract"]
-            value = next((row[k] for k in keys if isinstance(row.get(k), str)), None)
-            if value is None and field is None:
-                value = next((v for v in row.values() if isinstance(v, str)), None)
-            if value is None:
-                raise ValueError(f"{path}:{n}: no text field ({field or 'text/extract'})")
-            docs.append(value)
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+        if isinstance(row, str):
+            docs.append(row)
+            continue
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected an object or a string")
+        keys = [field] if field else ["text", "extract"]
+        value = next((row[k] for k in keys if isinstance(row.get(k), str)), None)
+        if value is None and field is None:
+            value = next((v for v in row.values() if isinstance(v, str)), None)
+        if value is None:
+            raise ValueError(f"{path}:{n}: no text field ({field or 'text/extract'})")
+        docs.append(value)
     return docs
 
 
@@ -188,7 +211,7 @@ def read_documents(path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"text file not found: {path}")
     if path.suffix == ".jsonl":
         return _jsonl_texts(path)
-    return [path.read_text(encoding="utf-8")]
+    return [read_text(path)]
 
 
 @dataclass(frozen=True)
@@ -203,11 +226,11 @@ class CorpusSpec:
 
 
 def _wikitext(path: Path) -> list[str]:
-    return [wikitext_detokenize(a).strip() for a in split_wikitext_articles(path.read_text(encoding="utf-8"))]
+    return [wikitext_detokenize(a).strip() for a in split_wikitext_articles(read_text(path))]
 
 
 def _ptb(path: Path) -> list[str]:
-    return [ptb_detokenize(path.read_text(encoding="utf-8")).strip()]
+    return [ptb_detokenize(read_text(path)).strip()]
 
 
 def _lambada(path: Path) -> list[str]:

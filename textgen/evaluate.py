@@ -14,6 +14,7 @@ The report prints with rich and is written as ``likelihood.csv``, ``samples.csv`
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -26,10 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dfm_core.atomic_io import atomic_write_text, check_writable
 from dfm_core.objectives import fair_elbo
+from dfm_core.velocities import make_velocity
 from textgen.checkpoint import TextModel
 from textgen.data import EVAL_CORPORA, load_corpora, pack
-from textgen.generate import generate_tokens
+from textgen.generate import check_alpha, check_temperature, generate_tokens
 from textgen.judge import Judge
 from textgen.tokenizer import TextTokenizer
 
@@ -95,7 +98,9 @@ def eval_sequences(
     cache_dir: str | os.PathLike | None = None,
 ) -> Tensor:
     """Packed ``(N, seq_len)`` sequences of an evaluation set (a name of :data:`EVAL_CORPORA` or a path);
-    the first ``limit`` if given."""
+    the first ``limit`` (>= 1) if given."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 sequence per data set (or None for all), got {limit}")
     corpus = load_corpora([dataset], tokenizer, data_dir, cache_dir)
     seqs = pack(corpus.tokens, seq_len)
     if seqs.shape[0] == 0:
@@ -114,6 +119,9 @@ def sequence_nats(
     progress: bool = False,
 ) -> Tensor:
     """Negative log-likelihood in nats per sequence ``(N,)``: exact for AR, the fair ELBO bound (E.1) for DFM."""
+    _check_counts(n_points=n_points, batch_size=batch_size, chunk=chunk)
+    if sequences.shape[0] == 0:
+        raise ValueError("no sequences to evaluate")
     out = []
     g = torch.Generator(device=model.device).manual_seed(seed)
     batches = range(0, sequences.shape[0], batch_size)
@@ -239,12 +247,11 @@ class EvaluationReport:
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``likelihood.csv`` (one row per model), ``samples.csv`` and ``report.json``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_writable(out_dir, "output folder", folder=True)
         paths = {}
         if self.likelihood:
             p = out / "likelihood.csv"
-            with p.open("w", newline="") as f:
+            with io.StringIO(newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["model", "checkpoint", "kind", *self.datasets()])
                 for m in self.models():
@@ -258,16 +265,19 @@ class EvaluationReport:
                             *[f"{c.perplexity:.4f}" if c else "" for c in cells],
                         ]
                     )
+                atomic_write_text(p, f.getvalue())
             paths["likelihood"] = p
         if self.samples:
             p = out / "samples.csv"
-            with p.open("w", newline="") as f:
+            with io.StringIO(newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(asdict(self.samples[0])))
                 w.writeheader()
                 w.writerows(asdict(s) for s in self.samples)
+                atomic_write_text(p, f.getvalue())
             paths["samples"] = p
         p = out / "report.json"
-        p.write_text(
+        atomic_write_text(
+            p,
             json.dumps(
                 {
                     "settings": self.settings,
@@ -276,10 +286,17 @@ class EvaluationReport:
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
         paths["report"] = p
         return paths
+
+
+def _check_counts(**counts: int) -> None:
+    """Each count must be a whole number >= 1 (the message names the first that is not)."""
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _dataset_spec(spec: str) -> tuple[str, str]:
@@ -331,11 +348,46 @@ def evaluate(
         n_points: stratified kappa points of the fair ELBO (E.1 uses 1024).
         batch_size / chunk: sequences per batch and kappa points per model call for the ELBO.
         seq_len: sequence length (default: each model's training length).
-        samples / nfe / temperature / judge: sample-quality settings (``samples = 0`` skips them).
+        samples / nfe / temperature / judge: sample-quality settings (``samples = 0`` skips them);
+            temperature 0 (greedy) only for AR checkpoints.
+        sampler: ``velocity``, ``alpha``, ``corrector``, ``float64`` of :func:`generate_tokens`.
+
+    Raises:
+        ValueError: a bad setting (checked before any likelihood pass), checkpoint or data set.
     """
+    # every setting is checked before the first (slow) likelihood pass, so no work is thrown away
+    _check_counts(n_points=n_points, batch_size=batch_size, chunk=chunk)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 sequence per data set (or None for all), got {limit}")
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1 (or None for each model's own), got {seq_len}")
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0 (0: no sample statistics), got {samples}")
+    nfe = list(nfe)
+    if samples > 0:
+        if not nfe:
+            raise ValueError("nfe is empty: give at least one sampler NFE")
+        for k in nfe:
+            if k < 1:
+                raise ValueError(f"every nfe must be >= 1, got {k}")
+    check_temperature(temperature, "ar")  # finite and >= 0; 0 is refused per model below
+    sampler["alpha"] = check_alpha(sampler.get("alpha"))
     tokenizer = tokenizer or TextTokenizer()
     models = [TextModel.load(c, device) for c in checkpoints]
     labels = _model_names(models, names)
+    for model, label in zip(models, labels, strict=True):
+        L = seq_len or model.seq_len
+        if L > model.model.config.max_len:
+            raise ValueError(f"seq_len {L} exceeds the max_len {model.model.config.max_len} of {label}")
+        if samples > 0:
+            try:
+                check_temperature(temperature, model.kind)
+            except ValueError as e:
+                raise ValueError(f"{label}: {e}") from None
+    if samples > 0 and any(m.kind == "dfm" for m in models):
+        make_velocity(
+            sampler.get("velocity", "ko"), alpha=sampler["alpha"], corrector=sampler.get("corrector", 0.0)
+        )
     report = EvaluationReport(
         settings={
             "checkpoints": [str(c) for c in checkpoints],
@@ -348,6 +400,7 @@ def evaluate(
             "temperature": temperature,
             "judge": judge.name if judge is not None else None,
             "seed": seed,
+            **sampler,
         }
     )
     cache: dict[tuple[str, int], Tensor] = {}

@@ -5,25 +5,43 @@ Conditioning by clamping: a *template* fixes some positions and leaves the rest 
 ``"The cat [[8]] on the mat."`` asks for 8 generated tokens between the two fixed pieces (infilling);
 anything after the template's end is generated too. The AR baseline accepts prompts only.
 
-Batch ``k`` draws from its own generator seeded by ``(seed, k)``, so the same seed gives the same texts
-whatever else runs in the process.
+Batch ``k`` draws from its own generator seeded by ``(seed, k)``, so the same seed and ``batch_size``
+give the same texts whatever else runs in the process (another ``batch_size`` regroups the draws and so
+gives other texts).
+
+Temperature: a finite number > 0; 0 means greedy decoding and is accepted only by the AR baseline.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from dfm_core.atomic_io import atomic_write_text, check_writable
 from dfm_core.sampler import sample
 from dfm_core.velocities import make_velocity
 from textgen.checkpoint import TextModel
 from textgen.tokenizer import TextTokenizer
 
-__all__ = ["Template", "GeneratedTexts", "parse_template", "generate_tokens", "generate_texts"]
+__all__ = [
+    "Template",
+    "GeneratedTexts",
+    "check_temperature",
+    "check_alpha",
+    "resolve_length",
+    "parse_template",
+    "generate_tokens",
+    "generate_texts",
+    "write_texts",
+]
 
 _GAP = re.compile(r"\[\[(\d+)\]\]")
 
@@ -41,6 +59,47 @@ class Template:
         """The fixed tokens at the start (the whole template for a prompt)."""
         n = int(self.mask.long().cumprod(0).sum())
         return self.values[:n]
+
+
+def check_temperature(temperature: float, kind: str = "dfm") -> float:
+    """A sampling temperature as a float: finite and > 0; 0 (greedy) only for ``kind == "ar"``.
+
+    Raises:
+        ValueError: NaN, infinite or negative, or 0 for a flow model.
+    """
+    t = float(temperature)
+    if not math.isfinite(t) or t < 0:
+        bound = ">= 0 (0: greedy)" if kind == "ar" else "> 0"
+        raise ValueError(f"temperature must be a finite number {bound}, got {temperature}")
+    if t == 0 and kind != "ar":
+        raise ValueError(
+            "temperature 0 (greedy decoding) works only for the AR baseline; "
+            "a flow model needs a temperature > 0"
+        )
+    return t
+
+
+def check_alpha(alpha: float | None) -> float | None:
+    """alpha of the power velocity: None (not given) or a finite number > 0."""
+    if alpha is None:
+        return None
+    a = float(alpha)
+    if not (math.isfinite(a) and a > 0):
+        hint = " (use the power-inf velocity for alpha -> inf)" if a == math.inf else ""
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}{hint}")
+    return a
+
+
+def resolve_length(model: TextModel, length: int | None) -> int:
+    """Tokens per sample: ``length`` (>= 1, <= the model's max_len) or, if None, the training ``seq_len``."""
+    if length is None:
+        return model.seq_len
+    if length < 1:
+        raise ValueError(f"length must be >= 1 token (or None for the training length), got {length}")
+    max_len = model.model.config.max_len
+    if length > max_len:
+        raise ValueError(f"length {length} exceeds the model's max_len {max_len}")
+    return int(length)
 
 
 def parse_template(template: str, tokenizer: TextTokenizer, length: int) -> Template:
@@ -105,28 +164,33 @@ def generate_tokens(
 
     Args:
         steps: NFE of the posterior sampler (ignored by the AR baseline: one step per token).
-        temperature: posterior softmax temperature.
+        temperature: posterior softmax temperature (:func:`check_temperature`; 0 = greedy, AR only).
         velocity / corrector / alpha: the conditional velocity (``ko``, ``power``, ``power-inf``,
             ``campbell``), the eq 35 corrector weight, and alpha for ``power``.
         float64: categorical draws in float64 (avoids the low-precision bias of Zheng et al. 2024).
         template: positions to clamp (:func:`parse_template`).
-        seed: the same seed gives the same tokens.
+        seed: the same seed and ``batch_size`` give the same tokens (``batch_size`` groups the draws).
+
+    Raises:
+        ValueError: a count below 1, a bad length, temperature, alpha or velocity, or a template that
+            does not fit.
     """
-    if n < 1 or batch_size < 1 or steps < 1:
-        raise ValueError("n, batch_size and steps must be >= 1")
-    length = length or model.seq_len
-    if length > model.model.config.max_len:
-        raise ValueError(f"length {length} exceeds the model's max_len {model.model.config.max_len}")
+    for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    length = resolve_length(model, length)
+    temperature = check_temperature(temperature, model.kind)
+    alpha = check_alpha(alpha)
     if template is not None and template.mask.shape[0] != length:
         raise ValueError("the template was built for another length")
+    if model.kind == "ar" and template is not None and not template.is_prompt:
+        raise ValueError("the autoregressive baseline can only continue a prompt, not infill")
     vel = make_velocity(velocity, alpha=alpha, corrector=corrector) if model.kind == "dfm" else None
     out = []
     for b, start in enumerate(range(0, n, batch_size)):
         size = min(batch_size, n - start)
         g = torch.Generator(device=model.device).manual_seed(_batch_seed(seed, b))
         if model.kind == "ar":
-            if template is not None and not template.is_prompt:
-                raise ValueError("the autoregressive baseline can only continue a prompt, not infill")
             prefix = template.prefix if template is not None else None
             out.append(model.model.sample(size, length, prefix, temperature, g, float64).cpu())
             continue
@@ -162,7 +226,7 @@ def generate_texts(
 ) -> GeneratedTexts:
     """Sample ``n`` texts; ``prompt`` is a template (see the module docstring). Other options as
     :func:`generate_tokens`."""
-    length = kwargs.pop("length", None) or model.seq_len
+    length = resolve_length(model, kwargs.pop("length", None))
     template = parse_template(prompt, tokenizer, length) if prompt else None
     tokens = generate_tokens(model, n, length=length, template=template, **kwargs)
     settings = {
@@ -174,3 +238,18 @@ def generate_texts(
         **{k: v for k, v in kwargs.items() if k != "progress"},
     }
     return GeneratedTexts(tokens, tokenizer.decode_batch(tokens, show_special), settings)
+
+
+def write_texts(result: GeneratedTexts, out: str | os.PathLike) -> Path:
+    """Write the texts atomically: ``.jsonl`` gives one object per text (text, tokens, settings), any
+    other suffix plain text with ``=== sample i ===`` headers."""
+    out = check_writable(out)
+    if out.suffix == ".jsonl":
+        lines = [
+            json.dumps({"id": i, "text": t, "tokens": result.tokens[i].tolist(), **result.settings})
+            for i, t in enumerate(result.texts)
+        ]
+        text = "\n".join(lines) + "\n"
+    else:
+        text = "".join(f"=== sample {i} ===\n{t}\n" for i, t in enumerate(result.texts))
+    return atomic_write_text(out, text)

@@ -13,6 +13,7 @@ gives ~3.3M parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,6 +58,25 @@ class TextModelConfig:
     dropout: float = 0.0
     max_len: int = 1024
     positional: Literal["rotary", "learned", "sinusoidal"] = "rotary"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden", "depth", "heads", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.positional == "rotary" and (self.hidden // self.heads) % 2:
+            raise ValueError(
+                f"rotary positions need an even head width: hidden / heads = {self.hidden // self.heads}"
+            )
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:  # also refuses NaN
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.positional not in ("rotary", "learned", "sinusoidal"):
+            raise ValueError(
+                f"positional must be 'rotary', 'learned' or 'sinusoidal', got {self.positional!r}"
+            )
 
     @classmethod
     def tiny(cls, **overrides: Any) -> TextModelConfig:
@@ -168,6 +188,8 @@ class TextARModel(nn.Module):
         """
         from dfm_core.sampler import categorical
 
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
         device = next(self.parameters()).device
         seq = torch.full((n, length + 1), EOT_ID, dtype=torch.long, device=device)
         P = 0

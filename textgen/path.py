@@ -14,6 +14,7 @@ for ``mask``), or ``cosine``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,8 @@ class TextPathConfig:
         if self.source not in ("mask", "stats"):
             raise ValueError(f"source must be 'mask' or 'stats' (eq 38), got {self.source!r}")
         self.beta0 = float(self.beta0)
+        if not math.isfinite(self.beta0):
+            raise ValueError(f"beta0 must be a finite number, got {self.beta0}")
         if self.scheduler.lower() not in ("linear", "ko", "kinetic-optimal", "cosine"):
             raise ValueError(f"scheduler must be 'linear', 'ko' or 'cosine', got {self.scheduler!r}")
 
@@ -88,6 +91,8 @@ def stats_source(p_stats: Tensor, beta0: float) -> Tensor:
         raise ValueError(f"p_stats must have shape ({GPT2_VOCAB_SIZE},), got {tuple(p_stats.shape)}")
     pmf = torch.zeros(VOCAB_SIZE, dtype=torch.float64)
     pmf[:GPT2_VOCAB_SIZE] = data_statistics_source(p_stats, beta0)
+    if not torch.isfinite(pmf).all():
+        raise ValueError(f"beta0={beta0} is too large: softmax(-beta0 log p_stats) overflows")
     return pmf
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfm_core.atomic_io import check_writable
 from dfm_core.objectives import cross_entropy_loss, mixture_elbo_loss, sample_training_time
 from dfm_core.paths import MixturePath
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
-    check_writable_file,
     config_from_dict,
     load_best_weights,
     load_config,
@@ -126,6 +127,12 @@ class TextgenTrainConfig:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if not self.data:
             raise ValueError("no training data given")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ValueError(f"train_limit must be >= 1 sequence (or None for all), got {self.train_limit}")
+        if self.max_val_sequences < 1:
+            raise ValueError(f"max_val_sequences must be >= 1, got {self.max_val_sequences}")
+        if not (math.isfinite(self.stats_smoothing) and self.stats_smoothing > 0):
+            raise ValueError(f"stats_smoothing must be a finite number > 0, got {self.stats_smoothing}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -223,7 +230,8 @@ def train_text_model(
     ``run_dir/model.safetensors`` (best EMA weights + metadata + the stats source PMF), copied to
     ``export`` if given."""
     run_dir = Path(run_dir)
-    check_writable_file(export)
+    if export is not None:
+        check_writable(export, "export path")
     tokenizer = TextTokenizer(config.tokenizer)
     data = data or prepare_data(config, tokenizer)
     seed_everything(config.train.seed)
@@ -255,25 +263,34 @@ def train_text_model(
         "data": data.facts(),
         "parameters": count_parameters(model),
     }
-    result = train(
-        model,
-        loss_fn,
-        train_batches,
-        config.train,
-        run_dir,
-        val_loss_fn=val_loss,
-        resume=resume,
-        extra_metadata=metadata,
-        progress=progress,
-        identity={
-            "kind": config.kind,
-            "path": metadata["path"],
-            "loss": config.loss,
-            "seq_len": config.seq_len,
-            "tokenizer_sha256": tokenizer.digest,
-            "train_sha256": metadata["data"]["train_sha256"],
-        },
-    )
+    try:
+        result = train(
+            model,
+            loss_fn,
+            train_batches,
+            config.train,
+            run_dir,
+            val_loss_fn=val_loss,
+            resume=resume,
+            extra_metadata=metadata,
+            progress=progress,
+            identity={
+                "kind": config.kind,
+                "path": metadata["path"],
+                "loss": config.loss,
+                "seq_len": config.seq_len,
+                "tokenizer_sha256": tokenizer.digest,
+                "train_sha256": metadata["data"]["train_sha256"],
+            },
+        )
+    except FloatingPointError as e:
+        # dfm_core names run_dir/last.pt as the last good checkpoint, which a young run has not written
+        if (run_dir / "last.pt").is_file():
+            raise
+        reason = str(e).split("; last good checkpoint")[0]
+        raise FloatingPointError(
+            f"{reason}; no checkpoint was written (lr {config.train.lr:g}: try a lower lr)"
+        ) from None
     meta = {**metadata, **load_best_weights(run_dir, model)}
     export_text_model(model, run_dir / "model.safetensors", meta, source_pmf)
     if export is not None:

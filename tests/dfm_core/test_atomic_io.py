@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dfm_core.atomic_io import atomic_write, atomic_write_text, remove_stale_temps
+from dfm_core.atomic_io import atomic_write, atomic_write_text, check_writable, remove_stale_temps
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -89,3 +89,15 @@ def test_stale_temps_of_dead_processes_are_removed(tmp_path):
     assert remove_stale_temps(tmp_path) == 1
     assert not stale.exists() and mine.exists() and keep.exists()
     assert (tmp_path / "last.pt").read_text() == "complete"
+
+
+def test_check_writable_names_the_problem(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is a folder"):
+        check_writable(tmp_path, "--out")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_writable(tmp_path / "a_file", "--out", folder=True)
+    with pytest.raises(ValueError, match="lies under .*a_file, which is a file"):
+        check_writable(tmp_path / "a_file" / "deeper" / "x.png", "--out")
+    assert check_writable(tmp_path / "new" / "sub" / "x.png") == tmp_path / "new" / "sub" / "x.png"
+    assert not (tmp_path / "new").exists()  # checking creates nothing

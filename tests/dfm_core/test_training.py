@@ -395,3 +395,19 @@ def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path):
     assert resumed.step == whole.step == 12
     a, b = (load_checkpoint(p / "last.pt")["model"] for p in (tmp_path / "cut", tmp_path / "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverged_run_never_overwrites_last_pt(tmp_path):
+    """Checkpoints fall between log records: NaN weights must not become the 'last good checkpoint'."""
+    calls = {"n": 0}
+
+    def exploding(model, x1, generator):
+        calls["n"] += 1
+        loss = denoise_loss(model, x1, generator)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    cfg = config(steps=12, ckpt_every=4, log_every=100, eval_every=0)
+    with pytest.raises(FloatingPointError, match="at step 8; last good checkpoint"):
+        train(tiny_model(), exploding, batches, cfg, tmp_path, progress=False)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())

@@ -1,0 +1,267 @@
+"""Bad values are refused with one clear line (Python API: ValueError naming the value; CLI: no traceback)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.imagegen import app
+from imagegen.data import ImageDataset, load_image_folder
+from imagegen.evaluate import check_sweep, load_evaluation_data
+from imagegen.generate import CorrectorSchedule, ImageGenerator, SamplingConfig
+from imagegen.grid import check_grid_options, check_image_file, check_output_folder, make_grid
+from imagegen.paths import MAX_PREVIEW_IMAGES, PixelPathConfig, path_preview, path_samples
+from imagegen.train import ImagegenTrainConfig
+
+runner = CliRunner()
+
+
+def one_line_error(result, *words: str) -> str:
+    """The CLI failed with exit code 2 and a single 'error: ...' line holding every word."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def gray_folder(root: Path, n: int = 3, size: int = 8) -> Path:
+    """``root/a`` and ``root/b`` with ``n`` flat grey PNGs each (no train/ or test/ split)."""
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (size, size), 30 * i + (100 if cls == "b" else 0)).save(root / cls / f"{i}.png")
+    return root
+
+
+def sample_cli(checkpoint: Path, out: Path, *extra: str):
+    args = ["sample", "--checkpoint", str(checkpoint), "--n", "4", "--out", str(out), "--steps", "2"]
+    return runner.invoke(app, [*args, "--quiet", *extra])
+
+
+# ---------------------------------------------------------------- 1. counts and path parameters
+
+
+def test_counts_and_path_parameters_are_refused_before_any_allocation(tmp_path: Path) -> None:
+    ds = ImageDataset(torch.zeros(5, 1, 4, 4, dtype=torch.uint8), None, None, "x")
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="number of images"):
+            ds.random_subset(bad)  # -1 used to slice perm[:-1]
+    for kw in ({"c": math.nan}, {"a": math.inf}, {"c": -1.0}, {"a": 0.0}):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            PixelPathConfig(**kw)
+    cfg = PixelPathConfig()
+    for n, times in ((0, 3), (-1, 3), (MAX_PREVIEW_IMAGES + 1, 3), (2, 0)):
+        with pytest.raises(ValueError, match="path preview"):
+            path_preview(ds, cfg, n, times)
+    with pytest.raises(ValueError, match="at least one time"):
+        path_samples(ds.images, cfg, torch.tensor([]))
+    xt, ts = path_preview(ds, cfg, 64, 2)  # n above the data size: all of it
+    assert xt.shape == (2, 5, 1, 4, 4) and ts.tolist() == [0.0, 1.0]
+
+    data = gray_folder(tmp_path / "data")
+    base = ["path-preview", "--dataset", "folder", "--data-dir", str(data), "--image-size", "8"]
+    base += ["--out", str(tmp_path / "p.png")]
+    one_line_error(runner.invoke(app, [*base, "--n", "-1"]), "--n", "-1")
+    one_line_error(runner.invoke(app, [*base, "--n", "100000"]), "1..64")
+    one_line_error(runner.invoke(app, [*base, "--n", "0"]), "--n")
+    one_line_error(runner.invoke(app, [*base, "--times", "0"]), "--times")
+    one_line_error(runner.invoke(app, [*base, "--beta-c", "nan"]), "c", "nan")
+
+
+def test_evaluate_refuses_bad_reference_n_and_counts(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    base = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e"), "--quiet"]
+    one_line_error(runner.invoke(app, [*base, "--reference-n", "-1"]), "--reference-n", "-1")
+    one_line_error(runner.invoke(app, [*base, "--n", "0"]), "n (samples per point)")
+    one_line_error(runner.invoke(app, [*base, "--grids", "-1"]), "-1")
+
+
+# ---------------------------------------------------------------- 2, 3. sampler numbers
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": math.nan},
+        {"temperature": math.inf},
+        {"temperature": -1.0},
+        {"guidance": math.inf},
+        {"guidance": math.nan},
+        {"guidance": -1.0},
+    ],
+)
+def test_non_finite_temperature_and_guidance_are_refused(kw: dict) -> None:
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        SamplingConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"corrector": -1.0},
+        {"corrector": math.nan},
+        {"corrector": math.inf},
+        {"corrector": 1.0, "corrector_p": math.nan},
+        {"corrector": 1.0, "corrector_q": -0.5},
+        {"corrector": 0.0, "corrector_q": math.inf},  # refused even while the corrector is off
+    ],
+)
+def test_negative_or_non_finite_corrector_settings_are_refused(kw: dict) -> None:
+    with pytest.raises(ValueError, match="corrector .* must be a finite number >= 0"):
+        SamplingConfig(**kw)
+
+
+def test_corrector_schedule_and_cli_refuse_nan(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="corrector weight"):
+        CorrectorSchedule(math.nan)
+    with pytest.raises(ValueError, match="exponent q"):
+        CorrectorSchedule(1.0, q=math.nan)
+    out = tmp_path / "s.png"
+    one_line_error(sample_cli(tiny_checkpoint, out, "--temperature", "nan"), "temperature", "nan")
+    one_line_error(sample_cli(tiny_checkpoint, out, "--guidance", "inf"), "guidance", "inf")
+    one_line_error(sample_cli(tiny_checkpoint, out, "--corrector", "-1"), "corrector weight", "-1")
+    one_line_error(sample_cli(tiny_checkpoint, out, "--corrector-p", "nan"), "exponent p", "nan")
+    ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e"), "--quiet"]
+    one_line_error(runner.invoke(app, [*ev, "--corrector", "0,nan"]), "corrector weight", "nan")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 4, 7. training data sizes
+
+
+def test_train_limit_and_val_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="train_limit .* got 0"):
+        ImagegenTrainConfig(train_limit=0)
+    with pytest.raises(ValueError, match="val_size"):
+        ImagegenTrainConfig(val_size=0)
+    data = gray_folder(tmp_path / "data", n=6)
+    args = ["train", "--run-dir", str(tmp_path / "run"), "--dataset", "folder", "--data-dir", str(data)]
+    args += ["--image-size", "8", "--channels", "1", "--size", "tiny", "--steps", "2", "--batch-size", "4"]
+    args += ["--device", "cpu", "--quiet"]
+    one_line_error(runner.invoke(app, [*args, "--train-limit", "0"]), "train_limit", "0")
+    one_line_error(runner.invoke(app, args), "12 images", "hold out 1000", "--val-size")
+    result = runner.invoke(app, [*args, "--val-size", "4"])
+    assert result.exit_code == 0 and "trained to step 2" in result.output, result.output
+
+
+# ---------------------------------------------------------------- 5. silently accepted options
+
+
+def test_nfe_lists_grid_options_and_data_shapes(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = [SamplingConfig()]
+    with pytest.raises(ValueError, match="2.7"):
+        check_sweep(settings, [2.7], 4)
+    assert check_sweep(settings, [2, 4.0], 4) == [2, 4]
+    ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e"), "--quiet"]
+    one_line_error(runner.invoke(app, [*ev, "--nfe", "8,2.7"]), "--nfe", "whole numbers", "'2.7'")
+    one_line_error(runner.invoke(app, [*ev, "--nfe", "abc"]), "--nfe", "'abc'")
+
+    for bad in ({"nrow": 0}, {"nrow": -1}, {"scale": 0}):
+        with pytest.raises(ValueError, match=">= 1"):
+            check_grid_options(**bad)
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    assert make_grid(images, nrow=100).shape == (12, 4 * 10 + 2)  # nrow capped at n: one row of 4
+    out = tmp_path / "s.png"
+    one_line_error(sample_cli(tiny_checkpoint, out, "--nrow", "0"), "nrow", "0")
+    one_line_error(sample_cli(tiny_checkpoint, out, "--nrow", "-1"), "nrow", "-1")
+    one_line_error(sample_cli(tiny_checkpoint, out, "--scale", "0"), "scale", "0")
+    assert sample_cli(tiny_checkpoint, out, "--nrow", "100").exit_code == 0
+    with Image.open(out) as img:
+        assert img.size == (4 * 10 + 2, 12)
+
+    gen = ImageGenerator.from_checkpoint(tiny_checkpoint, "cpu")  # 1 x 8 x 8
+    rgb = ImageDataset(torch.zeros(6, 3, 32, 32, dtype=torch.uint8), None, None, "cifar10/test")
+    monkeypatch.setattr("imagegen.evaluate.load_dataset", lambda *a, **k: rgb)
+    with pytest.raises(ValueError, match=r"shape \(3, 32, 32\).*\(1, 8, 8\)"):
+        load_evaluation_data(gen, "cifar10")
+    with pytest.raises(ValueError, match="reference images"):
+        load_evaluation_data(gen, "cifar10", n=-1)
+
+
+# ---------------------------------------------------------------- 6. 16-bit PNGs
+
+
+def test_sixteen_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path: Path) -> None:
+    values = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    values[0, 0], values[0, 1] = 65535, 257 * 100
+    (tmp_path / "f").mkdir()
+    Image.fromarray(values).save(tmp_path / "f" / "deep.png")
+    with Image.open(tmp_path / "f" / "deep.png") as img:
+        assert img.mode in ("I;16", "I")
+    expected = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    grey = load_image_folder(tmp_path / "f", size=8, channels=1)
+    assert np.array_equal(grey.images[0, 0].numpy(), expected)
+    assert grey.images[0, 0, 0, 0] == 255 and grey.images[0, 0, 0, 1] == 100
+    assert abs(float(grey.images.float().mean()) - values.mean() / 257) < 1  # not clipped to ~254
+    rgb = load_image_folder(tmp_path / "f", size=8, channels=3)
+    assert all(np.array_equal(rgb.images[0, c].numpy(), expected) for c in range(3))
+
+
+# ---------------------------------------------------------------- 8, 9. messages and output paths
+
+
+def test_clear_messages_for_folders_and_bad_files(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_line_error(sample_cli(tiny_checkpoint, tmp_path), "is a folder", ".png")
+    one_line_error(sample_cli(tiny_checkpoint, tmp_path / "grid.txt"), ".png")
+    line = one_line_error(sample_cli(tiny_checkpoint.parent, tmp_path / "s.png"), "is a folder")
+    assert str(tiny_checkpoint) in line  # <dir>/model.safetensors suggested
+    one_line_error(sample_cli(tmp_path, tmp_path / "s.png"), "is a folder", ".safetensors")
+
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a torch file\n")
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e"), "--quiet"]
+    one_line_error(runner.invoke(app, [*ev, "--features-weights", str(bad)]), str(bad), "state dict")
+
+    data = gray_folder(tmp_path / "data")  # no test/ subfolder: the training images are previewed
+    pp = ["path-preview", "--dataset", "folder", "--data-dir", str(data), "--image-size", "8"]
+    result = runner.invoke(app, [*pp, "--out", str(tmp_path / "p.png"), "--n", "2", "--times", "3"])
+    assert result.exit_code == 0 and "no test/ subfolder" in result.output, result.output
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.size == (2 * (2 * 10 + 2), 2 * (3 * 10 + 2))
+
+
+def test_output_paths_are_checked_before_sampling(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="which is a file"):
+        check_image_file(a_file / "sub" / "grid.png")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_output_folder(a_file)
+    assert check_image_file(tmp_path / "new" / "grid.png") == tmp_path / "new" / "grid.png"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the output path")
+
+    monkeypatch.setattr(ImageGenerator, "sample", no_sampling)
+    one_line_error(sample_cli(tiny_checkpoint, a_file / "grid.png"), "which is a file")
+    result = sample_cli(tiny_checkpoint, tmp_path / "g.png", "--images-dir", str(a_file))
+    one_line_error(result, "--images-dir", "not a folder")
+    ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(a_file), "--quiet"]
+    one_line_error(runner.invoke(app, ev), "not a folder")
+
+
+# ---------------------------------------------------------------- 10. labels
+
+
+def test_labels_name_guidance_and_temperature(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    assert SamplingConfig().label() == "ko"
+    assert SamplingConfig(guidance=1.5).label() == "ko+guidance=1.5"
+    assert SamplingConfig(corrector=2, temperature=0.9).label() == "ko+corr(w=2,p=0,q=0)+temp=0.9"
+    result = sample_cli(tiny_checkpoint, tmp_path / "s.png", "--guidance", "1.5", "--label", "vertical")
+    assert result.exit_code == 0 and "(ko+guidance=1.5, 2 steps)" in result.output, result.output

@@ -1,0 +1,253 @@
+"""Bad input gives one clear line (exit code 2), never a traceback or silently wrong output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.textgen import app
+from textgen.checkpoint import CheckpointError, TextModel, export_text_model
+from textgen.data import read_documents
+from textgen.generate import generate_tokens
+from textgen.model import TextARModel, TextModelConfig
+from textgen.path import TextPathConfig
+
+runner = CliRunner()
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def _error(*args: str) -> str:
+    """Run a command that must fail cleanly; return its one-line message."""
+    code, output = _invoke(*args)
+    assert code == 2, output
+    assert "Traceback" not in output and output.splitlines()[-1].startswith("error: "), output
+    return output.splitlines()[-1]
+
+
+def _sample_args(ckpt: Path, tokenizer_dir: Path) -> list[str]:
+    return ["sample", "--checkpoint", str(ckpt), "--n", "2", "--steps", "2", "--device", "cpu"] + [
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
+
+
+def _eval_args(ckpt: Path, corpus: Path, tokenizer_dir: Path, out: Path) -> list[str]:
+    return [
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--datasets",
+        f"tiny={corpus}",
+        "--limit",
+        "2",
+        "--points",
+        "4",
+        "--device",
+        "cpu",
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+
+
+def _train_args(run_dir: Path, corpus: Path, tokenizer_dir: Path) -> list[str]:
+    return [
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--size",
+        "tiny",
+        "--seq-len",
+        "16",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "0",
+        "--eval-every",
+        "0",
+        "--ckpt-every",
+        "0",
+        "--device",
+        "cpu",
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--quiet",
+    ]
+
+
+@pytest.fixture(scope="module")
+def ar_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = TextARModel(TextModelConfig.tiny(max_len=16))
+    meta = {"kind": "ar", "model_config": model.config.to_dict(), "seq_len": 8}
+    return export_text_model(model, tmp_path_factory.mktemp("ar") / "ar.safetensors", meta)
+
+
+# 1. temperature ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", ["0", "-1", "nan", "inf"])
+def test_flow_model_refuses_bad_temperatures(tiny_run: Path, tokenizer_dir: Path, temperature: str):
+    args = _sample_args(tiny_run / "model.safetensors", tokenizer_dir)
+    assert "temperature" in _error(*args, "--temperature", temperature)
+
+
+def test_ar_model_is_greedy_at_zero_and_refuses_negative_or_nan(ar_checkpoint: Path, tokenizer_dir: Path):
+    code, out = _invoke(*_sample_args(ar_checkpoint, tokenizer_dir), "--temperature", "0")
+    assert code == 0, out
+    texts = out.split("===\n")[1:]
+    assert len(texts) == 2 and texts[0].split("\n=== ")[0] == texts[1].strip()  # greedy: identical
+    for bad in ("-1", "nan"):
+        assert "temperature" in _error(*_sample_args(ar_checkpoint, tokenizer_dir), "--temperature", bad)
+    model = TextModel.load(ar_checkpoint, "cpu")
+    with pytest.raises(ValueError, match="temperature"):
+        model.model.sample(1, 4, temperature=float("nan"))
+
+
+def test_evaluate_refuses_temperature_zero_before_any_work(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path
+):
+    args = _eval_args(tiny_run / "model.safetensors", tiny_corpus, tokenizer_dir, tmp_path / "ev")
+    assert "temperature 0" in _error(*args, "--samples", "2", "--temperature", "0")
+    assert not (tmp_path / "ev").exists()
+
+
+# 2. evaluate --alpha -----------------------------------------------------------------------------
+
+
+def test_evaluate_power_velocity_takes_alpha(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path
+):
+    args = _eval_args(tiny_run / "model.safetensors", tiny_corpus, tokenizer_dir, tmp_path / "ev")
+    args += ["--samples", "1", "--nfe", "2", "--velocity", "power"]
+    assert "alpha" in _error(*args)
+    code, out = _invoke(*args, "--alpha", "2")
+    assert code == 0, out
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["settings"]["alpha"] == 2.0 and report["settings"]["velocity"] == "power"
+
+
+# 3 and 5. one-line errors that name the flag or value --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--length", "-5"], "length"),
+        (["--length", "0"], "length"),
+        (["--alpha", "nan", "--velocity", "power"], "alpha"),
+        (["--n", "0"], "n must be"),
+    ],
+)
+def test_sample_refuses_nonsense(tiny_run: Path, tokenizer_dir: Path, extra: list[str], needle: str):
+    assert needle in _error(*_sample_args(tiny_run / "model.safetensors", tokenizer_dir), *extra)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--points", "0"], "n_points"),
+        (["--points", "-2"], "n_points"),
+        (["--seq-len", "0"], "seq_len"),
+        (["--chunk", "0"], "chunk"),
+        (["--samples", "-1"], "samples"),
+        (["--limit", "-1"], "limit"),
+        (["--limit", "0"], "limit"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--samples", "1", "--nfe", "abc"], "--nfe"),
+        (["--samples", "1", "--nfe", "0"], "nfe"),
+    ],
+)
+def test_evaluate_refuses_nonsense(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path, extra: list[str], needle: str
+):
+    args = _eval_args(tiny_run / "model.safetensors", tiny_corpus, tokenizer_dir, tmp_path / "ev")
+    assert needle in _error(*args, *extra)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--source", "stats", "--beta0", "nan"], "beta0"),
+        (["--source", "stats", "--beta0", "inf"], "beta0"),
+        (["--train-limit", "0"], "train_limit"),
+        (["--hidden", "0"], "hidden"),
+    ],
+)
+def test_train_refuses_nonsense(
+    tmp_path: Path, tiny_corpus: Path, tokenizer_dir: Path, extra: list[str], needle: str
+):
+    assert needle in _error(*_train_args(tmp_path / "run", tiny_corpus, tokenizer_dir), *extra)
+    with pytest.raises(ValueError, match="beta0"):
+        TextPathConfig("stats", beta0=float("nan"))
+
+
+def test_sample_out_is_checked_before_sampling(
+    tiny_run: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch
+):
+    args = _sample_args(tmp_path / "missing.safetensors", tokenizer_dir)  # loading would fail later
+    assert "is a folder" in _error(*args, "--out", str(tmp_path))
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert "which is a file" in _error(*args, "--out", str(a_file / "s.jsonl"))
+    access = os.access  # tmp_path made read-only (root ignores real permissions)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != tmp_path and access(p, mode, **k))
+    assert "permission" in _error(*args, "--out", str(tmp_path / "ro" / "s.jsonl"))
+
+
+# 4. a diverging loss ------------------------------------------------------------------------------
+
+
+def test_diverging_training_is_one_line_without_a_missing_checkpoint(
+    tmp_path: Path, tiny_corpus: Path, tokenizer_dir: Path
+):
+    run_dir = tmp_path / "run"
+    message = _error(*_train_args(run_dir, tiny_corpus, tokenizer_dir), "--lr", "1e30")
+    assert "non-finite" in message and "last.pt" not in message and not (run_dir / "last.pt").exists()
+
+
+# 6. non-UTF-8 text --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["latin.txt", "latin.jsonl"])
+def test_non_utf8_text_names_the_file(tmp_path: Path, name: str):
+    path = tmp_path / name
+    path.write_bytes(b'"ok"\n"caf\xe9"\n' if name.endswith(".jsonl") else b"ok\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin\..* is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        read_documents(path)
+
+
+# 7. a folder given as checkpoint ------------------------------------------------------------------
+
+
+def test_checkpoint_folder_suggests_the_file(tiny_run: Path, tmp_path: Path, tokenizer_dir: Path):
+    message = _error(*_sample_args(tiny_run, tokenizer_dir))
+    assert "is a folder" in message and str(tiny_run / "model.safetensors") in message
+    with pytest.raises(CheckpointError, match="is a folder"):
+        TextModel.load(tmp_path)
+
+
+# 8. the seed fixes the texts together with the batch size ----------------------------------------
+
+
+def test_same_seed_and_batch_size_give_the_same_tokens(tiny_run: Path):
+    model = TextModel.load(tiny_run / "model.safetensors", "cpu")
+    a = generate_tokens(model, 4, steps=2, seed=3, batch_size=2)
+    assert torch.equal(a, generate_tokens(model, 4, steps=2, seed=3, batch_size=2))
+    assert not torch.equal(a, generate_tokens(model, 4, steps=2, seed=3, batch_size=4))
