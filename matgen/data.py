@@ -190,8 +190,16 @@ def load_split(split: str, data_dir: str | Path | None = None, limit: int | None
 
     An unnamed index column (as in CDVAE's CSVs) is dropped. ``limit`` keeps the first rows only.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None for all rows), got {limit}")
     path = ensure_split_file(split, data_dir)
-    frame = pd.read_csv(path, nrows=limit)
+    try:
+        frame = pd.read_csv(path, nrows=limit)
+    except (
+        ValueError,
+        UnicodeDecodeError,
+    ) as exc:  # pandas' parser errors (an empty file, ...) are ValueErrors
+        raise ValueError(f"cannot read {path} as a CSV table: {str(exc).strip().splitlines()[0]}") from None
     frame = frame.loc[:, [c for c in frame.columns if not str(c).startswith("Unnamed:")]]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:

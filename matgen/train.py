@@ -81,6 +81,12 @@ class MatgenTrainConfig:
         if self.kind not in ("dfm", "ar"):
             raise ValueError(f"kind must be 'dfm' or 'ar', got {self.kind!r}")
         make_scheduler(self.scheduler)  # validates the name
+        for name in ("train_limit", "val_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or unset for all rows), got {value}")
+        if self.max_atoms < 1:
+            raise ValueError(f"max_atoms must be at least 1, got {self.max_atoms}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -226,3 +226,13 @@ def test_a_custom_data_folder_missing_a_split_is_not_filled_with_mp20(tmp_path, 
     with pytest.raises(FileNotFoundError, match="holds train.csv but no val.csv"):
         ensure_split_file("val", own, base_url=remote_dir.as_uri())
     assert sorted(p.name for p in own.iterdir()) == ["train.csv"]
+
+
+def test_empty_or_limited_splits_give_clear_errors(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "train.csv").write_text("")
+    with pytest.raises(ValueError, match="cannot read .*train.csv as a CSV table"):
+        load_split("train", own)
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        load_split("train", own, limit=-5)
