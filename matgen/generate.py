@@ -401,7 +401,14 @@ def generate(
     num_atoms = int(num_atoms) if num_atoms is not None else None
 
     if temperature is None:
-        temperature = float(gen.metadata.get("sampling", {}).get("temperature", PAPER_TEMPERATURE))
+        recommended = (gen.metadata.get("sampling") or {}).get("temperature", PAPER_TEMPERATURE)
+        try:
+            temperature = float(recommended)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"{gen.checkpoint}: its recommended sampling temperature {recommended!r} is not a number; "
+                "pass --temperature"
+            ) from None
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
     make_velocity(velocity, corrector=corrector)  # an unknown velocity or scheduler fails before any file

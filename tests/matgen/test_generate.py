@@ -412,6 +412,14 @@ def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_pat
 
 def test_tampered_atom_count_distribution_is_a_checkpoint_error(tiny_run: Path, tmp_path: Path) -> None:
     state, meta = load_safetensors(tiny_run / "model.safetensors")
+    bad_temperature = tmp_path / "hot.safetensors"
+    export_safetensors(
+        {k: v.contiguous() for k, v in state.items()},
+        bad_temperature,
+        {**meta, "sampling": {"temperature": "hot"}},
+    )
+    with pytest.raises(CheckpointError, match="hot.safetensors.*'hot' is not a number"):
+        generate(2, tmp_path / "out", checkpoint=bad_temperature, steps=2, device="cpu", progress=False)
     for bad in ([-1.0] * 21, [1.0] * 5, "x"):
         path = tmp_path / "bad.safetensors"
         export_safetensors(
