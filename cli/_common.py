@@ -48,6 +48,23 @@ def given(**flags: Any) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """A flag's comma-separated whole numbers (``"32,64,128"``); '2.7' or 'abc' is a ValueError naming
+    ``flag`` and the offending item."""
+    out = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(int(item))
+        except ValueError:
+            where = f" in {text!r}" if item != text.strip() else ""
+            raise ValueError(
+                f"{flag} must be a comma-separated list of whole numbers, got {item!r}{where}"
+            ) from None
+    return out
+
+
 def report_training(result: Any, run_dir: Path) -> None:
     """The one line every ``train`` command ends with."""
     best = result.best_val_loss

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, fail, given, report_training, version_option
+from cli._common import TrainFlags, fail, given, int_list, report_training, version_option
 
 app = typer.Typer(
     help="imagegen: discrete flow matching for images (metric-induced pixel paths, KO velocities, corrector).",
@@ -31,22 +31,6 @@ def _floats(text: str, what: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
-
-
-def _ints(text: str, what: str) -> list[int]:
-    """Comma-separated whole numbers; '2.7' or 'abc' are refused with the offending item named."""
-    out = []
-    for item in (v.strip() for v in text.split(",")):
-        if not item:
-            continue
-        try:
-            out.append(int(item))
-        except ValueError:
-            where = f" in {text!r}" if item != text.strip() else ""
-            raise ValueError(
-                f"{what} must be a comma-separated list of whole numbers, got {item!r}{where}"
-            ) from None
-    return out
 
 
 @app.command()
@@ -254,7 +238,7 @@ def evaluate(
     from imagegen.grid import check_output_folder
 
     try:  # options are checked before the (slow) reference statistics and sampling
-        nfes = _ints(nfe, "--nfe")
+        nfes = int_list(nfe, "--nfe")
         settings = [
             _sampling(1, v.strip(), alpha, w, corrector_p, corrector_q, temperature, guidance)
             for v in velocity.split(",")

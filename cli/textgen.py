@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, fail, given, report_training, version_option
+from cli._common import TrainFlags, fail, given, int_list, report_training, version_option
 
 app = typer.Typer(
     help="textgen: train, sample and evaluate discrete flow matching models for text.",
@@ -23,16 +23,6 @@ app = typer.Typer(
 _DATA_HELP = "Text data folder (else $TEXTGEN_DATA, else <repo>/../shared/data/text)."
 _TOKENIZER_HELP = "GPT-2 tokenizer folder or tokenizer.json (else $TEXTGEN_TOKENIZER, else the shared copy)."
 _CACHE_HELP = "Token cache folder (else $TEXTGEN_CACHE, else ~/.cache/textgen)."
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    """``"32,64,128"`` -> ``[32, 64, 128]``; anything else is a ValueError that names ``flag``."""
-    try:
-        return [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise ValueError(
-            f"{flag} takes a comma list of whole numbers such as 32,64,128, got {text!r}"
-        ) from None
 
 
 @app.callback()
@@ -257,7 +247,7 @@ def evaluate(
     console = Console()
     try:
         check_writable(out, "--out", folder=True)  # before the (slow) evaluation
-        nfe_list = _int_list(nfe, "--nfe")
+        nfe_list = int_list(nfe, "--nfe")
         tok = TextTokenizer(tokenizer)
         the_judge = load_judge(judge, device, tok) if judge is not None else None
         if the_judge is not None:

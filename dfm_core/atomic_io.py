@@ -1,6 +1,6 @@
 """Atomic file writes: a reader (or a restarted run) sees the old file or the complete new one, never half.
 
-Every app writes its checkpoints, caches, CIFs and tables through these two functions: the content goes to a
+Every app writes its checkpoints, caches, CIFs and tables through :func:`atomic_write`: the content goes to a
 hidden temp file beside the target, is flushed to disk, and is then renamed over the target (``os.replace``
 is atomic on POSIX and Windows). The temp file is created with mode 0666 minus the umask, so the result has
 the permissions of a plain ``open(path, "w")``, whatever mode the writer callback chose.

@@ -23,7 +23,7 @@ from torch import Tensor
 from dfm_core.paths import MixturePath, ProbabilityPath
 from dfm_core.velocities import KineticOptimalVelocity, ProbabilityVelocity
 
-__all__ = ["SampleResult", "sample", "categorical", "uniform_grid", "posterior_probs"]
+__all__ = ["SampleResult", "sample", "check_temperature", "categorical", "uniform_grid", "posterior_probs"]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -81,6 +81,13 @@ def _masked_softmax(logits: Tensor, temperature: float, banned: Tensor | None, d
 
 
 @torch.no_grad()
+def check_temperature(temperature: float) -> float:
+    """The posterior softmax temperature as a float; a ValueError unless it is finite and > 0."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    return float(temperature)
+
+
 def sample(
     model: ModelFn,
     path: ProbabilityPath,
@@ -113,8 +120,7 @@ def sample(
         return_trajectory: also return x_t at every grid time (on CPU).
         progress: show a tqdm progress bar.
     """
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    check_temperature(temperature)
     if time_grid is None:
         if steps is None:
             raise ValueError("give steps or time_grid")

@@ -195,10 +195,7 @@ def load_split(split: str, data_dir: str | Path | None = None, limit: int | None
     path = ensure_split_file(split, data_dir)
     try:
         frame = pd.read_csv(path, nrows=limit)
-    except (
-        ValueError,
-        UnicodeDecodeError,
-    ) as exc:  # pandas' parser errors (an empty file, ...) are ValueErrors
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors (empty file, ...) too
         raise ValueError(f"cannot read {path} as a CSV table: {str(exc).strip().splitlines()[0]}") from None
     frame = frame.loc[:, [c for c in frame.columns if not str(c).startswith("Unnamed:")]]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]

@@ -17,7 +17,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import time
 import warnings
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 
 from dfm_core.atomic_io import atomic_write_text, remove_stale_temps
-from dfm_core.sampler import sample
+from dfm_core.sampler import check_temperature, sample
 from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import make_velocity
 from matgen import tokenizer as tok
@@ -409,8 +408,7 @@ def generate(
                 f"{gen.checkpoint}: its recommended sampling temperature {recommended!r} is not a number; "
                 "pass --temperature"
             ) from None
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    check_temperature(temperature)
     make_velocity(velocity, corrector=corrector)  # an unknown velocity or scheduler fails before any file
     crystal_path(scheduler or gen.metadata.get("scheduler", "ko"))
     dist = None if num_atoms is not None else gen.atom_count_distribution()

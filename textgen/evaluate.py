@@ -89,6 +89,11 @@ class SampleQuality:
     seconds: float
 
 
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 sequence per data set (or None for all), got {limit}")
+
+
 def eval_sequences(
     dataset: str,
     tokenizer: TextTokenizer,
@@ -99,8 +104,7 @@ def eval_sequences(
 ) -> Tensor:
     """Packed ``(N, seq_len)`` sequences of an evaluation set (a name of :data:`EVAL_CORPORA` or a path);
     the first ``limit`` (>= 1) if given."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 sequence per data set (or None for all), got {limit}")
+    _check_limit(limit)
     corpus = load_corpora([dataset], tokenizer, data_dir, cache_dir)
     seqs = pack(corpus.tokens, seq_len)
     if seqs.shape[0] == 0:
@@ -357,8 +361,7 @@ def evaluate(
     """
     # every setting is checked before the first (slow) likelihood pass, so no work is thrown away
     _check_counts(n_points=n_points, batch_size=batch_size, chunk=chunk)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 sequence per data set (or None for all), got {limit}")
+    _check_limit(limit)
     if seq_len is not None and seq_len < 1:
         raise ValueError(f"seq_len must be >= 1 (or None for each model's own), got {seq_len}")
     if samples < 0:
