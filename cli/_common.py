@@ -48,6 +48,11 @@ def given(**flags: Any) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
 
 
+def budget_seconds(minutes: float | None) -> float | None:
+    """``--time-budget`` minutes as the ``time_budget_s`` the train configs take."""
+    return None if minutes is None else 60.0 * minutes
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """A flag's comma-separated whole numbers (``"32,64,128"``); '2.7' or 'abc' is a ValueError naming
     ``flag`` and the offending item."""
@@ -78,3 +83,10 @@ class TrainFlags:
     export = typer.Option(None, help="Also write the best EMA weights to this .safetensors file.")
     no_resume = typer.Option(False, "--no-resume", help="Start afresh even if run-dir has a checkpoint.")
     quiet = typer.Option(False, help="No progress bar.")
+    time_budget = typer.Option(
+        None,
+        "--time-budget",
+        min=0.1,
+        help="Train for at most this many minutes: after a short calibration the step count is lowered to "
+        "what fits and the LR schedule is fitted to it.",
+    )

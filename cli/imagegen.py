@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, fail, given, int_list, report_training, version_option
+from cli._common import TrainFlags, budget_seconds, fail, given, int_list, report_training, version_option
 
 app = typer.Typer(
     help="imagegen: discrete flow matching for images (metric-induced pixel paths, KO velocities, corrector).",
@@ -69,6 +69,7 @@ def train(
     export: Path | None = TrainFlags.export,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
+    time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train a pixel model with the cross-entropy of eq 11 (metric or mask path)."""
     from imagegen.model import UNetConfig
@@ -86,7 +87,14 @@ def train(
             data_dir=data_dir,
         )
         p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
-        tr = given(steps=steps, batch_size=batch_size, lr=lr, device=device, compile=compile)
+        tr = given(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            compile=compile,
+            time_budget_s=budget_seconds(time_budget),
+        )
         model_cfg = UNetConfig.preset(size) if size is not None else cfg.model
         cfg = dataclasses.replace(
             cfg,

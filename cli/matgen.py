@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, fail, given, report_training, version_option
+from cli._common import TrainFlags, budget_seconds, fail, given, report_training, version_option
 
 app = typer.Typer(
     help="matgen: generate and evaluate crystals with kinetic-optimal discrete flow matching.",
@@ -124,6 +124,7 @@ def train(
     ),
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
+    time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train DFM / KO-DFM (cross-entropy, eq 11) or the AR baseline on MP-20."""
     import torch
@@ -141,7 +142,13 @@ def train(
             max_atoms=max_atoms,
             data_dir=data_dir,
         )
-        tr = given(steps=steps, batch_size=batch_size, lr=lr, device=device)
+        tr = given(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            time_budget_s=budget_seconds(time_budget),
+        )
         model_cfg = cfg.model
         if size is not None:
             presets = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, fail, given, int_list, report_training, version_option
+from cli._common import TrainFlags, budget_seconds, fail, given, int_list, report_training, version_option
 
 app = typer.Typer(
     help="textgen: train, sample and evaluate discrete flow matching models for text.",
@@ -78,6 +78,7 @@ def train(
     export: Path | None = TrainFlags.export,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
+    time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train a DFM text model (mask or eq-38 source, linear or KO scheduler) or the AR baseline."""
     from textgen.model import TextModelConfig
@@ -110,6 +111,7 @@ def train(
             ema_decay=ema_decay,
             eval_every=eval_every,
             ckpt_every=ckpt_every,
+            time_budget_s=budget_seconds(time_budget),
             seed=seed,
             device=device,
         )

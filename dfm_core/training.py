@@ -43,6 +43,7 @@ from dfm_core.atomic_io import atomic_write, remove_stale_temps
 __all__ = [
     "EMA",
     "TrainConfig",
+    "fit_steps_to_budget",
     "TrainResult",
     "WarmupSchedule",
     "config_from_dict",
@@ -201,6 +202,10 @@ class TrainConfig:
         seed: seeds the weights' init (by the caller), the data and loss generators and dropout.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``/``"cuda:N"``.
         compile: wrap the model in ``torch.compile`` for the forward passes.
+        time_budget_s: wall-clock seconds this invocation may train for. After a short calibration
+            (at most 70 steps) ``steps`` is lowered to what fits, with a safety margin, and
+            the LR schedule is rebuilt for the new length, so a budgeted run still ends its cosine decay.
+            ``None`` trains all ``steps``. Never raises ``steps``.
     """
 
     steps: int = 10_000
@@ -222,6 +227,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -241,6 +247,10 @@ class TrainConfig:
             raise ValueError(f"decay_start must be in [0, steps={self.steps}], got {self.decay_start}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.time_budget_s is not None and not (
+            math.isfinite(self.time_budget_s) and self.time_budget_s > 0
+        ):
+            raise ValueError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -289,6 +299,56 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
                 f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
             )
     return dev
+
+
+_BUDGET_MARGIN = 0.92  # share of the remaining budget planned for steps (validation, checkpoints, jitter)
+
+
+class _BudgetClock:
+    """Times a run's steps for ``time_budget_s``: skips ``skip`` steps (allocation, autotuning,
+    compilation), then times ``timed`` steps; each phase is cut short at 10 % of the budget so a slow
+    run calibrates in time. ``tick`` returns the seconds per step once, when the timing is done."""
+
+    def __init__(self, step: int, start: float, budget_s: float, skip: int = 10, timed: int = 60) -> None:
+        self.first, self.start, self.budget_s, self.skip, self.timed = step, start, budget_s, skip, timed
+        self.mark: tuple[int, float] | None = None
+        self.done = False
+
+    def tick(self, step: int) -> float | None:
+        if self.done:
+            return None
+        now = time.perf_counter()
+        if self.mark is None:
+            if step - self.first >= self.skip or now - self.start > 0.1 * self.budget_s:
+                self.mark = (step, now)
+            return None
+        mark_step, mark_time = self.mark
+        if step - mark_step >= self.timed or (
+            now - mark_time > 0.1 * self.budget_s and step - mark_step >= 2
+        ):
+            self.done = True
+            return (now - mark_time) / (step - mark_step)
+        return None
+
+
+def fit_steps_to_budget(
+    config: TrainConfig, step: int, seconds_per_step: float, remaining_s: float
+) -> TrainConfig:
+    """``config`` with ``steps`` lowered so the run ends within ``remaining_s`` from ``step``.
+
+    ``decay_start`` is scaled with ``steps`` so the schedule keeps its shape; the warmup keeps its
+    length unless it would exceed half the run. ``steps`` is never raised nor set below ``step + 1``.
+    """
+    fit = step + int(_BUDGET_MARGIN * max(remaining_s, 0.0) / max(seconds_per_step, 1e-9))
+    new_steps = max(step + 1, min(config.steps, fit))
+    if new_steps == config.steps:
+        return config
+    ratio = new_steps / max(config.steps, 1)
+    decay_start = config.decay_start
+    if decay_start is not None:
+        decay_start = min(max(step, round(decay_start * ratio)), new_steps)
+    warmup = min(config.warmup_steps, max(step, new_steps // 2))  # absolute, unless over half the run
+    return dataclasses.replace(config, steps=new_steps, warmup_steps=warmup, decay_start=decay_start)
 
 
 class WarmupSchedule:
@@ -882,6 +942,7 @@ def train(
     window_steps, window_start = int(resumed_window["steps"]), time.perf_counter()
     final_loss = math.nan
     clean = True  # state is consistent (between steps) and may be checkpointed on interrupt
+    budget_clock = _BudgetClock(step, start_time, config.time_budget_s) if config.time_budget_s else None
     bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
     model.train()
     interrupt = _DeferredInterrupt()
@@ -936,6 +997,23 @@ def train(
                 if window_steps and not torch.isfinite(window_loss):  # never save diverged weights as last.pt
                     raise diverged(float(window_loss))
                 checkpoint(last_path)
+            per_step = budget_clock.tick(step) if budget_clock is not None else None
+            if per_step is not None:
+                assert config.time_budget_s is not None
+                remaining = config.time_budget_s - (time.perf_counter() - start_time)
+                fitted = fit_steps_to_budget(config, step, per_step, remaining)
+                if fitted.steps != config.steps:
+                    print(
+                        f"time budget {config.time_budget_s:.0f} s at {per_step * 1e3:.1f} ms/step: "
+                        f"training {fitted.steps} steps instead of {config.steps}",
+                        file=sys.stderr,
+                    )
+                    config = fitted
+                    scheduler = lr_scheduler(step)
+                    bar.total = config.steps
+                    (run_dir / "config.json").write_text(
+                        json.dumps({"train": config.to_dict(), "metadata": metadata}, indent=2) + "\n"
+                    )
             if interrupt.requested:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:

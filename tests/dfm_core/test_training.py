@@ -13,6 +13,7 @@ from dfm_core.training import (
     TrainConfig,
     WarmupSchedule,
     export_safetensors,
+    fit_steps_to_budget,
     load_checkpoint,
     load_config,
     load_safetensors,
@@ -411,3 +412,35 @@ def test_a_diverged_run_never_overwrites_last_pt(tmp_path):
         train(tiny_model(), exploding, batches, cfg, tmp_path, progress=False)
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_fit_steps_to_budget_keeps_the_schedule_shape():
+    cfg = config(steps=1000, warmup_steps=100, decay_start=500)
+    fitted = fit_steps_to_budget(cfg, step=20, seconds_per_step=0.1, remaining_s=40.0)
+    assert fitted.steps == 20 + int(0.92 * 40.0 / 0.1)
+    ratio = fitted.steps / 1000
+    assert fitted.warmup_steps == 100 and fitted.decay_start == round(500 * ratio)
+    # a warmup over half the fitted run is cut to half, but never ends before the step reached
+    assert fit_steps_to_budget(cfg, step=20, seconds_per_step=0.1, remaining_s=10.0).warmup_steps == 56
+    assert fit_steps_to_budget(cfg, step=70, seconds_per_step=0.1, remaining_s=2.0).warmup_steps == 70
+    # enough time: nothing changes; no time at all: at least one more step, never fewer than done
+    assert fit_steps_to_budget(cfg, 70, 0.001, 1e6) is cfg
+    assert fit_steps_to_budget(cfg, 70, 1.0, -5.0).steps == 71
+    with pytest.raises(ValueError, match="time_budget_s"):
+        config(time_budget_s=0.0)
+
+
+def test_a_time_budget_ends_the_run_in_time_with_the_schedule_finished(tmp_path):
+    import time
+
+    def slow_loss(model, x1, generator):
+        time.sleep(0.01)
+        return denoise_loss(model, x1, generator)
+
+    cfg = config(steps=100_000, time_budget_s=2.0, lr_schedule="cosine", min_lr_ratio=0.1, log_every=1)
+    result = train(tiny_model(), slow_loss, batches, cfg, tmp_path, val_loss, progress=False)
+    assert 70 < result.step < 100_000 and result.wall_time_s < 2.0 * 1.2
+    saved = json.loads((tmp_path / "config.json").read_text())["train"]
+    assert saved["steps"] == result.step and load_checkpoint(tmp_path / "last.pt")["config"]["steps"] == result.step
+    last_lr = [r["lr"] for r in read_metrics(tmp_path) if "lr" in r][-1]
+    assert last_lr == pytest.approx(0.1 * cfg.lr, rel=1e-3)  # the cosine decay reached its floor
