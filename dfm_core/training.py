@@ -584,7 +584,8 @@ def export_safetensors(
 def load_best_weights(run_dir: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
     """Load the EMA weights of ``run_dir/best.pt`` (else ``last.pt``) into ``model``, on the CPU.
 
-    Returns the facts an export records: ``step``, ``best_val_loss`` and ``source_checkpoint``.
+    Returns the facts an export records: ``step``, ``best_val_loss``, ``source_checkpoint`` and
+    ``train_config`` (the :class:`TrainConfig` the checkpoint ran with, e.g. as fitted to a time budget).
     """
     run_dir = Path(run_dir)
     src = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
@@ -594,6 +595,7 @@ def load_best_weights(run_dir: str | os.PathLike, model: nn.Module) -> dict[str,
         "step": int(ckpt["step"]),
         "best_val_loss": float(ckpt.get("best_val_loss", float("nan"))),
         "source_checkpoint": src.name,
+        "train_config": dict(ckpt.get("config", {})),
     }
 
 

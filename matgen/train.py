@@ -265,6 +265,9 @@ def export_checkpoint(
     """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with run metadata."""
     model = build_model(config.kind, CrystalDiTConfig.from_dict(metadata["model_config"]))
     facts = load_best_weights(run_dir, model)
+    ran_with = facts.pop("train_config")  # e.g. the step count a --time-budget fitted
+    if ran_with:
+        metadata = {**metadata, "matgen_config": {**metadata["matgen_config"], "train": ran_with}}
     meta = {
         **metadata,
         **facts,

@@ -70,6 +70,21 @@ def test_training_loss_falls_and_checkpoint_has_metadata(tiny_run: Path) -> None
     assert dist[0] == 0 and abs(float(dist.sum()) - 1) < 1e-9
 
 
+def test_a_time_budgeted_run_exports_the_step_count_it_ran(shared_data_dir: Path, tmp_path: Path) -> None:
+    cfg = MatgenTrainConfig(
+        model=CrystalDiTConfig.tiny(),
+        train=TrainConfig(steps=100_000, batch_size=8, eval_every=0, device="cpu", time_budget_s=1.0, bf16=False),
+        data_dir=str(shared_data_dir / "mp_20"),
+        train_limit=16,
+        val_limit=8,
+    )
+    result = train_crystal_model(cfg, tmp_path, resume=False, progress=False)
+    assert 1 < result.step < 100_000
+    meta = CrystalGenerator.from_checkpoint(tmp_path / "model.safetensors", device="cpu").metadata
+    assert meta["step"] == result.step and meta["matgen_config"]["train"]["steps"] == result.step
+    assert meta["matgen_config"]["train"]["time_budget_s"] == 1.0
+
+
 def test_generate_writes_parseable_cifs_and_table(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "cifs"
     summary = generate(
