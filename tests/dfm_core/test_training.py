@@ -441,6 +441,9 @@ def test_a_time_budget_ends_the_run_in_time_with_the_schedule_finished(tmp_path)
     result = train(tiny_model(), slow_loss, batches, cfg, tmp_path, val_loss, progress=False)
     assert 70 < result.step < 100_000 and result.wall_time_s < 2.0 * 1.2
     saved = json.loads((tmp_path / "config.json").read_text())["train"]
-    assert saved["steps"] == result.step and load_checkpoint(tmp_path / "last.pt")["config"]["steps"] == result.step
+    assert (
+        saved["steps"] == result.step
+        and load_checkpoint(tmp_path / "last.pt")["config"]["steps"] == result.step
+    )
     last_lr = [r["lr"] for r in read_metrics(tmp_path) if "lr" in r][-1]
     assert last_lr == pytest.approx(0.1 * cfg.lr, rel=1e-3)  # the cosine decay reached its floor

@@ -73,7 +73,9 @@ def test_training_loss_falls_and_checkpoint_has_metadata(tiny_run: Path) -> None
 def test_a_time_budgeted_run_exports_the_step_count_it_ran(shared_data_dir: Path, tmp_path: Path) -> None:
     cfg = MatgenTrainConfig(
         model=CrystalDiTConfig.tiny(),
-        train=TrainConfig(steps=100_000, batch_size=8, eval_every=0, device="cpu", time_budget_s=1.0, bf16=False),
+        train=TrainConfig(
+            steps=100_000, batch_size=8, eval_every=0, device="cpu", time_budget_s=1.0, bf16=False
+        ),
         data_dir=str(shared_data_dir / "mp_20"),
         train_limit=16,
         val_limit=8,
