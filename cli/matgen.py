@@ -60,6 +60,11 @@ def generate(
         0, help="Processes that decode and write CIFs while sampling goes on (0: none)."
     ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (for long GPU runs)."),
+    resample_collisions: int = typer.Option(
+        0,
+        help="Rounds of re-drawing the coordinates of atoms that landed on another atom's site (beyond "
+        "the paper; 0: such sequences are not written, as in the paper's protocol).",
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Generate crystals to CIF files (one per crystal) plus samples.csv."""
@@ -86,6 +91,7 @@ def generate(
             progress=not quiet,
             workers=workers,
             compile=compile,
+            resample_collisions=resample_collisions,
         )
     except (CheckpointError, FileExistsError, ValueError) as e:
         fail(str(e))
@@ -95,6 +101,8 @@ def generate(
     kept = (
         f"; {summary.skipped_batches} batch(es) kept from the earlier run" if summary.skipped_batches else ""
     )
+    if summary.resampled:
+        kept += f"; {summary.resampled} written after re-drawing atoms that shared a site"
     typer.echo(
         f"wrote {summary.written} CIF file(s) to {summary.out_dir} ({summary.failed} sequence(s) did not "
         f"decode{kept}) in {summary.seconds:.1f} s; list: {summary.out_dir / 'samples.csv'}"

@@ -62,6 +62,7 @@ SAMPLES_COLUMNS = [
     "constraint",
     "batch",
     "error",
+    "resampled_atoms",
 ]
 
 
@@ -210,6 +211,71 @@ class CrystalGenerator:
         )
         return result.tokens
 
+    @torch.no_grad()
+    def resample_coincident_atoms(
+        self,
+        tokens: Tensor,
+        num_atoms: Tensor,
+        rounds: int,
+        steps: int = 500,
+        temperature: float = 0.7,
+        scheduler: str | None = None,
+        elements: Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
+        float64: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Re-draw the coordinates of atoms that landed on an earlier atom's site (beyond the paper).
+
+        Each round masks those atoms' three coordinate tokens, keeps every other token, and runs the
+        posterior sampler (section 3) from the time t_0 where kappa_{t_0} equals the fraction of tokens
+        kept, to t = 1 (inpainting with the trained model, at the step density of ``steps``). Returns the
+        tokens and, per crystal, how many atom re-draws it took (0: untouched).
+        """
+        if rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {rounds}")
+        tokens = tokens.to(self.device).clone()
+        num_atoms = num_atoms.to(self.device)
+        resampled = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
+        if self.kind != "dfm":
+            return tokens, resampled
+        path = crystal_path(scheduler or self.metadata.get("scheduler", "ko"))
+        A = (tokens.shape[1] - 6) // 4
+        use_bf16 = self.device.type == "cuda"
+        for _ in range(rounds):
+            bad = coincident_atom_mask(tokens, num_atoms)
+            rows = bad.any(1).nonzero().squeeze(1)
+            if len(rows) == 0:
+                break
+            sub, counts = tokens[rows], num_atoms[rows]
+            remask = torch.zeros_like(sub, dtype=torch.bool)
+            remask[:, 6:].view(len(rows), A, 4)[..., 1:] = bad[rows][:, :, None]
+            kept = 1.0 - float((remask.sum(1) / (6 + 4 * counts)).max())
+            t0 = min(_time_where_kappa_reaches(path, kept), 1.0 - 1.0 / steps)
+            n_steps = max(2, round(steps * (1.0 - t0)))
+            grid = torch.linspace(t0, 1.0, n_steps + 1, dtype=torch.float64, device=self.device)
+            allowed = tok.CrystalTokenizer().allowed_token_mask(counts.cpu(), A, elements).to(self.device)
+
+            def model_fn(x: Tensor, t: Tensor, counts: Tensor = counts) -> Tensor:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    return self.model(x, t, counts).float()
+
+            x0 = torch.where(remask, torch.full_like(sub, tok.MASK_ID), sub)
+            out = sample(
+                model_fn,
+                path,
+                x0,
+                time_grid=grid,
+                temperature=temperature,
+                allowed=allowed,
+                clamp_mask=~remask,
+                clamp_values=sub,
+                float64=float64,
+                generator=generator,
+            )
+            tokens[rows] = out.tokens
+            resampled[rows] += bad[rows].sum(1)
+        return tokens, resampled
+
 
 @dataclass
 class GenerationSummary:
@@ -221,10 +287,31 @@ class GenerationSummary:
     failed: int
     skipped_batches: int
     seconds: float
+    resampled: int = 0  # written crystals that needed a re-draw of atoms sharing a site
 
     @property
     def crystals_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def coincident_atom_mask(tokens: Tensor, num_atoms: Tensor) -> Tensor:
+    """``(B, A)`` bool: atom j has the fractional-coordinate tokens of an earlier atom i < j, modulo 1
+    (0.00 and 1.00 are one site). These are the crystals that decode with two atoms on one site."""
+    B, L = tokens.shape
+    A = (L - 6) // 4
+    coords = (tokens[:, 6:].reshape(B, A, 4)[..., 1:] - tok.FRAC_OFFSET) % tok.FRAC_STEPS
+    same = (coords[:, :, None, :] == coords[:, None, :, :]).all(-1)  # (B, A, A)
+    real = torch.arange(A, device=tokens.device)[None, :] < num_atoms.to(tokens.device)[:, None]
+    earlier = torch.ones(A, A, dtype=torch.bool, device=tokens.device).tril(-1)  # [j, i]: i < j
+    return (same & real[:, :, None] & real[:, None, :] & earlier).any(-1)
+
+
+def _time_where_kappa_reaches(path: Any, fraction: float, points: int = 4097) -> float:
+    """The last grid time t with kappa_t <= ``fraction`` (token-independent kappa, e.g. the mask source)."""
+    t = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+    kappa = path.scheduler.kappa(t).reshape(points, -1)[:, 0]
+    below = (kappa <= fraction).nonzero()
+    return float(t[int(below[-1])]) if len(below) else 0.0
 
 
 def _coincident_atoms(structure) -> str | None:
@@ -240,7 +327,7 @@ def _coincident_atoms(structure) -> str | None:
 
 
 def _decode_and_write(
-    tokens, first_id: int, batch: int, prefix: str, constraint: str, out_dir: str
+    tokens, first_id: int, batch: int, prefix: str, constraint: str, out_dir: str, resampled=None
 ) -> list[dict[str, Any]]:
     """Decode rows of tokens (numpy (B, L)), write one CIF per valid crystal, return samples.csv rows.
 
@@ -256,6 +343,8 @@ def _decode_and_write(
             row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
             n_atoms = (int((seq != tok.PAD_ID).sum()) - 6) // 4
             row.update(id=cid, num_atoms=n_atoms, constraint=constraint, batch=batch)
+            if resampled is not None:
+                row["resampled_atoms"] = int(resampled[j])
             structure, reason = cif_tok.try_decode(seq)
             if structure is not None:
                 reason = _coincident_atoms(structure)
@@ -360,6 +449,7 @@ def generate(
     progress: bool = True,
     workers: int = 0,
     compile: bool = False,
+    resample_collisions: int = 0,
 ) -> GenerationSummary:
     """Generate ``n`` crystals into ``out_dir`` as CIF files plus ``samples.csv``.
 
@@ -376,6 +466,8 @@ def generate(
         overwrite: replace a previous run's files in ``out_dir``; resume: continue a previous run.
         workers: processes that decode and write CIFs while the next batch samples (0: in this process).
         compile: ``torch.compile`` the network (GPU runs; same samples up to float rounding).
+        resample_collisions: rounds of :meth:`CrystalGenerator.resample_coincident_atoms` for crystals
+            with two atoms on one site (0: the paper's sampler, such sequences are not written).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -387,6 +479,8 @@ def generate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if overwrite and resume:
         raise ValueError("choose one of overwrite and resume")
+    if isinstance(resample_collisions, bool) or not 0 <= resample_collisions <= 100:
+        raise ValueError(f"resample_collisions must be a whole number in [0, 100], got {resample_collisions}")
     if elements is not None:
         elements = normalize_elements(elements)
     if num_atoms is not None and (isinstance(num_atoms, bool) or int(num_atoms) != num_atoms):
@@ -426,6 +520,8 @@ def generate(
         "elements": list(elements) if elements else None,
         "prefix": prefix,
     }
+    if resample_collisions:  # absent when 0, so folders written before the option still resume
+        settings["resample_collisions"] = int(resample_collisions)
     samples_path, settings_path = out / "samples.csv", out / "generation.json"
     n_batches = (n + batch_size - 1) // batch_size
 
@@ -482,7 +578,7 @@ def generate(
         or "none"
     )
     start = time.perf_counter()
-    written = failed = 0
+    written = failed = repaired = 0
     todo = (b for b in range(n_batches) if b not in done_batches)
     iterator: Any = todo
     if progress:
@@ -499,9 +595,10 @@ def generate(
     pending: list[tuple[int, list]] = []
 
     def finish(b: int, futures: list) -> None:
-        nonlocal written, failed
+        nonlocal written, failed, repaired
         rows = [row for fut in futures for row in (fut.result() if pool is not None else fut)]
         written += sum(1 for r in rows if r["file"])
+        repaired += sum(1 for r in rows if r["file"] and r.get("resampled_atoms"))
         failed += sum(1 for r in rows if not r["file"])
         with open(samples_path, "a") as f:
             f.write(_rows_to_csv(rows, header=False))
@@ -531,10 +628,26 @@ def generate(
                 elements=elements,
                 generator=g,
                 progress=progress,
-            ).cpu()
+            )
+            resampled = None
+            if resample_collisions:
+                tokens, resampled = gen.resample_coincident_atoms(
+                    tokens,
+                    counts,
+                    resample_collisions,
+                    steps=steps,
+                    temperature=temperature,
+                    scheduler=scheduler,
+                    elements=elements,
+                    generator=g,
+                )
+                resampled = resampled.cpu().numpy()
+            tokens = tokens.cpu()
             first_id = b * batch_size
             if pool is None:
-                futures = [_decode_and_write(tokens.numpy(), first_id, b, prefix, constraint, str(out))]
+                futures = [
+                    _decode_and_write(tokens.numpy(), first_id, b, prefix, constraint, str(out), resampled)
+                ]
             else:
                 chunks = torch.arange(size).chunk(workers)
                 futures = [
@@ -546,6 +659,7 @@ def generate(
                         prefix,
                         constraint,
                         str(out),
+                        None if resampled is None else resampled[c.numpy()],
                     )
                     for c in chunks
                     if len(c)
@@ -565,4 +679,5 @@ def generate(
         failed=failed,
         skipped_batches=len(done_batches),
         seconds=time.perf_counter() - start,
+        resampled=repaired,
     )

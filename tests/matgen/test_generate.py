@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pymatgen.core import Structure
@@ -14,7 +15,14 @@ from typer.testing import CliRunner
 
 from cli.matgen import app
 from dfm_core.training import TrainConfig, export_safetensors, load_safetensors
-from matgen.generate import DEFAULT_CHECKPOINT, CheckpointError, CrystalGenerator, generate
+from matgen import tokenizer as tok
+from matgen.generate import (
+    DEFAULT_CHECKPOINT,
+    CheckpointError,
+    CrystalGenerator,
+    coincident_atom_mask,
+    generate,
+)
 from matgen.model import CrystalDiTConfig
 from matgen.train import MatgenTrainConfig, train_crystal_model
 
@@ -446,3 +454,67 @@ def test_tampered_atom_count_distribution_is_a_checkpoint_error(tiny_run: Path, 
             generate(2, tmp_path / "out", checkpoint=path, steps=2, device="cpu", progress=False)
     with pytest.raises(CheckpointError, match="is a folder.*model.safetensors"):
         generate(2, tmp_path / "out", checkpoint=tiny_run, steps=2, device="cpu", progress=False)
+
+
+def test_coincident_atom_mask_finds_shared_sites_modulo_one() -> None:
+    def atom(z: int, *fracs: float) -> list[int]:
+        return [tok.ELEMENT_OFFSET + z - 1] + [tok.FRAC_OFFSET + round(f * 100) for f in fracs]
+
+    lattice = [tok.LENGTH_OFFSET + 40] * 3 + [tok.ANGLE_OFFSET + 90] * 3
+    rows = [
+        lattice + atom(8, 0.0, 0.5, 0.5) + atom(8, 1.0, 0.5, 0.5) + atom(3, 0.5, 0.5, 0.5),  # 0.00 == 1.00
+        lattice + atom(8, 0.1, 0.2, 0.3) + atom(3, 0.1, 0.2, 0.3) + atom(3, 0.1, 0.2, 0.3),  # three on one
+        lattice + atom(8, 0.1, 0.2, 0.3) + atom(3, 0.1, 0.2, 0.31) + [tok.PAD_ID] * 4,  # padding ignored
+    ]
+    tokens, counts = torch.tensor(rows), torch.tensor([3, 3, 2])
+    mask = coincident_atom_mask(tokens, counts)
+    assert mask.tolist() == [[False, True, False], [False, True, True], [False, False, False]]
+    # the decoder agrees: exactly the flagged crystals have two atoms on one site
+    for seq, flagged in zip(tokens, mask.any(1).tolist(), strict=True):
+        structure = tok.CrystalTokenizer().decode(seq)
+        distances = structure.distance_matrix + 9.0 * np.eye(len(structure))
+        assert (distances.min() < 1e-3) == flagged
+
+
+def test_resampling_redraws_only_the_coordinates_of_coinciding_atoms(tiny_run: Path) -> None:
+    gen = CrystalGenerator.from_checkpoint(tiny_run / "model.safetensors", device="cpu")
+    counts = torch.full((12,), 5)
+    g = torch.Generator().manual_seed(3)
+    tokens = gen.sample_tokens(counts, steps=10, generator=g)
+    tokens[:8, 6 + 4 * 2 + 1 : 6 + 4 * 3] = tokens[:8, 6 + 1 : 6 + 4]  # atom 2 onto atom 0's site
+    before = coincident_atom_mask(tokens, counts)
+    assert before[:8, 2].all()
+    fixed, resampled = gen.resample_coincident_atoms(tokens, counts, rounds=4, steps=10, generator=g)
+    changed = fixed != tokens
+    redrawn = torch.zeros_like(changed)
+    redrawn[:, 6:].view(12, 5, 4)[..., 1:] = before[:, :, None]
+    assert not (changed & ~redrawn).any()  # lattice, elements and the other atoms are kept
+    assert (resampled[:8] >= 1).all() and (resampled[before.any(1) == 0] == 0).all()
+    after = coincident_atom_mask(fixed, counts)
+    assert int(after.sum()) < int(before.sum())
+    coords = fixed[:, 6:].view(12, 5, 4)[..., 1:]
+    assert ((coords >= tok.FRAC_OFFSET) & (coords < tok.FRAC_OFFSET + tok.NUM_FRAC_TOKENS)).all()
+
+
+def test_generate_with_resampling_keeps_untouched_crystals_and_records_redraws(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    kw = dict(checkpoint=tiny_run / "model.safetensors", steps=10, batch_size=16, device="cpu", seed=5)
+    plain = generate(16, tmp_path / "plain", progress=False, **kw)
+    fixed = generate(16, tmp_path / "fixed", progress=False, resample_collisions=3, **kw)
+    rows_plain, rows_fixed = _rows(tmp_path / "plain"), _rows(tmp_path / "fixed")
+    for p, f in zip(rows_plain, rows_fixed, strict=True):
+        if f["resampled_atoms"] == "0":  # not touched: the very same crystal as without resampling
+            assert (
+                p["file"]
+                and (tmp_path / "plain" / p["file"]).read_text()
+                == (tmp_path / "fixed" / f["file"]).read_text()
+            )
+    assert all(r["resampled_atoms"] == "" for r in rows_plain)
+    assert fixed.resampled >= 1 and fixed.written > plain.written  # this seed has shared sites to fix
+    assert fixed.resampled == sum(1 for r in rows_fixed if r["file"] and r["resampled_atoms"] != "0")
+    settings = json.loads((tmp_path / "fixed" / "generation.json").read_text())
+    assert settings["resample_collisions"] == 3
+    assert "resample_collisions" not in json.loads((tmp_path / "plain" / "generation.json").read_text())
+    with pytest.raises(ValueError, match="resample_collisions"):
+        generate(2, tmp_path / "bad", progress=False, resample_collisions=-1, **kw)
