@@ -591,7 +591,7 @@ def generate(
     if workers > 0:
         from matgen.workers import process_pool
 
-        pool = process_pool(workers)
+        pool = process_pool(workers, preload=("pymatgen.core", "matgen.tokenizer"))
     pending: list[tuple[int, list]] = []
 
     def finish(b: int, futures: list) -> None:

@@ -7,10 +7,12 @@ task pipe forever.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["process_pool"]
@@ -30,11 +32,24 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A spawn-context pool of ``workers`` processes that do not outlive this process."""
-    return ProcessPoolExecutor(
+def _import_modules(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        importlib.import_module(name)
+
+
+def process_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
+    """A spawn-context pool of ``workers`` processes that do not outlive this process.
+
+    With ``preload``, all workers start at once and import those modules (pymatgen takes seconds), so
+    the start-up overlaps the caller's own work (e.g. GPU sampling) instead of delaying the first task.
+    """
+    pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=mp.get_context("spawn"),
         initializer=_exit_when_orphaned,
         initargs=(os.getpid(),),
     )
+    if preload:
+        for _ in range(workers):  # each submit while no worker is idle spawns another process
+            pool.submit(_import_modules, tuple(preload))
+    return pool
