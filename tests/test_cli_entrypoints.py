@@ -45,3 +45,24 @@ def test_cli_help_texts_survive_rich_markup(app: str) -> None:
     assert len(texts) > 10
     eaten = [(where, text) for where, text in texts if _RICH_TAG.search(text)]
     assert not eaten, f"rich would delete bracketed words from: {eaten}"
+
+
+@pytest.mark.parametrize("app", ["matgen", "textgen", "imagegen"])
+@pytest.mark.parametrize("minutes", ["0", "-2", "abc"])
+def test_every_train_command_refuses_an_impossible_time_budget(
+    app: str, minutes: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    module = importlib.import_module(f"cli.{app}")
+    result = CliRunner().invoke(module.app, ["train", "--run-dir", str(tmp_path), "--time-budget", minutes])
+    assert result.exit_code == 2 and "--time-budget" in result.output
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("app", ["matgen", "textgen", "imagegen"])
+def test_every_train_command_documents_the_time_budget(app: str) -> None:
+    command = typer.main.get_command(importlib.import_module(f"cli.{app}").app)
+    train = command.commands["train"]  # type: ignore[attr-defined]
+    option = next(p for p in train.params if p.name == "time_budget")
+    assert "minutes" in (option.help or "")

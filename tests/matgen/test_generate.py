@@ -331,11 +331,14 @@ def test_cli_train_tiny(shared_data_dir: Path, tmp_path: Path) -> None:
             "--export",
             str(tmp_path / "half.safetensors"),
             "--export-bf16",
+            "--time-budget",
+            "5",
             "--quiet",
         ],
     )
     assert result.exit_code == 0, result.output
     assert (run_dir / "model.safetensors").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["train"]["time_budget_s"] == 300.0
     from dfm_core.training import load_safetensors
 
     full, _ = load_safetensors(run_dir / "model.safetensors")
