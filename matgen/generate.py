@@ -159,6 +159,16 @@ class CrystalGenerator:
             )
         return probs
 
+    def _logits_fn(self, num_atoms: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """The sampler's ``model(x_t, t) -> logits`` for crystals of these atom counts (bf16 on CUDA)."""
+        use_bf16 = self.device.type == "cuda"
+
+        def logits(x: Tensor, t: Tensor) -> Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                return self.model(x, t, num_atoms).float()
+
+        return logits
+
     @torch.no_grad()
     def sample_tokens(
         self,
@@ -189,14 +199,8 @@ class CrystalGenerator:
             torch.full_like(valid, tok.MASK_ID, dtype=torch.long),
             torch.full_like(valid, tok.PAD_ID, dtype=torch.long),
         )
-        use_bf16 = self.device.type == "cuda"
-
-        def model_fn(x: Tensor, t: Tensor) -> Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                return self.model(x, t, num_atoms).float()
-
         result = sample(
-            model_fn,
+            self._logits_fn(num_atoms),
             path,
             x0,
             steps=steps,
@@ -220,6 +224,8 @@ class CrystalGenerator:
         steps: int = 500,
         temperature: float = 0.7,
         scheduler: str | None = None,
+        velocity: str = "ko",
+        corrector: float = 0.0,
         elements: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
         float64: bool = True,
@@ -240,7 +246,6 @@ class CrystalGenerator:
             return tokens, resampled
         path = crystal_path(scheduler or self.metadata.get("scheduler", "ko"))
         A = (tokens.shape[1] - 6) // 4
-        use_bf16 = self.device.type == "cuda"
         for _ in range(rounds):
             bad = coincident_atom_mask(tokens, num_atoms)
             rows = bad.any(1).nonzero().squeeze(1)
@@ -254,17 +259,13 @@ class CrystalGenerator:
             n_steps = max(2, round(steps * (1.0 - t0)))
             grid = torch.linspace(t0, 1.0, n_steps + 1, dtype=torch.float64, device=self.device)
             allowed = tok.CrystalTokenizer().allowed_token_mask(counts.cpu(), A, elements).to(self.device)
-
-            def model_fn(x: Tensor, t: Tensor, counts: Tensor = counts) -> Tensor:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    return self.model(x, t, counts).float()
-
             x0 = torch.where(remask, torch.full_like(sub, tok.MASK_ID), sub)
             out = sample(
-                model_fn,
+                self._logits_fn(counts),
                 path,
                 x0,
                 time_grid=grid,
+                velocity=make_velocity(velocity, corrector=corrector),
                 temperature=temperature,
                 allowed=allowed,
                 clamp_mask=~remask,
@@ -642,6 +643,8 @@ def generate(
                     steps=steps,
                     temperature=temperature,
                     scheduler=scheduler,
+                    velocity=velocity,
+                    corrector=corrector,
                     elements=elements,
                     generator=g,
                 )
