@@ -89,10 +89,11 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 def default_token_cache_dir() -> Path:
-    """Where tokenized splits are cached: ``$MATGEN_CACHE`` or ``$XDG_CACHE_HOME/matgen/tokens``."""
+    """Where tokenized splits are cached: ``$MATGEN_CACHE/tokens``, else ``$XDG_CACHE_HOME/matgen/tokens``
+    (``~/.cache/matgen/tokens``); ``matgen evaluate`` keeps its fingerprints beside it in ``evaluate/``."""
     env = os.environ.get("MATGEN_CACHE")
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser() / "tokens"
     return _user_cache_root() / "tokens"
 
 

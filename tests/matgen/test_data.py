@@ -140,7 +140,7 @@ def test_load_structures_skips_unparsable_rows(tmp_path, mp20_dir):
 
 # ------------------------------------------------------------------ token dataset and cache
 def test_token_dataset_is_cached_and_rebuilt_when_corrupt(tmp_path, mp20_dir, monkeypatch):
-    cache_dir = tmp_path / "token-cache"
+    cache_dir = tmp_path / "token-cache" / "tokens"  # $MATGEN_CACHE/tokens, beside evaluate/
     first = load_token_dataset("test", mp20_dir, limit=12, progress=False)
     files = list(cache_dir.glob("*.pt"))
     assert len(files) == 1
