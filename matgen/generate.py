@@ -492,6 +492,10 @@ def generate(
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} exists and is not a folder")
     gen = CrystalGenerator.from_checkpoint(checkpoint, device, compile=compile)
+    if resample_collisions and gen.kind != "dfm":
+        raise ValueError(
+            f"resample_collisions needs a DFM checkpoint; {gen.checkpoint} is an autoregressive ({gen.kind}) model"
+        )
     if num_atoms is not None and not 1 <= num_atoms <= gen.max_atoms:
         raise ValueError(f"num_atoms must be between 1 and {gen.max_atoms} for this model, got {num_atoms}")
     num_atoms = int(num_atoms) if num_atoms is not None else None

@@ -521,3 +521,27 @@ def test_generate_with_resampling_keeps_untouched_crystals_and_records_redraws(
     assert "resample_collisions" not in json.loads((tmp_path / "plain" / "generation.json").read_text())
     with pytest.raises(ValueError, match="resample_collisions"):
         generate(2, tmp_path / "bad", progress=False, resample_collisions=-1, **kw)
+
+
+def test_resampling_is_refused_for_an_autoregressive_checkpoint(
+    shared_data_dir: Path, tmp_path: Path
+) -> None:
+    cfg = MatgenTrainConfig(
+        kind="ar",
+        model=CrystalDiTConfig.tiny(),
+        train=TrainConfig(steps=2, batch_size=4, eval_every=0, device="cpu", bf16=False),
+        data_dir=str(shared_data_dir / "mp_20"),
+        train_limit=8,
+        val_limit=4,
+    )
+    train_crystal_model(cfg, tmp_path / "ar", resume=False, progress=False)
+    with pytest.raises(ValueError, match="autoregressive"):
+        generate(
+            2,
+            tmp_path / "out",
+            checkpoint=tmp_path / "ar" / "model.safetensors",
+            device="cpu",
+            resample_collisions=2,
+            progress=False,
+        )
+    assert not (tmp_path / "out").exists()
