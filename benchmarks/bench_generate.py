@@ -190,6 +190,8 @@ def run_once(
             num_atoms=args.num_atoms,
             overwrite=True,
             progress=False,
+            workers=args.workers,
+            resample_collisions=args.resample_collisions,
         )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     loop = summary.seconds  # generate's own clock: the batch loop, after loading the checkpoint
@@ -232,6 +234,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out-dir", default=None, help="where CIFs go (default: a temp dir, removed)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="decode/write processes, as `matgen generate --workers` (decode s is then not measured)",
+    )
+    parser.add_argument("--resample-collisions", type=int, default=0, help="as `matgen generate`")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -310,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
         "num_atoms": args.num_atoms,
         "temperature": args.temperature,
         "repeats": args.repeats,
+        "workers": args.workers,
+        "resample_collisions": args.resample_collisions,
     }
     print_report(meta, rows)
     out = {"meta": meta, "rows": rows}
