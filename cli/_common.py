@@ -87,6 +87,6 @@ class TrainFlags:
         None,
         "--time-budget",
         min=0.1,
-        help="Train for at most this many minutes: after a short calibration the step count is lowered to "
-        "what fits and the LR schedule is fitted to it.",
+        help="Train for at most this many minutes: after a short calibration (at least 3 steps) the step "
+        "count is lowered to what fits and the LR schedule is fitted to it; the run ends at a step boundary.",
     )
