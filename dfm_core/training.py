@@ -307,28 +307,35 @@ _BUDGET_MARGIN = 0.92  # share of the remaining budget planned for steps (valida
 class _BudgetClock:
     """Times a run's steps for ``time_budget_s``: skips ``skip`` steps (allocation, autotuning,
     compilation), then times ``timed`` steps; each phase is cut short at 10 % of the budget so a slow
-    run calibrates in time. ``tick`` returns the seconds per step once, when the timing is done."""
+    run calibrates in time. ``tick`` returns the seconds per step when the timing is done, and then every
+    ``every`` steps the average since the timing began (validation and checkpoints included), so the
+    step count can be fitted again when later steps turn out slower."""
 
-    def __init__(self, step: int, start: float, budget_s: float, skip: int = 10, timed: int = 60) -> None:
-        self.first, self.start, self.budget_s, self.skip, self.timed = step, start, budget_s, skip, timed
+    def __init__(
+        self, step: int, start: float, budget_s: float, skip: int = 10, timed: int = 60, every: int = 100
+    ) -> None:
+        self.first, self.start, self.budget_s = step, start, budget_s
+        self.skip, self.timed, self.every = skip, timed, every
         self.mark: tuple[int, float] | None = None
-        self.done = False
+        self.refits = 0  # how many rates tick has returned
 
     def tick(self, step: int) -> float | None:
-        if self.done:
-            return None
         now = time.perf_counter()
         if self.mark is None:
             if step - self.first >= self.skip or now - self.start > 0.1 * self.budget_s:
                 self.mark = (step, now)
             return None
         mark_step, mark_time = self.mark
-        if step - mark_step >= self.timed or (
-            now - mark_time > 0.1 * self.budget_s and step - mark_step >= 2
-        ):
-            self.done = True
-            return (now - mark_time) / (step - mark_step)
-        return None
+        if self.refits == 0:
+            due = step - mark_step >= self.timed or (
+                now - mark_time > 0.1 * self.budget_s and step - mark_step >= 2
+            )
+        else:
+            due = (step - mark_step) % self.every == 0
+        if not due:
+            return None
+        self.refits += 1
+        return (now - mark_time) / (step - mark_step)
 
 
 def fit_steps_to_budget(
@@ -1005,11 +1012,12 @@ def train(
                 remaining = config.time_budget_s - (time.perf_counter() - start_time)
                 fitted = fit_steps_to_budget(config, step, per_step, remaining)
                 if fitted.steps != config.steps:
-                    print(
-                        f"time budget {config.time_budget_s:.0f} s at {per_step * 1e3:.1f} ms/step: "
-                        f"training {fitted.steps} steps instead of {config.steps}",
-                        file=sys.stderr,
-                    )
+                    if budget_clock.refits == 1:
+                        print(
+                            f"time budget {config.time_budget_s:.0f} s at {per_step * 1e3:.1f} ms/step: "
+                            f"training {fitted.steps} steps instead of {config.steps}",
+                            file=sys.stderr,
+                        )
                     config = fitted
                     scheduler = lr_scheduler(step)
                     bar.total = config.steps
