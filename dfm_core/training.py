@@ -48,6 +48,7 @@ __all__ = [
     "WarmupSchedule",
     "config_from_dict",
     "export_safetensors",
+    "best_weights_metadata",
     "load_best_weights",
     "load_checkpoint",
     "load_config",
@@ -604,6 +605,20 @@ def load_best_weights(run_dir: str | os.PathLike, model: nn.Module) -> dict[str,
         "source_checkpoint": src.name,
         "train_config": dict(ckpt.get("config", {})),
     }
+
+
+def best_weights_metadata(
+    run_dir: str | os.PathLike, model: nn.Module, metadata: Mapping[str, Any], config_key: str
+) -> dict[str, Any]:
+    """:func:`load_best_weights` into ``model`` and return ``metadata`` plus its facts for an export,
+    with ``metadata[config_key]["train"]`` set to the :class:`TrainConfig` the checkpoint ran with (e.g.
+    the step count a ``time_budget_s`` fitted) instead of the one the run was started with."""
+    facts = load_best_weights(run_dir, model)
+    ran_with = facts.pop("train_config")
+    out = dict(metadata)
+    if ran_with and isinstance(out.get(config_key), Mapping):
+        out[config_key] = {**out[config_key], "train": ran_with}
+    return {**out, **facts}
 
 
 def load_safetensors(

@@ -24,9 +24,9 @@ from dfm_core.paths import ProbabilityPath
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
+    best_weights_metadata,
     config_from_dict,
     export_safetensors,
-    load_best_weights,
     load_config,
     seed_everything,
     train,
@@ -278,5 +278,5 @@ def export_checkpoint(
 ) -> Path:
     """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with the run metadata."""
     model = PixelUNet(UNetConfig.from_dict(metadata["model_config"]))
-    meta = {**metadata, **load_best_weights(run_dir, model), "format": CHECKPOINT_FORMAT}
+    meta = {**best_weights_metadata(run_dir, model, metadata, "imagegen_config"), "format": CHECKPOINT_FORMAT}
     return export_safetensors(model, out, meta, dtype=dtype)

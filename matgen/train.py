@@ -26,9 +26,9 @@ from dfm_core.sources import mask_source
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
+    best_weights_metadata,
     config_from_dict,
     export_safetensors,
-    load_best_weights,
     load_config,
     seed_everything,
     train,
@@ -264,13 +264,8 @@ def export_checkpoint(
 ) -> Path:
     """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with run metadata."""
     model = build_model(config.kind, CrystalDiTConfig.from_dict(metadata["model_config"]))
-    facts = load_best_weights(run_dir, model)
-    ran_with = facts.pop("train_config")  # e.g. the step count a --time-budget fitted
-    if ran_with:
-        metadata = {**metadata, "matgen_config": {**metadata["matgen_config"], "train": ran_with}}
     meta = {
-        **metadata,
-        **facts,
+        **best_weights_metadata(run_dir, model, metadata, "matgen_config"),
         "format": CHECKPOINT_FORMAT,
         "kind": config.kind,
         "scheduler": config.scheduler,

@@ -30,8 +30,8 @@ from dfm_core.paths import MixturePath
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
+    best_weights_metadata,
     config_from_dict,
-    load_best_weights,
     load_config,
     seed_everything,
     train,
@@ -291,7 +291,7 @@ def train_text_model(
         raise FloatingPointError(
             f"{reason}; no checkpoint was written (lr {config.train.lr:g}: try a lower lr)"
         ) from None
-    meta = {**metadata, **load_best_weights(run_dir, model)}
+    meta = best_weights_metadata(run_dir, model, metadata, "textgen_config")
     export_text_model(model, run_dir / "model.safetensors", meta, source_pmf)
     if export is not None:
         export_text_model(model, export, meta, source_pmf)

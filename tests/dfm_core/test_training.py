@@ -12,6 +12,7 @@ from dfm_core.training import (
     EMA,
     TrainConfig,
     WarmupSchedule,
+    best_weights_metadata,
     export_safetensors,
     fit_steps_to_budget,
     load_checkpoint,
@@ -466,3 +467,14 @@ def test_budget_clock_times_then_keeps_reporting_the_running_average(monkeypatch
             rates[step] = rate
     # marked at step 2 (t = 2); timed steps 3-5 at 1 s; then every 5 steps the average since the mark
     assert rates == {5: 1.0, 7: (11 - 2) / 5, 12: (26 - 2) / 10}
+
+
+def test_export_metadata_records_the_config_the_checkpoint_ran_with(tmp_path):
+    cfg = config(steps=100_000, time_budget_s=1.0)
+    result = train(tiny_model(), denoise_loss, batches, cfg, tmp_path, val_loss, progress=False)
+    started_with = {"app_config": {"train": cfg.to_dict(), "other": 1}, "kept": "yes"}
+    meta = best_weights_metadata(tmp_path, tiny_model(), started_with, "app_config")
+    assert meta["app_config"]["train"]["steps"] == result.step < 100_000
+    assert meta["app_config"]["other"] == 1 and meta["kept"] == "yes" and "train_config" not in meta
+    assert started_with["app_config"]["train"]["steps"] == 100_000  # the caller's dict is not changed
+    assert {"step", "best_val_loss", "source_checkpoint"} <= set(meta)
