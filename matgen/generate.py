@@ -159,15 +159,47 @@ class CrystalGenerator:
             )
         return probs
 
-    def _logits_fn(self, num_atoms: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-        """The sampler's ``model(x_t, t) -> logits`` for crystals of these atom counts (bf16 on CUDA)."""
+    def _fill(
+        self,
+        known: Tensor,
+        free: Tensor,
+        num_atoms: Tensor,
+        path: Any,
+        temperature: float,
+        velocity: str,
+        corrector: float,
+        elements: Sequence[str] | None,
+        generator: torch.Generator | None,
+        float64: bool,
+        steps: int | None = None,
+        time_grid: Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Run the posterior sampler (section 3) on the ``free`` positions from the mask, holding every
+        other position at ``known``; the network sees these atom counts (bf16 autocast on CUDA)."""
+        A = (known.shape[1] - 6) // 4
+        allowed = tok.CrystalTokenizer().allowed_token_mask(num_atoms.cpu(), A, elements).to(self.device)
         use_bf16 = self.device.type == "cuda"
 
         def logits(x: Tensor, t: Tensor) -> Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 return self.model(x, t, num_atoms).float()
 
-        return logits
+        return sample(
+            logits,
+            path,
+            torch.where(free, torch.full_like(known, tok.MASK_ID), known),
+            steps=steps,
+            time_grid=time_grid,
+            velocity=make_velocity(velocity, corrector=corrector),
+            temperature=temperature,
+            allowed=allowed,
+            clamp_mask=~free,
+            clamp_values=known,
+            float64=float64,
+            generator=generator,
+            progress=progress,
+        ).tokens
 
     @torch.no_grad()
     def sample_tokens(
@@ -186,34 +218,26 @@ class CrystalGenerator:
         """Sample token sequences (B, 6 + 4 max(num_atoms)) for the given atom counts."""
         num_atoms = num_atoms.to(self.device)
         A = int(num_atoms.max())
-        allowed = tok.CrystalTokenizer().allowed_token_mask(num_atoms.cpu(), A, elements).to(self.device)
         if self.kind == "ar":
+            allowed = tok.CrystalTokenizer().allowed_token_mask(num_atoms.cpu(), A, elements).to(self.device)
             return self.model.sample(
                 num_atoms, allowed_mask=allowed, temperature=temperature, generator=generator
             )
-        L = 6 + 4 * A
-        valid = token_valid_mask(num_atoms, L)
-        path = crystal_path(scheduler or self.metadata.get("scheduler", "ko"))
-        x0 = torch.where(
-            valid,
-            torch.full_like(valid, tok.MASK_ID, dtype=torch.long),
+        valid = token_valid_mask(num_atoms, 6 + 4 * A)
+        return self._fill(
             torch.full_like(valid, tok.PAD_ID, dtype=torch.long),
-        )
-        result = sample(
-            self._logits_fn(num_atoms),
-            path,
-            x0,
+            valid,
+            num_atoms,
+            crystal_path(scheduler or self.metadata.get("scheduler", "ko")),
+            temperature,
+            velocity,
+            corrector,
+            elements,
+            generator,
+            float64,
             steps=steps,
-            velocity=make_velocity(velocity, corrector=corrector),
-            temperature=temperature,
-            allowed=allowed,
-            clamp_mask=~valid,
-            clamp_values=x0,
-            float64=float64,
-            generator=generator,
             progress=progress,
         )
-        return result.tokens
 
     @torch.no_grad()
     def resample_coincident_atoms(
@@ -258,22 +282,19 @@ class CrystalGenerator:
             t0 = min(_time_where_kappa_reaches(path, kept), 1.0 - 1.0 / steps)
             n_steps = max(2, round(steps * (1.0 - t0)))
             grid = torch.linspace(t0, 1.0, n_steps + 1, dtype=torch.float64, device=self.device)
-            allowed = tok.CrystalTokenizer().allowed_token_mask(counts.cpu(), A, elements).to(self.device)
-            x0 = torch.where(remask, torch.full_like(sub, tok.MASK_ID), sub)
-            out = sample(
-                self._logits_fn(counts),
+            tokens[rows] = self._fill(
+                sub,
+                remask,
+                counts,
                 path,
-                x0,
+                temperature,
+                velocity,
+                corrector,
+                elements,
+                generator,
+                float64,
                 time_grid=grid,
-                velocity=make_velocity(velocity, corrector=corrector),
-                temperature=temperature,
-                allowed=allowed,
-                clamp_mask=~remask,
-                clamp_values=sub,
-                float64=float64,
-                generator=generator,
             )
-            tokens[rows] = out.tokens
             resampled[rows] += bad[rows].sum(1)
         return tokens, resampled
 
