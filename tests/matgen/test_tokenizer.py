@@ -10,7 +10,6 @@ import torch
 from pymatgen.core import DummySpecies, Lattice, Structure
 from scipy.optimize import linear_sum_assignment
 
-from matgen.data import load_structures
 from matgen.tokenizer import (
     ANGLE_OFFSET,
     BOS_ID,
@@ -198,12 +197,7 @@ def test_batch_decode():
     assert results[1][0] is None and "MASK" in results[1][1]
 
 
-# ------------------------------------------------------------------ round trip on MP-20
-@pytest.fixture(scope="module")
-def mp20_test_structures(shared_data_dir):
-    return load_structures("test", shared_data_dir / "mp_20", progress=False)
-
-
+# ------------------------------------------------------------------ round trip on MP-20 (fixture: conftest)
 def _periodic_cost(frac_a: np.ndarray, frac_b: np.ndarray, species_a: list, species_b: list) -> np.ndarray:
     diff = np.abs(frac_a[:, None, :] - frac_b[None, :, :]) % 1.0
     cost = np.minimum(diff, 1.0 - diff).max(axis=-1)
