@@ -53,8 +53,35 @@ def atomic_write(
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=durable)
+    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`.
+
+    The same guarantees in fewer system calls (create, write, [fsync,] close, rename): ``matgen generate``
+    writes thousands of small files, where the callback version's extra open, stat and chmod showed.
+    """
+    path = Path(path)
+    data = text.encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(tmp, flags, 0o666)  # mode 0666 minus the umask, as a plain open(path, "w")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
 
 
 def check_writable(path: str | os.PathLike, what: str = "output", folder: bool = False) -> Path:

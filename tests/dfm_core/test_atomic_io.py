@@ -49,6 +49,28 @@ def test_text_round_trips_and_replaces(tmp_path, durable):
     assert [p.name for p in target.parent.iterdir()] == ["b.cif"]
 
 
+def test_a_text_write_that_fails_midway_keeps_the_old_file(tmp_path, monkeypatch):
+    import dfm_core.atomic_io as atomic_io
+
+    target = tmp_path / "crystal.cif"
+    target.write_text("old")
+    real_write = os.write
+    calls = []
+
+    def short_then_full_disk(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:3]))  # a short write: the rest must follow
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "write", short_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(target, "new content")
+    assert calls == [11, 8]
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
 def test_suffix_keeps_numpy_from_renaming_the_temp(tmp_path):
     target = tmp_path / "stats.npz"
     atomic_write(target, lambda tmp: np.savez(tmp, mu=np.arange(3)), suffix=".npz")
