@@ -13,12 +13,28 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_text", "check_writable", "remove_stale_temps"]
 
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.\w+)*$")
+
+
+def _temp_beside(path: Path, suffix: str) -> Path:
+    """A hidden, unique temp name next to ``path`` (:func:`remove_stale_temps` recognises it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path) -> Iterator[None]:
+    """Delete ``tmp`` if the block raises (or is interrupted), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 def atomic_write(
@@ -32,10 +48,10 @@ def atomic_write(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    tmp = _temp_beside(path, suffix)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name; umask applies
     mode = tmp.stat().st_mode & 0o777  # the mode of a plain write; some writers (safetensors) make 0600
-    try:
+    with _removed_on_failure(tmp):
         write(tmp)
         os.chmod(tmp, mode)
         if durable:
@@ -45,10 +61,6 @@ def atomic_write(
             finally:
                 os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return path
 
 
@@ -60,14 +72,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = Tru
     """
     path = Path(path)
     data = text.encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temp_beside(path, ".tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(tmp, flags, 0o666)  # mode 0666 minus the umask, as a plain open(path, "w")
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, flags, 0o666)
-    try:
+    with _removed_on_failure(tmp):
         try:
             view = memoryview(data)
             while view:
@@ -77,10 +89,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = Tru
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return path
 
 
