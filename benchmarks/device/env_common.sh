@@ -122,3 +122,10 @@ ship_ckpt() {
 pack_results() {
     tar czf "$OUT/$1" -C "$2" . && say "packed $OUT/$1 ($(stat -c %s "$OUT/$1") bytes); \$OUT holds $(out_files) files, $(out_bytes) bytes"
 }
+
+# finish_call RC TGZ_NAME: keep $LOG with the results in $RES, pack $RES under $OUT, exit with RC.
+finish_call() {
+    cp "$LOG" "$RES/" 2>/dev/null
+    pack_results "$2" "$RES" 2>&1 | tee -a "$LOG"
+    exit "$1"
+}

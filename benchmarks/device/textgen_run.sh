@@ -110,7 +110,4 @@ done
     fi
     say "done; packing"
 } 2>&1 | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-cp "$LOG" "$RES/" 2>/dev/null
-pack_results "$tag.tgz" "$RES" 2>&1 | tee -a "$LOG"
-exit "$rc"
+finish_call "${PIPESTATUS[0]}" "$tag.tgz"
