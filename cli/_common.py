@@ -6,9 +6,12 @@ import math
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    import torch
 
 
 def package_version() -> str:
@@ -70,6 +73,15 @@ def int_list(text: str, flag: str) -> list[int]:
     return out
 
 
+def export_dtype(export: Path | None, bf16: bool) -> torch.dtype | None:
+    """The dtype of ``--export`` weights; ``--export-bf16`` without ``--export`` is refused."""
+    if bf16 and export is None:
+        raise ValueError("--export-bf16 needs --export PATH")
+    import torch
+
+    return torch.bfloat16 if bf16 else None
+
+
 def report_training(result: Any, run_dir: Path) -> None:
     """The one line every ``train`` command ends with."""
     best = result.best_val_loss
@@ -81,6 +93,14 @@ class TrainFlags:
     """Options every app's ``train`` command shares."""
 
     export = typer.Option(None, help="Also write the best EMA weights to this .safetensors file.")
+    export_bf16 = typer.Option(
+        False, "--export-bf16", help="Store the --export weights in bfloat16 (half the file size)."
+    )
+    warmup = typer.Option(None, help="Linear warmup steps.")
+    ema_decay = typer.Option(None, help="EMA decay of the weights.")
+    eval_every = typer.Option(None, help="Validate (and keep best.pt) every N steps.")
+    ckpt_every = typer.Option(None, help="Write last.pt every N steps.")
+    seed = typer.Option(None, help="Seed of the weights, data order and noise.")
     no_resume = typer.Option(False, "--no-resume", help="Start afresh even if run-dir has a checkpoint.")
     quiet = typer.Option(False, help="No progress bar.")
     time_budget = typer.Option(

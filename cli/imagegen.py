@@ -11,7 +11,16 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, budget_seconds, fail, given, int_list, report_training, version_option
+from cli._common import (
+    TrainFlags,
+    budget_seconds,
+    export_dtype,
+    fail,
+    given,
+    int_list,
+    report_training,
+    version_option,
+)
 
 app = typer.Typer(
     help="imagegen: discrete flow matching for images (metric-induced pixel paths, KO velocities, corrector).",
@@ -60,6 +69,11 @@ def train(
     steps: int | None = typer.Option(None, help="Optimizer steps."),
     batch_size: int | None = typer.Option(None, help="Images per step."),
     lr: float | None = typer.Option(None, help="Peak learning rate."),
+    warmup: int | None = TrainFlags.warmup,
+    ema_decay: float | None = TrainFlags.ema_decay,
+    eval_every: int | None = TrainFlags.eval_every,
+    ckpt_every: int | None = TrainFlags.ckpt_every,
+    seed: int | None = TrainFlags.seed,
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     train_limit: int | None = typer.Option(None, help="Use only N training images."),
@@ -67,6 +81,7 @@ def train(
         None, help="Training images held out for validation (default 1000; lower it for small folders)."
     ),
     export: Path | None = TrainFlags.export,
+    export_bf16: bool = TrainFlags.export_bf16,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
     time_budget: float | None = TrainFlags.time_budget,
@@ -91,6 +106,11 @@ def train(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            warmup_steps=warmup,
+            ema_decay=ema_decay,
+            eval_every=eval_every,
+            ckpt_every=ckpt_every,
+            seed=seed,
             device=device,
             compile=compile,
             time_budget_s=budget_seconds(time_budget),
@@ -103,7 +123,14 @@ def train(
             model=model_cfg,
             train=dataclasses.replace(cfg.train, **tr),
         )
-        result = train_image_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
+        result = train_image_model(
+            cfg,
+            run_dir,
+            resume=not no_resume,
+            export=export,
+            progress=not quiet,
+            export_dtype=export_dtype(export, export_bf16),
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)

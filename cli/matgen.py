@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, budget_seconds, fail, given, report_training, version_option
+from cli._common import TrainFlags, budget_seconds, export_dtype, fail, given, report_training, version_option
 
 app = typer.Typer(
     help="matgen: generate and evaluate crystals with kinetic-optimal discrete flow matching.",
@@ -119,6 +119,11 @@ def train(
     steps: int | None = typer.Option(None, help="Optimizer steps."),
     batch_size: int | None = typer.Option(None, help="Crystals per step."),
     lr: float | None = typer.Option(None, help="Peak learning rate."),
+    warmup: int | None = TrainFlags.warmup,
+    ema_decay: float | None = TrainFlags.ema_decay,
+    eval_every: int | None = TrainFlags.eval_every,
+    ckpt_every: int | None = TrainFlags.ckpt_every,
+    seed: int | None = TrainFlags.seed,
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     data_dir: Path | None = typer.Option(None, help="MP-20 folder (else $MATGEN_DATA, else download cache)."),
     train_limit: int | None = typer.Option(None, help="Use only the first N training crystals."),
@@ -127,16 +132,12 @@ def train(
         None, help="Largest crystal the model takes (MP-20: 20); larger ones are left out with a warning."
     ),
     export: Path | None = TrainFlags.export,
-    export_bf16: bool = typer.Option(
-        False, "--export-bf16", help="Store the --export weights in bfloat16 (half the file size)."
-    ),
+    export_bf16: bool = TrainFlags.export_bf16,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
     time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train DFM / KO-DFM (cross-entropy, eq 11) or the AR baseline on MP-20."""
-    import torch
-
     from matgen.model import CrystalDiTConfig
     from matgen.train import MatgenTrainConfig, load_train_config, train_crystal_model
 
@@ -154,6 +155,11 @@ def train(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            warmup_steps=warmup,
+            ema_decay=ema_decay,
+            eval_every=eval_every,
+            ckpt_every=ckpt_every,
+            seed=seed,
             device=device,
             time_budget_s=budget_seconds(time_budget),
         )
@@ -168,15 +174,13 @@ def train(
                 raise ValueError(f"--size must be one of {sorted(presets)}, got {size!r}")
             model_cfg = presets[size]()
         cfg = dataclasses.replace(cfg, **top, model=model_cfg, train=dataclasses.replace(cfg.train, **tr))
-        if export_bf16 and export is None:
-            raise ValueError("--export-bf16 needs --export PATH")
         result = train_crystal_model(
             cfg,
             run_dir,
             resume=not no_resume,
             export=export,
             progress=not quiet,
-            export_dtype=torch.bfloat16 if export_bf16 else None,
+            export_dtype=export_dtype(export, export_bf16),
         )
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, budget_seconds, fail, given, int_list, report_training, version_option
+from cli._common import (
+    TrainFlags,
+    budget_seconds,
+    export_dtype,
+    fail,
+    given,
+    int_list,
+    report_training,
+    version_option,
+)
 
 app = typer.Typer(
     help="textgen: train, sample and evaluate discrete flow matching models for text.",
@@ -60,12 +69,12 @@ def train(
     steps: int | None = typer.Option(None, help="Optimizer steps."),
     batch_size: int | None = typer.Option(None, help="Sequences per step."),
     lr: float | None = typer.Option(None, help="Peak learning rate (paper: 3e-4)."),
-    warmup: int | None = typer.Option(None, help="Linear warmup steps (paper: 2500)."),
+    warmup: int | None = TrainFlags.warmup,
     lr_schedule: str | None = typer.Option(None, help="constant (paper) or cosine."),
-    ema_decay: float | None = typer.Option(None, help="EMA decay of the weights."),
-    eval_every: int | None = typer.Option(None, help="Validate (and keep best.pt) every N steps."),
-    ckpt_every: int | None = typer.Option(None, help="Write last.pt every N steps."),
-    seed: int | None = typer.Option(None, help="Seed of the weights, data order and noise."),
+    ema_decay: float | None = TrainFlags.ema_decay,
+    eval_every: int | None = TrainFlags.eval_every,
+    ckpt_every: int | None = TrainFlags.ckpt_every,
+    seed: int | None = TrainFlags.seed,
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     data: list[str] | None = typer.Option(
@@ -76,6 +85,7 @@ def train(
     cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
     train_limit: int | None = typer.Option(None, help="Use only the first N training sequences."),
     export: Path | None = TrainFlags.export,
+    export_bf16: bool = TrainFlags.export_bf16,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
     time_budget: float | None = TrainFlags.time_budget,
@@ -120,7 +130,14 @@ def train(
         cfg = dataclasses.replace(
             cfg, **top, path=path, model=model_cfg, train=dataclasses.replace(cfg.train, **tr)
         )
-        result = train_text_model(cfg, run_dir, resume=not no_resume, export=export, progress=not quiet)
+        result = train_text_model(
+            cfg,
+            run_dir,
+            resume=not no_resume,
+            export=export,
+            progress=not quiet,
+            export_dtype=export_dtype(export, export_bf16),
+        )
     except (ValueError, OSError, FloatingPointError) as e:  # FloatingPointError: the loss diverged
         fail(str(e))
     report_training(result, run_dir)

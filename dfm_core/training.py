@@ -567,7 +567,8 @@ def export_safetensors(
         model_or_state: a module (``torch.compile`` wrappers are unwrapped) or a state dict.
         path: destination (``.safetensors``).
         metadata: JSON-serialisable values, stored as JSON strings in the header.
-        dtype: cast floating-point tensors to this dtype (e.g. ``torch.bfloat16`` halves the file).
+        dtype: cast the floating-point weights to this dtype (e.g. ``torch.bfloat16`` halves the file);
+            float64 tensors (probability tables such as a source PMF, not weights) are kept as they are.
 
     Returns:
         The written path.
@@ -578,7 +579,7 @@ def export_safetensors(
     tensors = {}
     for name, value in state.items():
         value = value.detach().to("cpu")
-        if dtype is not None and value.is_floating_point():
+        if dtype is not None and value.is_floating_point() and value.dtype != torch.float64:
             value = value.to(dtype)
         tensors[name] = value.contiguous().clone()  # safetensors refuses shared storage
     header = {"format": "pt"}

@@ -192,6 +192,7 @@ def train_image_model(
     export: str | os.PathLike | None = None,
     progress: bool = True,
     data: ImageDataset | None = None,
+    export_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train a pixel model; writes ``run_dir/{last,best}.pt``, ``metrics.jsonl`` and ``model.safetensors``.
 
@@ -199,7 +200,7 @@ def train_image_model(
         config: the run.
         run_dir: checkpoints and metrics (resumable).
         resume: continue from ``run_dir/last.pt`` if present.
-        export: also write the exported weights here.
+        export: also write the exported weights here (in ``export_dtype``, e.g. bfloat16, if given).
         progress: tqdm bar.
         data: train on these images instead of loading ``config.dataset`` (tests, notebooks).
 
@@ -266,7 +267,7 @@ def train_image_model(
     )
     export_checkpoint(run_dir, run_dir / "model.safetensors", metadata)
     if export is not None:
-        export_checkpoint(run_dir, Path(export), metadata)
+        export_checkpoint(run_dir, Path(export), metadata, dtype=export_dtype)
     return result
 
 

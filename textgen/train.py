@@ -225,10 +225,11 @@ def train_text_model(
     export: str | os.PathLike | None = None,
     progress: bool = True,
     data: TextData | None = None,
+    export_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train a text model; writes ``run_dir/{last,best}.pt``, ``metrics.jsonl``, ``config.json`` and
     ``run_dir/model.safetensors`` (best EMA weights + metadata + the stats source PMF), copied to
-    ``export`` if given."""
+    ``export`` if given (its weights in ``export_dtype``, e.g. bfloat16; the source PMF stays float64)."""
     run_dir = Path(run_dir)
     if export is not None:
         check_writable(export, "export path")
@@ -294,5 +295,5 @@ def train_text_model(
     meta = best_weights_metadata(run_dir, model, metadata, "textgen_config")
     export_text_model(model, run_dir / "model.safetensors", meta, source_pmf)
     if export is not None:
-        export_text_model(model, export, meta, source_pmf)
+        export_text_model(model, export, meta, source_pmf, dtype=export_dtype)
     return result

@@ -267,9 +267,13 @@ def test_safetensors_round_trip(tmp_path):
     assert {k: loaded_meta[k] for k in meta} == meta
     for name, value in model.state_dict().items():
         assert torch.equal(state[name], value), name
-    export_safetensors(model.state_dict(), tmp_path / "w16.safetensors", meta, dtype=torch.bfloat16)
+    table = torch.rand(5, dtype=torch.float64) / 3  # a probability table, not a weight
+    export_safetensors(
+        {**model.state_dict(), "pmf": table}, tmp_path / "w16.safetensors", meta, dtype=torch.bfloat16
+    )
     state16, _ = load_safetensors(tmp_path / "w16.safetensors")
-    assert all(v.dtype == torch.bfloat16 for v in state16.values())
+    assert all(v.dtype == torch.bfloat16 for k, v in state16.items() if k != "pmf")
+    assert state16["pmf"].dtype == torch.float64 and torch.equal(state16["pmf"], table)
     fresh = tiny_model(seed=5)
     fresh.load_state_dict(state)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

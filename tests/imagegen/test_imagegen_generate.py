@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.imagegen import app
-from dfm_core.training import export_safetensors
+from dfm_core.training import export_safetensors, load_safetensors
 from imagegen.generate import CheckpointError, ImageGenerator, SamplingConfig, resolve_labels
 from imagegen.grid import grid_size
 
@@ -150,17 +150,28 @@ def test_cli_train_on_an_image_folder_keeps_the_given_flags(tmp_path: Path) -> N
     args = ["train", "--config", str(config), "--run-dir", str(run_dir), "--dataset", "folder"]
     args += ["--data-dir", str(tmp_path / "images")]
     args += ["--image-size", "8", "--channels", "1", "--size", "tiny", "--path", "mask", "--steps", "3"]
+    args += ["--warmup", "1", "--eval-every", "2", "--ckpt-every", "2", "--seed", "5", "--export-bf16"]
     args += ["--batch-size", "4", "--device", "cpu", "--export", str(export), "--quiet"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "trained to step 3" in result.output and export.exists()
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["train"]["steps"] == 3 and saved["train"]["batch_size"] == 4
+    assert (saved["train"]["warmup_steps"], saved["train"]["eval_every"]) == (1, 2)
+    assert (saved["train"]["ckpt_every"], saved["train"]["seed"]) == (2, 5)
+    half, _ = load_safetensors(export)
+    full, _ = load_safetensors(run_dir / "model.safetensors")
+    assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert {v.dtype for v in full.values() if v.is_floating_point()} == {torch.float32}
+    images = ImageGenerator.from_checkpoint(export, device="cpu").sample(2, SamplingConfig(steps=2), seed=0)
+    assert images.shape[0] == 2 and images.dtype == torch.uint8
     assert saved["train"]["ema_decay"] == 0.5  # from the file, and a flag not given keeps its default:
     assert saved["train"]["lr"] == ImagegenTrainConfig().train.lr
     config = saved["metadata"]["imagegen_config"]
     assert config["path"]["kind"] == "mask" and config["data_dir"] == str(tmp_path / "images")
     assert config["model"] == saved["metadata"]["model_config"]  # the U-Net built, not the bare preset
     assert config["model"]["image_size"] == 8 and config["model"]["image_channels"] == 1
+    bare = runner.invoke(app, [a for a in args if a not in ("--export", str(export))])
+    assert bare.exit_code != 0 and "--export-bf16 needs --export" in bare.output
     again = runner.invoke(app, [*args[:-1], "--no-resume", "--steps", "2", "--quiet"])
     assert again.exit_code == 0 and "trained to step 2" in again.output

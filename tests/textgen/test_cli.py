@@ -180,3 +180,28 @@ def test_missing_checkpoint_is_a_clean_error(tmp_path: Path, tokenizer_dir: Path
         app, ["sample", "--checkpoint", str(tmp_path / "none.safetensors"), "--tokenizer", str(tokenizer_dir)]
     )
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_train_exports_bf16_weights_with_an_exact_source_pmf(
+    tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """`--export-bf16` halves the weights; the eq 38 source PMF of a stats path stays float64, bit for bit,
+    and the export samples like any checkpoint."""
+    from dfm_core.training import load_safetensors
+    from textgen.checkpoint import SOURCE_PMF_KEY
+
+    run_dir, export = tmp_path / "run", tmp_path / "half.safetensors"
+    args = ["train", "--run-dir", str(run_dir), "--size", "tiny", "--seq-len", "16", "--source", "stats"]
+    args += ["--beta0", "2", "--scheduler", "ko", "--steps", "2", "--batch-size", "2", "--eval-every", "0"]
+    args += ["--seed", "3", "--device", "cpu", "--data", str(tiny_corpus), "--tokenizer", str(tokenizer_dir)]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--quiet", "--export", str(export), "--export-bf16"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    half, _ = load_safetensors(export)
+    full, _ = load_safetensors(run_dir / "model.safetensors")
+    assert half[SOURCE_PMF_KEY].dtype == torch.float64
+    assert torch.equal(half[SOURCE_PMF_KEY], full[SOURCE_PMF_KEY])
+    weights = {k: v for k, v in half.items() if k != SOURCE_PMF_KEY and v.is_floating_point()}
+    assert weights and {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 3
+    assert _sample(export, tokenizer_dir).strip()
