@@ -1046,7 +1046,11 @@ def train(
         if clean and step > 0:
             checkpoint(last_path)
             bar.close()
-            print(f"interrupted at step {step}; checkpoint saved to {last_path}", file=sys.stderr)
+            print(
+                f"interrupted at step {step}; checkpoint saved to {last_path}. Train again with the same run "
+                f"folder to continue, or with steps = {step} to only export the weights trained so far.",
+                file=sys.stderr,
+            )
         raise
     finally:
         interrupt.uninstall()

@@ -378,9 +378,10 @@ def test_config_values_are_mildly_converted():
     assert cfg.steps == 2 and isinstance(cfg.steps, int) and cfg.lr == 1.0 and cfg.betas == (0.9, 0.95)
 
 
-def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path):
+def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path, capsys):
     """SIGINT lands mid-step (in the loss) almost always: the step must finish and be saved, not lost."""
     import os
+    import shutil
     import signal
 
     calls = {"n": 0}
@@ -396,6 +397,13 @@ def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path):
         train(tiny_model(), interrupted_loss, batches, cfg, tmp_path / "cut", progress=False)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 5
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert "with steps = 5 to only export" in capsys.readouterr().err
+    # as the message says: a run told to stop where it was interrupted trains nothing more
+    shutil.copytree(tmp_path / "cut", tmp_path / "stop")
+    before = load_checkpoint(tmp_path / "stop" / "last.pt")["model"]
+    stopped = train(tiny_model(), denoise_loss, batches, config(steps=5, eval_every=0), tmp_path / "stop")
+    after = load_checkpoint(tmp_path / "stop" / "last.pt")["model"]
+    assert stopped.step == 5 and all(torch.equal(before[k], after[k]) for k in before)
     resumed = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "cut", progress=False)
     whole = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "whole", progress=False)
     assert resumed.step == whole.step == 12
