@@ -401,7 +401,8 @@ def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path, capsys):
     # as the message says: a run told to stop where it was interrupted trains nothing more
     shutil.copytree(tmp_path / "cut", tmp_path / "stop")
     before = load_checkpoint(tmp_path / "stop" / "last.pt")["model"]
-    stopped = train(tiny_model(), denoise_loss, batches, config(steps=5, eval_every=0), tmp_path / "stop")
+    with pytest.warns(UserWarning, match="changed TrainConfig"):
+        stopped = train(tiny_model(), denoise_loss, batches, config(steps=5, eval_every=0), tmp_path / "stop")
     after = load_checkpoint(tmp_path / "stop" / "last.pt")["model"]
     assert stopped.step == 5 and all(torch.equal(before[k], after[k]) for k in before)
     resumed = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "cut", progress=False)
