@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -198,6 +199,50 @@ def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
 
 
+_REFERENCE_FIELDS = ("ids", "struct_fp", "comp_fp", "density", "n_elements", "n_atoms", "formulas")
+_SAVE_EVERY_S = 60.0  # a killed reference build loses at most about this much work
+
+
+def _fingerprint_into_cache(
+    todo: list[tuple[str, str]],
+    stored: dict[str, np.ndarray],
+    path: Path,
+    split: str,
+    workers: int,
+    progress: bool,
+) -> dict[str, np.ndarray]:
+    """Fingerprint ``todo`` rows and merge them into ``stored``, rewriting the cache file atomically every
+    minute, at the end, and when interrupted (Ctrl-C), so that a long first build is never lost whole."""
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal stored, pending
+        if not pending:
+            return
+        new = {f: np.array([r[f] for r in pending]) for f in _REFERENCE_FIELDS}
+        merged = {f: np.concatenate([stored[f], new[f]]) for f in _REFERENCE_FIELDS} if stored else new
+        merged["ids"] = merged["ids"].astype(str)
+        merged["formulas"] = merged["formulas"].astype(str)
+        try:
+            _save_npz_atomic(path, merged)
+        except OSError as exc:  # a read-only cache must not stop the evaluation
+            warnings.warn(f"could not write the reference cache {path}: {exc}", stacklevel=3)
+        stored, pending = merged, []
+
+    last_save = time.monotonic()
+    try:
+        for row in parallel_map(
+            _reference_row, todo, workers, desc=f"fingerprinting MP-20 {split}", progress=progress
+        ):
+            pending.append(row)
+            if time.monotonic() - last_save > _SAVE_EVERY_S:
+                flush()
+                last_save = time.monotonic()
+    finally:
+        flush()
+    return stored
+
+
 def load_test_reference(
     data_dir: str | Path | None = None,
     *,
@@ -210,7 +255,8 @@ def load_test_reference(
 ) -> ReferenceSet:
     """Fingerprints etc. of the MP-20 ``split`` (all rows, or a seeded random ``test_limit`` subset).
 
-    Rows are computed only when absent from the cache; the cache is rewritten atomically afterwards.
+    Rows are computed only when absent from the cache, which is rewritten atomically as they come in
+    (every minute, at the end, and on Ctrl-C).
     """
     from matgen.data import ensure_split_file, load_split
 
@@ -233,24 +279,7 @@ def load_test_reference(
     have = {str(i): k for k, i in enumerate(stored.get("ids", np.array([], dtype=str)))}
     todo = [(m, c) for m, c in zip(frame["material_id"], frame["cif"], strict=True) if m not in have]
     if todo:
-        new_rows = list(
-            parallel_map(
-                _reference_row, todo, workers, desc=f"fingerprinting MP-20 {split}", progress=progress
-            )
-        )
-        fields = ["ids", "struct_fp", "comp_fp", "density", "n_elements", "n_atoms", "formulas"]
-        new = {f: np.array([r[f] for r in new_rows]) for f in fields}
-        if stored:
-            merged = {f: np.concatenate([stored[f], new[f]]) for f in fields}
-        else:
-            merged = new
-        merged["ids"] = merged["ids"].astype(str)
-        merged["formulas"] = merged["formulas"].astype(str)
-        try:
-            _save_npz_atomic(path, merged)
-        except OSError as exc:  # a read-only cache must not stop the evaluation
-            warnings.warn(f"could not write the reference cache {path}: {exc}", stacklevel=2)
-        stored = merged
+        stored = _fingerprint_into_cache(todo, stored, path, split, workers, progress)
         have = {str(i): k for k, i in enumerate(stored["ids"])}
     idx = np.array([have[m] for m in frame["material_id"]], dtype=np.int64)
     return ReferenceSet(

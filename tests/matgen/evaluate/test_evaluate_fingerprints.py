@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from matgen.evaluate import composition_fingerprint, coverage_metrics, scale_composition_fingerprints
 
@@ -32,3 +33,26 @@ def scale_back(z: np.ndarray) -> np.ndarray:
     from matgen.evaluate._cdvae_constants import COMP_SCALER_MEANS, COMP_SCALER_STDS
 
     return z * np.asarray(COMP_SCALER_STDS) + np.asarray(COMP_SCALER_MEANS)
+
+
+def test_an_interrupted_reference_build_keeps_the_rows_it_finished(mp20_dir, tmp_path, monkeypatch):
+    """Ctrl-C while fingerprinting the test set: the finished rows are in the cache; a rerun does the rest."""
+    import matgen.evaluate.fingerprints as fingerprints
+
+    real_row, done = fingerprints._reference_row, []
+
+    def row_then_interrupt(item):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(item[0])
+        return real_row(item)
+
+    monkeypatch.setattr(fingerprints, "_reference_row", row_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fingerprints.load_test_reference(mp20_dir, test_limit=5, seed=1, cache_dir=tmp_path, progress=False)
+    (cache_file,) = tmp_path.glob("*.npz")
+    with np.load(cache_file) as z:
+        assert sorted(z["ids"].tolist()) == sorted(done)
+    monkeypatch.setattr(fingerprints, "_reference_row", lambda item: (done.append(item[0]), real_row(item))[1])
+    ref = fingerprints.load_test_reference(mp20_dir, test_limit=5, seed=1, cache_dir=tmp_path, progress=False)
+    assert len(ref) == 5 and len(done) == 5 and len(set(done)) == 5  # the last two only, no repeats
