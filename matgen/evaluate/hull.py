@@ -45,6 +45,8 @@ import numpy as np
 import pandas as pd
 from pymatgen.core import Composition
 
+from matgen.evaluate.inputs import error_text
+
 __all__ = [
     "FormationEnergyHull",
     "HullReference",
@@ -149,7 +151,7 @@ class FormationEnergyHull:
         try:
             frame = pd.read_csv(csv)
         except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
-            raise ValueError(f"hull reference {csv} is not a readable CSV: {_first_line(exc)}") from None
+            raise ValueError(f"hull reference {csv} is not a readable CSV: {error_text(exc)}") from None
         col = next((c for c in FORMULA_COLUMNS if c in frame.columns), None)
         if col is None or "formation_energy_per_atom" not in frame.columns:
             raise ValueError(
@@ -259,7 +261,7 @@ class PhaseDiagramHull:
             with _open(path) as f:
                 obj = pickle.load(f)  # noqa: S301 -- a file the user pointed us to
         except Exception as exc:  # UnpicklingError, BadGzipFile, EOFError, missing classes, ...
-            raise ValueError(f"hull reference {path} is not a readable pickle: {_first_line(exc)}") from None
+            raise ValueError(f"hull reference {path} is not a readable pickle: {error_text(exc)}") from None
         if not callable(getattr(obj, "get_hull_energy_per_atom", None)):
             raise ValueError(
                 f"hull reference {path} holds a {type(obj).__name__}, not a pymatgen (Patched)PhaseDiagram"
@@ -269,11 +271,6 @@ class PhaseDiagramHull:
     def e_above_hull(self, composition: Composition, energy_per_atom: float) -> float:
         comp = Composition(composition).element_composition
         return float(energy_per_atom - self.phase_diagram.get_hull_energy_per_atom(comp))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def default_hull_path(data_dir: str | Path | None = None) -> Path:

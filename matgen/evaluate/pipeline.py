@@ -39,7 +39,7 @@ from matgen.evaluate.fingerprints import (
     structure_fingerprint,
 )
 from matgen.evaluate.hull import hull_compounds, load_hull
-from matgen.evaluate.inputs import InputItem, parse_cif, read_inputs
+from matgen.evaluate.inputs import InputItem, error_text, parse_cif, read_inputs
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
 from matgen.evaluate.validity import check_sanity, composition_validity, structure_validity
 
@@ -63,7 +63,7 @@ def _parse_item(item: InputItem) -> tuple[Structure | None, str | None]:
     try:
         return parse_cif(item.cif or ""), None
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        msg = error_text(exc)
         return None, f"unparsable CIF: {msg}"
 
 
@@ -111,7 +111,7 @@ def analyze_crystal(payload: tuple[str, str | None, dict | None, str | None]) ->
     try:
         _measure(structure, rec, reasons)
     except Exception as exc:  # one odd crystal must never stop the run: record why and go on
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        msg = error_text(exc) if str(exc).strip() else ""
         reasons.append(f"analysis failed: {type(exc).__name__}{': ' + msg if msg else ''}")
         # rec["valid"] stays False: _measure sets it last, after everything that can raise
     rec["reason"] = "; ".join(reasons) or None

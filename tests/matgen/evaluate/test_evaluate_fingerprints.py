@@ -53,6 +53,8 @@ def test_an_interrupted_reference_build_keeps_the_rows_it_finished(mp20_dir, tmp
     (cache_file,) = tmp_path.glob("*.npz")
     with np.load(cache_file) as z:
         assert sorted(z["ids"].tolist()) == sorted(done)
-    monkeypatch.setattr(fingerprints, "_reference_row", lambda item: (done.append(item[0]), real_row(item))[1])
+    monkeypatch.setattr(
+        fingerprints, "_reference_row", lambda item: (done.append(item[0]), real_row(item))[1]
+    )
     ref = fingerprints.load_test_reference(mp20_dir, test_limit=5, seed=1, cache_dir=tmp_path, progress=False)
     assert len(ref) == 5 and len(done) == 5 and len(set(done)) == 5  # the last two only, no repeats

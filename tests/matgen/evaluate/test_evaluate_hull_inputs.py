@@ -238,6 +238,32 @@ def test_zero_occupancy_is_refused_not_dropped(tmp_path):
         parse_cif("\n".join(lines))
 
 
+def test_two_atoms_on_one_site_parse_as_written_and_other_bad_cells_are_named():
+    from pymatgen.core import Lattice, Structure
+
+    from matgen.evaluate.inputs import error_text
+    from matgen.evaluate.validity import composition_validity, structure_validity
+
+    overlap = Structure(
+        Lattice.cubic(4.2),
+        ["Mg", "O", "O"],
+        [[0, 0, 0], [0.5, 0.5, 0.5], [0, 0, 0]],
+        validate_proximity=False,
+    ).to(fmt="cif")
+    parsed = parse_cif(overlap)  # pymatgen alone merges the two sites and refuses the result
+    assert parsed.composition.formula == "Mg1 O2" and len(parsed) == 3
+    ok, why = structure_validity(parsed)
+    assert not ok and "0.000 A apart" in why
+    assert composition_validity(parsed.composition) == composition_validity(Composition("MgO2"))
+    # with symmetry operations the sites are not taken as written; the reason keeps pymatgen's cause
+    with pytest.raises(ValueError) as caught:
+        parse_cif(overlap.replace("'x, y, z'", "'x, y, z'\n  2  '-x, -y, -z'"))
+    assert "Occupancy 2.0 exceeded tolerance" in error_text(caught.value)
+    copper = Structure(Lattice.cubic(3.6), ["Cu"], [[0, 0, 0]]).to(fmt="cif")
+    with pytest.raises(ValueError, match="cell length a = -3.6 <= 0"):
+        parse_cif(copper.replace("_cell_length_a   3.60000000", "_cell_length_a   -3.6"))
+
+
 def test_bad_hull_files_give_clear_errors(tmp_path):
     (tmp_path / "junk.pkl").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable pickle"):
