@@ -96,10 +96,10 @@ class TrainFlags:
     export_bf16 = typer.Option(
         False, "--export-bf16", help="Store the --export weights in bfloat16 (half the file size)."
     )
-    warmup = typer.Option(None, help="Linear warmup steps.")
+    warmup = typer.Option(None, min=0, help="Linear warmup steps.")
     ema_decay = typer.Option(None, help="EMA decay of the weights.")
-    eval_every = typer.Option(None, help="Validate (and keep best.pt) every N steps.")
-    ckpt_every = typer.Option(None, help="Write last.pt every N steps.")
+    eval_every = typer.Option(None, min=0, help="Validate (and keep best.pt) every N steps (0: never).")
+    ckpt_every = typer.Option(None, min=0, help="Write last.pt every N steps (0: only at the end).")
     seed = typer.Option(None, help="Seed of the weights, data order and noise.")
     no_resume = typer.Option(False, "--no-resume", help="Start afresh even if run-dir has a checkpoint.")
     quiet = typer.Option(False, help="No progress bar.")

@@ -66,8 +66,8 @@ def train(
     class_conditional: bool | None = typer.Option(
         None, "--class-conditional/--unconditional", help="Condition on labels (null class for guidance)."
     ),
-    steps: int | None = typer.Option(None, help="Optimizer steps."),
-    batch_size: int | None = typer.Option(None, help="Images per step."),
+    steps: int | None = typer.Option(None, min=1, help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per step."),
     lr: float | None = typer.Option(None, help="Peak learning rate."),
     warmup: int | None = TrainFlags.warmup,
     ema_decay: float | None = TrainFlags.ema_decay,

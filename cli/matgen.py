@@ -65,6 +65,11 @@ def generate(
         help="Rounds of re-drawing the coordinates of atoms that landed on another atom's site (beyond "
         "the paper; 0: such sequences are not written, as in the paper's protocol).",
     ),
+    length_buckets: int | None = typer.Option(
+        None,
+        help="Sample each batch in up to K groups of similar atom count, padded only to each group's "
+        "largest crystal (default: one group per atom count on CPU, 1 on GPU; on --resume, as before).",
+    ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Generate crystals to CIF files (one per crystal) plus samples.csv."""
@@ -92,6 +97,7 @@ def generate(
             workers=workers,
             compile=compile,
             resample_collisions=resample_collisions,
+            length_buckets=length_buckets,
         )
     except (CheckpointError, FileExistsError, ValueError) as e:
         fail(str(e))
@@ -116,8 +122,8 @@ def train(
     kind: str | None = typer.Option(None, help="dfm (atom-pooling DiT) or ar (autoregressive baseline)."),
     scheduler: str | None = typer.Option(None, help="ko (KO-DFM, eq 33) or linear (DFM)."),
     size: str | None = typer.Option(None, help="Model size preset: tiny, small or default (~25M)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps."),
-    batch_size: int | None = typer.Option(None, help="Crystals per step."),
+    steps: int | None = typer.Option(None, min=1, help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, min=1, help="Crystals per step."),
     lr: float | None = typer.Option(None, help="Peak learning rate."),
     warmup: int | None = TrainFlags.warmup,
     ema_decay: float | None = TrainFlags.ema_decay,

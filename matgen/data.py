@@ -345,7 +345,12 @@ def load_token_dataset(
         kept_ids.append(material_id)
     num_atoms = torch.tensor([num_atoms_from_length(t.numel()) for t in tokens], dtype=torch.long)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} of {len(frame)} {split} rows (see .skipped)", stacklevel=2)
+        examples = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(frame)} {split} rows that did not parse or tokenize "
+            f"(e.g. {examples[:300]}); all are in TokenizedSplit.skipped",
+            stacklevel=2,
+        )
 
     result = TokenizedSplit(kept_ids, tokens, num_atoms, skipped)
     if path is not None:

@@ -43,11 +43,13 @@ __all__ = [
     "CrystalGenerator",
     "GenerationSummary",
     "generate",
+    "length_groups",
     "SAMPLES_COLUMNS",
 ]
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ko_dfm_mp20.safetensors"
 COINCIDENT_TOLERANCE = 1e-3  # A
+GROUP_COST = 64.0  # crystal-positions per extra sampler group (length_groups), fitted on a 2-core CPU
 PAPER_TEMPERATURE = 0.7
 SAMPLES_COLUMNS = [
     "id",
@@ -216,9 +218,46 @@ class CrystalGenerator:
         generator: torch.Generator | None = None,
         float64: bool = True,
         progress: bool = False,
+        length_buckets: int = 1,
     ) -> Tensor:
-        """Sample token sequences (B, 6 + 4 max(num_atoms)) for the given atom counts."""
+        """Sample token sequences (B, 6 + 4 max(num_atoms)) for the given atom counts.
+
+        ``length_buckets`` > 1 samples the batch in up to that many groups of similar atom count, one
+        after the other, each padded only to its own largest crystal (:func:`length_groups`): less work
+        for the same distribution, other draws than one group for the same generator.
+        """
         num_atoms = num_atoms.to(self.device)
+        A = int(num_atoms.max())
+        out = torch.full((len(num_atoms), 6 + 4 * A), tok.PAD_ID, dtype=torch.long, device=self.device)
+        for rows in length_groups(num_atoms, length_buckets):
+            part = self._sample_group(
+                num_atoms[rows],
+                steps,
+                temperature,
+                scheduler,
+                velocity,
+                corrector,
+                elements,
+                generator,
+                float64,
+                progress,
+            )
+            out[rows, : part.shape[1]] = part
+        return out
+
+    def _sample_group(
+        self,
+        num_atoms: Tensor,
+        steps: int,
+        temperature: float,
+        scheduler: str | None,
+        velocity: str,
+        corrector: float,
+        elements: Sequence[str] | None,
+        generator: torch.Generator | None,
+        float64: bool,
+        progress: bool,
+    ) -> Tensor:
         A = int(num_atoms.max())
         if self.kind == "ar":
             allowed = tok.CrystalTokenizer().allowed_token_mask(num_atoms.cpu(), A, elements).to(self.device)
@@ -316,6 +355,47 @@ class GenerationSummary:
     @property
     def crystals_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def length_groups(num_atoms: Tensor, max_groups: int, group_cost: float = GROUP_COST) -> list[Tensor]:
+    """Rows of a batch split into at most ``max_groups`` groups of similar atom count, in increasing order.
+
+    The network runs over ``6 + max(a)`` pooled positions per crystal of a group, and each group costs a
+    sampler loop of its own, so the split minimises ``sum_g  n_g * (6 + max a in g) + group_cost`` over
+    contiguous ranges of the sorted counts (exact, by dynamic programming over the distinct counts).
+    ``group_cost`` is in crystal-positions; the default was fitted on a 2-core CPU (a group of 5 small
+    crystals costs more than it saves there). One group (``max_groups`` 1) is the whole batch in its order.
+    """
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    rows = torch.arange(len(num_atoms), device=num_atoms.device)
+    values, counts = torch.unique(num_atoms, return_counts=True)  # sorted
+    values, counts = values.tolist(), counts.tolist()
+    m = len(values)
+    if max_groups == 1 or m == 1:
+        return [rows]
+    k_max = min(max_groups, m)
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][j]: least cost of the first j distinct values in k groups; cut[k][j]: start of the last group
+    best = [[inf] * (m + 1) for _ in range(k_max + 1)]
+    cut = [[0] * (m + 1) for _ in range(k_max + 1)]
+    best[0][0] = 0.0
+    for k in range(1, k_max + 1):
+        for j in range(1, m + 1):
+            for i in range(k - 1, j):
+                cost = best[k - 1][i] + (prefix[j] - prefix[i]) * (6 + values[j - 1]) + group_cost
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, k_max + 1), key=lambda kk: best[kk][m])
+    bounds, j = [], m
+    while k > 0:
+        i = cut[k][j]
+        bounds.append((values[i], values[j - 1]))
+        j, k = i, k - 1
+    return [rows[(num_atoms >= lo) & (num_atoms <= hi)] for lo, hi in reversed(bounds)]
 
 
 def coincident_atom_mask(tokens: Tensor, num_atoms: Tensor) -> Tensor:
@@ -495,6 +575,7 @@ def generate(
     workers: int = 0,
     compile: bool = False,
     resample_collisions: int = 0,
+    length_buckets: int | None = None,
 ) -> GenerationSummary:
     """Generate ``n`` crystals into ``out_dir`` as CIF files plus ``samples.csv``.
 
@@ -513,6 +594,10 @@ def generate(
         compile: ``torch.compile`` the network (GPU runs; same samples up to float rounding).
         resample_collisions: rounds of :meth:`CrystalGenerator.resample_coincident_atoms` for crystals
             with two atoms on one site (0: the paper's sampler, such sequences are not written).
+        length_buckets: sample each batch in up to this many groups of similar atom count
+            (:func:`length_groups`; padding only to each group's largest crystal). Default: one group per
+            atom count on CPU, where it saves about a third of the time; 1 on GPUs, where each group adds
+            a sampler loop's launches (not timed there yet); on ``resume``, what the earlier run used.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -524,6 +609,8 @@ def generate(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if overwrite and resume:
         raise ValueError("choose one of overwrite and resume")
+    if length_buckets is not None and (isinstance(length_buckets, bool) or not 1 <= length_buckets <= 1000):
+        raise ValueError(f"length_buckets must be a whole number in [1, 1000], got {length_buckets}")
     if isinstance(resample_collisions, bool) or not 0 <= resample_collisions <= 100:
         raise ValueError(f"resample_collisions must be a whole number in [0, 100], got {resample_collisions}")
     if elements is not None:
@@ -571,6 +658,11 @@ def generate(
     }
     if resample_collisions:  # absent when 0, so folders written before the option still resume
         settings["resample_collisions"] = int(resample_collisions)
+    auto_buckets = length_buckets is None
+    if auto_buckets:
+        length_buckets = gen.max_atoms if gen.device.type == "cpu" else 1
+    if length_buckets > 1:  # absent when 1 (one group per batch), as folders written before the option
+        settings["length_buckets"] = int(length_buckets)
     samples_path, settings_path = out / "samples.csv", out / "generation.json"
     n_batches = (n + batch_size - 1) // batch_size
 
@@ -588,6 +680,11 @@ def generate(
                 raise ValueError(f"cannot resume: {settings_path} is not valid JSON ({exc})") from None
             if not isinstance(old, dict):
                 raise ValueError(f"cannot resume: {settings_path} does not hold generation settings")
+            if auto_buckets:  # continue with the grouping the folder was written with
+                settings.pop("length_buckets", None)
+                length_buckets = int(old.get("length_buckets", 1))
+                if length_buckets > 1:
+                    settings["length_buckets"] = length_buckets
             if (
                 old.get("elements")
                 and settings["elements"]
@@ -679,6 +776,7 @@ def generate(
                 elements=elements,
                 generator=g,
                 progress=progress,
+                length_buckets=length_buckets,
             )
             resampled = None
             if resample_collisions:

@@ -7,8 +7,10 @@ stays PAD) -> atom-pooling DiT -> cross-entropy on real tokens.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import check_writable
+from dfm_core.atomic_io import atomic_write_text, check_writable
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import MixturePath
 from dfm_core.schedulers import make_scheduler
@@ -182,6 +184,7 @@ def train_crystal_model(
     seed_everything(config.train.seed)
     train_split = load_token_dataset("train", config.data_dir, limit=config.train_limit, progress=progress)
     val_split = load_token_dataset("val", config.data_dir, limit=config.val_limit, progress=progress)
+    _record_skipped_rows(run_dir, {"train": train_split.skipped, "val": val_split.skipped})
     train_data = PaddedCrystals.from_split(train_split, config.max_atoms)
     val_data = PaddedCrystals.from_split(val_split, config.max_atoms)
     too_large = {
@@ -253,6 +256,21 @@ def train_crystal_model(
     if export is not None:
         export_checkpoint(run_dir, Path(export), config, metadata, dtype=export_dtype)
     return result
+
+
+def _record_skipped_rows(run_dir: Path, skipped: dict[str, dict[str, str]]) -> None:
+    """List the data rows left out (unparsable CIF, not tokenizable) in ``run_dir/skipped_rows.csv``."""
+    rows = [(split, mid, why) for split, reasons in skipped.items() for mid, why in reasons.items()]
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["split", "material_id", "reason"])
+    writer.writerows(rows)
+    path = run_dir / "skipped_rows.csv"
+    atomic_write_text(path, buf.getvalue())
+    counts = ", ".join(f"{len(reasons)} {split}" for split, reasons in skipped.items() if reasons)
+    warnings.warn(f"left out {counts} rows that did not parse or tokenize; listed in {path}", stacklevel=3)
 
 
 def export_checkpoint(

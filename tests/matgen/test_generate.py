@@ -545,3 +545,108 @@ def test_resampling_is_refused_for_an_autoregressive_checkpoint(
             progress=False,
         )
     assert not (tmp_path / "out").exists()
+
+
+def _brute_force_groups(values: list[int], sizes: list[int], max_groups: int, group_cost: float) -> float:
+    """Least cost over every split of the sorted distinct counts into at most max_groups ranges."""
+    from itertools import combinations
+
+    best = float("inf")
+    m = len(values)
+    for k in range(1, min(max_groups, m) + 1):
+        for cuts in combinations(range(1, m), k - 1):
+            bounds = [0, *cuts, m]
+            cost = sum(
+                sum(sizes[bounds[g] : bounds[g + 1]]) * (6 + values[bounds[g + 1] - 1]) + group_cost
+                for g in range(k)
+            )
+            best = min(best, cost)
+    return best
+
+
+def test_length_groups_partition_the_batch_at_least_cost() -> None:
+    from matgen.generate import length_groups
+
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        counts = torch.randint(1, 21, (int(torch.randint(1, 200, (1,), generator=rng)),), generator=rng)
+        k, cost_per_group = int(torch.randint(1, 8, (1,), generator=rng)), float(trial % 3) * 40.0
+        groups = length_groups(counts, k, group_cost=cost_per_group)
+        rows = torch.cat(groups)
+        assert sorted(rows.tolist()) == list(range(len(counts)))  # every row once
+        assert 1 <= len(groups) <= k
+        ranges = [(int(counts[g].min()), int(counts[g].max())) for g in groups]
+        assert all(hi < lo for (_, hi), (lo, _) in zip(ranges, ranges[1:], strict=False))  # disjoint, sorted
+        cost = sum(len(g) * (6 + hi) + cost_per_group for g, (_, hi) in zip(groups, ranges, strict=True))
+        values, sizes = torch.unique(counts, return_counts=True)
+        expected = _brute_force_groups(values.tolist(), sizes.tolist(), k, cost_per_group)
+        assert cost == pytest.approx(expected)
+    same = torch.tensor([3, 9, 1, 9])
+    assert [g.tolist() for g in length_groups(same, 1)] == [[0, 1, 2, 3]]  # one group keeps the order
+    with pytest.raises(ValueError, match="max_groups"):
+        length_groups(same, 0)
+
+
+def test_grouped_sampling_gives_well_formed_rows_and_reproduces(tiny_run: Path) -> None:
+    gen = CrystalGenerator.from_checkpoint(tiny_run / "model.safetensors", "cpu")
+    counts = torch.tensor([1, 9, 2, 10, 2, 5, 9, 1])
+    runs = [
+        gen.sample_tokens(counts, steps=6, generator=torch.Generator().manual_seed(4), length_buckets=k)
+        for k in (4, 4, 1)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    assert runs[0].shape == runs[2].shape == (8, 6 + 4 * 10)
+    for tokens in runs:
+        decoded = 0
+        for row, a in zip(tokens, counts.tolist(), strict=True):
+            assert (row[6 + 4 * a :] == tok.PAD_ID).all() and (row[: 6 + 4 * a] != tok.PAD_ID).all()
+            assert (row != tok.MASK_ID).all()
+            structure, _ = tok.CrystalTokenizer().try_decode(row)
+            decoded += structure is not None and len(structure) == a
+        assert decoded >= 4
+
+
+def test_resuming_a_folder_keeps_the_grouping_it_was_written_with(tiny_run: Path, tmp_path: Path) -> None:
+    """A folder written without grouping (as before the option) resumes without it, whatever the default."""
+    ck = tiny_run / "model.safetensors"
+    kw = dict(checkpoint=ck, steps=6, batch_size=4, device="cpu", seed=2, progress=False)
+    generate(8, tmp_path / "whole", length_buckets=1, **kw)
+    generate(8, tmp_path / "cut", length_buckets=1, **kw)
+    lines = (tmp_path / "cut" / "samples.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "cut" / "samples.csv").write_text("".join(lines[:5]))  # header + batch 0 only
+    assert "length_buckets" not in json.loads((tmp_path / "cut" / "generation.json").read_text())
+    generate(8, tmp_path / "cut", resume=True, **kw)  # default grouping: taken from the folder
+    assert (tmp_path / "cut" / "samples.csv").read_text() == (tmp_path / "whole" / "samples.csv").read_text()
+    with pytest.raises(ValueError, match="length_buckets"):
+        generate(8, tmp_path / "cut", resume=True, length_buckets=3, **kw)
+    generate(8, tmp_path / "grouped", length_buckets=3, **kw)
+    assert json.loads((tmp_path / "grouped" / "generation.json").read_text())["length_buckets"] == 3
+
+
+def test_training_lists_the_rows_it_left_out(shared_data_dir: Path, tmp_path: Path) -> None:
+    """A data folder with a broken CIF and an uncovered element: training goes on and names both rows."""
+    import pandas as pd
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        frame = pd.read_csv(shared_data_dir / "mp_20" / f"{split}.csv.gz").head(12)
+        if split == "train":
+            americium = Structure(np.eye(3) * 4.0, ["Am"], [[0, 0, 0]]).to(fmt="cif")
+            extra = pd.DataFrame(
+                {"material_id": ["bad-cif", "am-1"], "cif": ["data_x\nnot a cif", americium]}
+            )
+            frame = pd.concat([frame, extra], ignore_index=True)
+        frame.to_csv(data / f"{split}.csv", index=False)
+    cfg = MatgenTrainConfig(
+        model=CrystalDiTConfig.tiny(),
+        train=TrainConfig(steps=1, batch_size=4, eval_every=0, device="cpu"),
+        data_dir=str(data),
+    )
+    with pytest.warns(UserWarning, match="left out 2 train rows"):
+        train_crystal_model(cfg, tmp_path / "run", progress=False)
+    listed = list(csv.DictReader((tmp_path / "run" / "skipped_rows.csv").open()))
+    assert {r["material_id"] for r in listed} == {"bad-cif", "am-1"} and {r["split"] for r in listed} == {
+        "train"
+    }
+    assert "Z=95" in next(r["reason"] for r in listed if r["material_id"] == "am-1")
