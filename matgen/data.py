@@ -12,6 +12,7 @@ Data flow::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import urllib.error
@@ -173,15 +174,21 @@ def ensure_split_file(
             f"no {split}.csv.gz or {split}.csv in {directory}; pass download=True to fetch {url}, "
             f"or point MATGEN_DATA at a directory holding the MP-20 CSVs"
         )
+    new_dirs = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         _download(url, target, timeout)
         (directory / DOWNLOAD_MARKER).write_text(f"MP-20 splits downloaded from {base_url}\n")
-    except DownloadError:
+    except BaseException as exc:
+        for d in new_dirs:  # a mistyped --data-dir must not leave folders behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if isinstance(exc, DownloadError | KeyboardInterrupt):
+            raise
+        if isinstance(exc, OSError | urllib.error.URLError | ValueError):
+            raise DownloadError(
+                f"could not download MP-20 split {split!r} from {url} to {target}: {exc}"
+            ) from exc
         raise
-    except (OSError, urllib.error.URLError, ValueError) as exc:
-        raise DownloadError(
-            f"could not download MP-20 split {split!r} from {url} to {target}: {exc}"
-        ) from exc
     return target
 
 

@@ -117,6 +117,11 @@ def test_download_failures_name_url_and_path(tmp_path):
     with pytest.raises(DownloadError, match="does not look like an MP-20 CSV"):
         ensure_split_file("test", cache, base_url=bogus.as_uri())
     assert not cache.exists() or not any(cache.iterdir())
+    # a mistyped folder that a failed download would have created is not left behind
+    typo = tmp_path / "typo" / "mp20"
+    with pytest.raises(DownloadError):
+        ensure_split_file("test", typo, base_url=(tmp_path / "nowhere").as_uri())
+    assert not (tmp_path / "typo").exists()
 
 
 # ------------------------------------------------------------------ reading

@@ -40,7 +40,7 @@ def test_missing_reference_data_is_a_clear_error(tmp_path: Path, monkeypatch: py
     assert result.exit_code == 2
     assert "MATGEN_DATA" in result.output and "--data-dir" in result.output
     assert "Traceback" not in result.output
-    assert (tmp_path / "out" / "journal.jsonl").exists()
+    assert not (tmp_path / "out").exists()  # refused before any crystal was evaluated
 
 
 @pytest.mark.parametrize(
