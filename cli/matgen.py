@@ -104,6 +104,12 @@ def generate(
     except OSError as e:  # an --out that cannot be created or written
         where = f" {e.filename}" if e.filename else ""
         fail(f"cannot write{where}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; the crystals of finished batches are kept in {out} (listed in samples.csv); "
+            "run the same command with --resume to continue",
+            code=130,
+        )
     kept = (
         f"; {summary.skipped_batches} batch(es) kept from the earlier run" if summary.skipped_batches else ""
     )

@@ -92,4 +92,6 @@ def evaluate_command(
     except OSError as e:  # an output folder that cannot be written, a disk that is full, ...
         where = f" ({e.filename})" if e.filename else ""
         fail(f"cannot read or write a file{where}: {e.strerror or e}{kept()}")
+    except KeyboardInterrupt:
+        fail(f"interrupted{kept()}; run the same command again to continue from there", code=130)
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'report.md'}")

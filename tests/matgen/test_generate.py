@@ -650,3 +650,18 @@ def test_training_lists_the_rows_it_left_out(shared_data_dir: Path, tmp_path: Pa
         "train"
     }
     assert "Z=95" in next(r["reason"] for r in listed if r["material_id"] == "am-1")
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matgen.evaluate
+    import matgen.generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matgen.generate, "generate", interrupted)
+    result = runner.invoke(app, ["generate", "--n", "2", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 130 and "--resume to continue" in result.output
+    monkeypatch.setattr(matgen.evaluate, "evaluate", interrupted)
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 130 and "run the same command again" in result.output
