@@ -90,7 +90,7 @@ def generate(
             batch_size=batch_size,
             device=device,
             num_atoms=num_atoms,
-            elements=elements.split(",") if elements else None,
+            elements=elements.split(",") if elements is not None else None,
             overwrite=overwrite,
             resume=resume,
             progress=not quiet,

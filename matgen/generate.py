@@ -509,21 +509,33 @@ def _file_digest(path: Path) -> str:
 
 
 def normalize_elements(elements: str | Sequence[str]) -> list[str]:
-    """Element symbols as a duplicate-free list in the given order; a string is split on commas ("Li,Fe,P,O")."""
+    """Element symbols as a duplicate-free list in the given order; a string is split on commas ("Li,Fe,P,O").
+    Case is normalised ("li" and "LI" are Li)."""
     if isinstance(elements, str):
         elements = elements.split(",")
-    symbols = list(dict.fromkeys(e.strip() for e in elements if e.strip()))
-    unknown = [e for e in symbols if e not in tok.ELEMENT_SYMBOLS]
-    if unknown or not symbols:
+    symbols = list(dict.fromkeys(e.strip().capitalize() for e in elements if e.strip()))
+    if not symbols:
+        raise ValueError("no element symbols given: use symbols such as Li,Fe,P,O")
+    beyond = [e for e in symbols if e not in tok.ELEMENT_SYMBOLS and _is_element(e)]
+    if beyond:
         raise ValueError(
-            f"unknown element symbol(s) {unknown or list(elements)}: use symbols such as Li,Fe,P,O (Z <= 94)"
+            f"element(s) {beyond} are beyond the model's vocabulary, which stops at Pu (Z = {tok.MAX_Z})"
         )
+    unknown = [e for e in symbols if e not in tok.ELEMENT_SYMBOLS]
+    if unknown:
+        raise ValueError(f"unknown element symbol(s) {unknown}: use symbols such as Li,Fe,P,O")
     return symbols
+
+
+def _is_element(symbol: str) -> bool:
+    from pymatgen.core import Element
+
+    return Element.is_valid_symbol(symbol)
 
 
 def _read_done_rows(samples: Path, size_of: Callable[[int], int]) -> list[dict[str, str]]:
     """Rows of complete batches in samples.csv (a torn last line, a partial batch, or a batch with a
-    listed CIF that is missing from the folder is dropped, so that it is generated again)."""
+    listed CIF that is missing from the folder or empty is dropped, so that it is generated again)."""
     if not samples.exists():
         return []
     text = samples.read_text()
@@ -539,10 +551,19 @@ def _read_done_rows(samples: Path, size_of: Callable[[int], int]) -> list[dict[s
     done = []
     for b, rs in sorted(by_batch.items()):
         unique = {r["id"]: r for r in rs}
-        files_there = all((samples.parent / r["file"]).is_file() for r in unique.values() if r.get("file"))
+        files_there = all(
+            _nonempty_file(samples.parent / r["file"]) for r in unique.values() if r.get("file")
+        )
         if len(unique) == size_of(b) and files_there:
             done.extend(unique.values())
     return done
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _rows_to_csv(rows: list[dict[str, Any]], header: bool) -> str:
@@ -621,6 +642,11 @@ def generate(
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} exists and is not a folder")
     gen = CrystalGenerator.from_checkpoint(checkpoint, device, compile=compile)
+    if gen.kind == "ar" and (velocity != "ko" or corrector or scheduler is not None):
+        raise ValueError(
+            f"{gen.checkpoint} is an autoregressive model: it samples token by token, so velocity, corrector "
+            "and scheduler do not apply (leave them at their defaults)"
+        )
     if resample_collisions and gen.kind != "dfm":
         raise ValueError(
             f"resample_collisions needs a DFM checkpoint; {gen.checkpoint} is an autoregressive ({gen.kind}) model"

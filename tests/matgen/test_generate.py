@@ -427,6 +427,9 @@ def test_resume_regenerates_a_batch_whose_cif_was_deleted(tiny_run: Path, tmp_pa
     assert [f.read_text() for f in _cif_files(tmp_path / "x")] == [
         f.read_text() for f in _cif_files(tmp_path / "ref")
     ]
+    victim.write_text("")  # an emptied file counts as missing
+    summary = generate(8, tmp_path / "x", resume=True, **run)
+    assert summary.skipped_batches == 1 and victim.read_text() == (tmp_path / "ref" / victim.name).read_text()
 
 
 def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_path: Path) -> None:
@@ -436,6 +439,14 @@ def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_pat
     summary = generate(4, tmp_path / "y", elements=["O", "Li"], **run)
     again = generate(4, tmp_path / "y", elements=["Li", "O"], resume=True, **run)  # same system: resumes
     assert summary.skipped_batches == 0 and again.skipped_batches == 2
+    from matgen.generate import normalize_elements
+
+    assert normalize_elements("li, FE ,o") == ["Li", "Fe", "O"]
+    for bad, message in (("", "no element symbols"), ("Am,Fe", "stops at Pu"), ("Li,Xx", "unknown element")):
+        with pytest.raises(ValueError, match=message):
+            normalize_elements(bad)
+    result = runner.invoke(app, ["generate", "--n", "1", "--out", str(tmp_path / "z"), "--elements", ""])
+    assert result.exit_code == 2 and "no element symbols" in result.output
 
 
 def test_tampered_atom_count_distribution_is_a_checkpoint_error(tiny_run: Path, tmp_path: Path) -> None:
@@ -523,7 +534,7 @@ def test_generate_with_resampling_keeps_untouched_crystals_and_records_redraws(
         generate(2, tmp_path / "bad", progress=False, resample_collisions=-1, **kw)
 
 
-def test_resampling_is_refused_for_an_autoregressive_checkpoint(
+def test_sampler_options_are_refused_for_an_autoregressive_checkpoint(
     shared_data_dir: Path, tmp_path: Path
 ) -> None:
     cfg = MatgenTrainConfig(
@@ -545,6 +556,20 @@ def test_resampling_is_refused_for_an_autoregressive_checkpoint(
             progress=False,
         )
     assert not (tmp_path / "out").exists()
+    for kwargs in ({"velocity": "power-inf"}, {"corrector": 1.0}, {"scheduler": "linear"}):
+        with pytest.raises(ValueError, match="do not apply"):
+            generate(2, tmp_path / "out", checkpoint=tmp_path / "ar" / "model.safetensors", **kwargs)
+    assert not (tmp_path / "out").exists()
+    # the AR baseline samples well-formed crystals with the atom counts it was given (E.2)
+    summary = generate(
+        3,
+        tmp_path / "ar_out",
+        checkpoint=tmp_path / "ar" / "model.safetensors",
+        device="cpu",
+        num_atoms=2,
+        progress=False,
+    )
+    assert summary.written + summary.failed == 3
 
 
 def _brute_force_groups(values: list[int], sizes: list[int], max_groups: int, group_cost: float) -> float:
