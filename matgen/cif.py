@@ -1,4 +1,5 @@
-"""Fast CIF text for decoded crystals (P1, ordered, element species).
+"""CIF text in and out: :func:`parse_cif` reads any CIF the way every matgen command does, and
+:func:`p1_cif` writes decoded crystals fast (P1, ordered, element species).
 
 ``matgen generate`` writes thousands of CIFs right after sampling; pymatgen's ``Structure.to(fmt="cif")``
 spends about 0.6 ms a crystal on generic work (symmetry-free CifWriter, site objects, CifBlock layout)
@@ -10,6 +11,9 @@ too long for one CIF line) falls back to pymatgen itself.
 
 from __future__ import annotations
 
+import io
+import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
@@ -17,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 from pymatgen.core import Composition, Lattice, Structure
 
-__all__ = ["formula_fields", "p1_cif"]
+__all__ = ["formula_fields", "p1_cif", "parse_cif"]
 
 _MAX_LINE = 70  # pymatgen's CifBlock.max_len
 _HEADER = "# generated using pymatgen"  # kept, so the files are the ones pymatgen would have written
@@ -87,3 +91,100 @@ def p1_cif(lattice: Lattice, species: Sequence[str], frac_coords: np.ndarray) ->
     for i, (symbol, (x, y, z)) in enumerate(zip(species, np.asarray(frac_coords).tolist(), strict=True)):
         lines.append(f"  {symbol}  {symbol}{i}  1  {f8(x)}  {f8(y)}  {f8(z)}  1")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- reading
+def parse_cif(text: str, keep_shared_sites: bool = True) -> Structure:
+    """Parse the first structure of a CIF (conventional setting as written, no primitive reduction).
+
+    With ``keep_shared_sites``, a P1 CIF with two atoms on one site (a common generator failure, which
+    pymatgen merges into one over-occupied site and refuses) is read with its sites as written, so that an
+    evaluation can call it structurally invalid and still count its composition; without it (training
+    data) such a CIF is refused.
+
+    Raises:
+        ValueError: empty text, a cell length <= 0 or a site occupancy <= 0 (pymatgen would take the
+            absolute value or drop the site silently), or nothing pymatgen can read.
+    """
+    from pymatgen.io.cif import CifParser
+
+    if not text or not text.strip():
+        raise ValueError("empty CIF")
+    block = _first_block(text)
+    if block is not None:
+        _check_values(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns per CIF about rounding and occupancies
+        parser = CifParser(io.StringIO(text))
+        try:
+            structures = parser.parse_structures(primitive=False, on_error="raise")
+        except ValueError as exc:
+            shared = keep_shared_sites and "exceeded tolerance" in str(exc)
+            as_written = _p1_sites_as_written(block) if shared else None
+            if as_written is None:
+                raise
+            structures = [as_written]
+    if not structures:
+        raise ValueError("no structure in CIF")
+    return structures[0]
+
+
+def _first_block(text: str):  # -> pymatgen CifBlock | None
+    from pymatgen.io.cif import CifFile
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return next(iter(CifFile.from_str(text).data.values()), None)
+    except Exception:
+        return None  # the parser proper reports what is wrong
+
+
+def _number(value: object) -> float | None:
+    """A CIF number without its standard uncertainty ("4.213(2)" -> 4.213); None for "." / "?" / text."""
+    try:
+        return float(re.sub(r"\(.*\)$", "", str(value).strip()))
+    except ValueError:
+        return None
+
+
+def _values(block, key: str) -> list:
+    values = block.data.get(key)
+    return [values] if isinstance(values, str) else list(values or [])
+
+
+def _check_values(block) -> None:
+    for axis in "abc":
+        for value in _values(block, f"_cell_length_{axis}"):
+            number = _number(value)
+            if number is not None and number <= 0:
+                raise ValueError(f"cell length {axis} = {value} <= 0")
+    for value in _values(block, "_atom_site_occupancy"):
+        number = _number(value)
+        if number is not None and number <= 0:
+            raise ValueError(f"site occupancy {value} <= 0")
+
+
+def _p1_sites_as_written(block) -> Structure | None:
+    """The sites of a P1 block exactly as listed (no merging of coincident sites); None if the block has
+    symmetry operations other than the identity, partial occupancies, or anything unreadable."""
+    if block is None:
+        return None
+    ops = _values(block, "_symmetry_equiv_pos_as_xyz") or _values(block, "_space_group_symop_operation_xyz")
+    if any(re.sub(r"[\s'\"]", "", str(op)).lower() != "x,y,z" for op in ops):
+        return None
+    try:
+        cell = [_number(block.data[f"_cell_length_{x}"]) for x in "abc"]
+        cell += [_number(block.data[f"_cell_angle_{x}"]) for x in ("alpha", "beta", "gamma")]
+        species = _values(block, "_atom_site_type_symbol")
+        coords = [[_number(v) for v in _values(block, f"_atom_site_fract_{x}")] for x in "xyz"]
+        occupancy = [_number(v) for v in _values(block, "_atom_site_occupancy")] or [1.0] * len(species)
+        if None in cell or not species or any(None in c or len(c) != len(species) for c in coords):
+            return None
+        if len(occupancy) != len(species) or any(o != 1.0 for o in occupancy):
+            return None
+        return Structure(
+            Lattice.from_parameters(*cell), species, list(zip(*coords, strict=True)), validate_proximity=False
+        )
+    except Exception:
+        return None

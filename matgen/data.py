@@ -27,6 +27,7 @@ from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
 from dfm_core.atomic_io import atomic_write
+from matgen.cif import parse_cif
 from matgen.tokenizer import (
     PAD_ID,
     TOKENIZER_VERSION,
@@ -228,8 +229,8 @@ def _parse_cifs(
             if not isinstance(cif, str) or not cif.strip():
                 failed[material_id] = "empty CIF"
                 continue
-            try:
-                structure = Structure.from_str(cif, fmt="cif")
+            try:  # as matgen evaluate reads CIFs, but a CIF with two atoms on one site is refused
+                structure = parse_cif(cif, keep_shared_sites=False)
             except Exception as exc:  # pymatgen raises many types for bad CIFs
                 failed[material_id] = f"CIF parse error: {type(exc).__name__}: {exc}"
                 continue

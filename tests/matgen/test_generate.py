@@ -658,8 +658,17 @@ def test_training_lists_the_rows_it_left_out(shared_data_dir: Path, tmp_path: Pa
         frame = pd.read_csv(shared_data_dir / "mp_20" / f"{split}.csv.gz").head(12)
         if split == "train":
             americium = Structure(np.eye(3) * 4.0, ["Am"], [[0, 0, 0]]).to(fmt="cif")
+            shared = Structure(
+                np.eye(3) * 4.0,
+                ["Mg", "O", "O"],
+                [[0, 0, 0], [0.5, 0.5, 0.5], [0, 0, 0]],
+                validate_proximity=False,
+            ).to(fmt="cif")  # matgen evaluate reads it as written; training must not learn from it
             extra = pd.DataFrame(
-                {"material_id": ["bad-cif", "am-1"], "cif": ["data_x\nnot a cif", americium]}
+                {
+                    "material_id": ["bad-cif", "am-1", "shared-site"],
+                    "cif": ["data_x\nnot a cif", americium, shared],
+                }
             )
             frame = pd.concat([frame, extra], ignore_index=True)
         frame.to_csv(data / f"{split}.csv", index=False)
@@ -668,12 +677,11 @@ def test_training_lists_the_rows_it_left_out(shared_data_dir: Path, tmp_path: Pa
         train=TrainConfig(steps=1, batch_size=4, eval_every=0, device="cpu"),
         data_dir=str(data),
     )
-    with pytest.warns(UserWarning, match="left out 2 train rows"):
+    with pytest.warns(UserWarning, match="left out 3 train rows"):
         train_crystal_model(cfg, tmp_path / "run", progress=False)
     listed = list(csv.DictReader((tmp_path / "run" / "skipped_rows.csv").open()))
-    assert {r["material_id"] for r in listed} == {"bad-cif", "am-1"} and {r["split"] for r in listed} == {
-        "train"
-    }
+    assert {r["material_id"] for r in listed} == {"bad-cif", "am-1", "shared-site"}
+    assert {r["split"] for r in listed} == {"train"}
     assert "Z=95" in next(r["reason"] for r in listed if r["material_id"] == "am-1")
 
 
