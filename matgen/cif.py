@@ -21,9 +21,11 @@ from functools import lru_cache
 import numpy as np
 from pymatgen.core import Composition, Lattice, Structure
 
-__all__ = ["formula_fields", "p1_cif", "parse_cif"]
+__all__ = ["DATA_BLOCK", "crystal_blocks", "formula_fields", "p1_cif", "parse_cif"]
 
 _MAX_LINE = 70  # pymatgen's CifBlock.max_len
+DATA_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
+_ATOM_SITE = re.compile(r"_atom_site_", re.IGNORECASE)
 _HEADER = "# generated using pymatgen"  # kept, so the files are the ones pymatgen would have written
 
 
@@ -188,3 +190,17 @@ def _p1_sites_as_written(block) -> Structure | None:
         )
     except Exception:
         return None
+
+
+def crystal_blocks(text: str) -> list[tuple[str, str]]:
+    """``[(block name, block text)]`` of the data blocks that hold atom sites (all of ``text`` if <= 1):
+    one entry per crystal of a multi-crystal CIF."""
+    starts = list(DATA_BLOCK.finditer(text))
+    if len(starts) <= 1:
+        return [("", text)]
+    ends = [m.start() for m in starts[1:]] + [len(text)]
+    blocks = [
+        (m.group(1) or str(k), text[m.start() : e]) for k, (m, e) in enumerate(zip(starts, ends, strict=True))
+    ]
+    crystals = [b for b in blocks if _ATOM_SITE.search(b[1])]
+    return crystals if len(crystals) > 1 else [("", text)]

@@ -27,7 +27,7 @@ from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
 from dfm_core.atomic_io import atomic_write
-from matgen.cif import parse_cif
+from matgen.cif import crystal_blocks, parse_cif
 from matgen.tokenizer import (
     PAD_ID,
     TOKENIZER_VERSION,
@@ -228,6 +228,9 @@ def _parse_cifs(
         for material_id, cif in tqdm(rows, total=len(frame), desc=desc, disable=not progress):
             if not isinstance(cif, str) or not cif.strip():
                 failed[material_id] = "empty CIF"
+                continue
+            if len(blocks := crystal_blocks(cif)) > 1:
+                failed[material_id] = f"the CIF holds {len(blocks)} crystals (data blocks); a row holds one"
                 continue
             try:  # as matgen evaluate reads CIFs, but a CIF with two atoms on one site is refused
                 structure = parse_cif(cif, keep_shared_sites=False)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 from pymatgen.core import Structure
 
-from matgen.cif import parse_cif
+from matgen.cif import DATA_BLOCK, crystal_blocks, parse_cif
 
 __all__ = ["InputItem", "error_text", "parse_cif", "read_inputs"]
 
@@ -48,8 +47,6 @@ TABLE_SUFFIXES = (
 )
 CIF_SUFFIXES = (".cif", ".cif.gz")
 MANIFEST_NAME = "samples.csv"  # written by ``matgen generate`` next to its CIFs
-_DATA_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
-_ATOM_SITE = re.compile(r"_atom_site_", re.IGNORECASE)
 
 
 @dataclass
@@ -113,24 +110,11 @@ def _read_text(path: Path) -> tuple[str | None, str | None]:
         return None, f"unreadable file: {exc}"
 
 
-def _blocks(text: str) -> list[tuple[str, str]]:
-    """``[(block name, block text)]`` of the data blocks that hold atom sites (all of ``text`` if <= 1)."""
-    starts = list(_DATA_BLOCK.finditer(text))
-    if len(starts) <= 1:
-        return [("", text)]
-    ends = [m.start() for m in starts[1:]] + [len(text)]
-    blocks = [
-        (m.group(1) or str(k), text[m.start() : e]) for k, (m, e) in enumerate(zip(starts, ends, strict=True))
-    ]
-    crystals = [b for b in blocks if _ATOM_SITE.search(b[1])]
-    return crystals if len(crystals) > 1 else [("", text)]
-
-
 def _file_items(path: Path, id_: str) -> list[InputItem]:
     text, err = _read_text(path)
     if text is None:
         return [InputItem(id=id_, read_error=err)]
-    return [InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in _blocks(text)]
+    return [InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in crystal_blocks(text)]
 
 
 def _hidden(name: str) -> bool:
@@ -253,7 +237,7 @@ def read_inputs(inputs: str | Path | Sequence[Structure]) -> list[InputItem]:
     if name.endswith(CIF_SUFFIXES):
         return _file_items(path, path.name)
     text, _ = _read_text(path)
-    if text is not None and _DATA_BLOCK.search(text):
+    if text is not None and DATA_BLOCK.search(text):
         return _file_items(path, path.name)  # a CIF under another name
     raise ValueError(
         f"{path}: unknown input kind; expected a folder, a .cif[.gz] file, or a table "

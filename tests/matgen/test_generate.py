@@ -666,8 +666,8 @@ def test_training_lists_the_rows_it_left_out(shared_data_dir: Path, tmp_path: Pa
             ).to(fmt="cif")  # matgen evaluate reads it as written; training must not learn from it
             extra = pd.DataFrame(
                 {
-                    "material_id": ["bad-cif", "am-1", "shared-site"],
-                    "cif": ["data_x\nnot a cif", americium, shared],
+                    "material_id": ["bad-cif", "am-1", "shared-site", "two-crystals"],
+                    "cif": ["data_x\nnot a cif", americium, shared, frame["cif"][0] + "\n" + frame["cif"][1]],
                 }
             )
             frame = pd.concat([frame, extra], ignore_index=True)
@@ -677,10 +677,10 @@ def test_training_lists_the_rows_it_left_out(shared_data_dir: Path, tmp_path: Pa
         train=TrainConfig(steps=1, batch_size=4, eval_every=0, device="cpu"),
         data_dir=str(data),
     )
-    with pytest.warns(UserWarning, match="left out 3 train rows"):
+    with pytest.warns(UserWarning, match="left out 4 train rows"):
         train_crystal_model(cfg, tmp_path / "run", progress=False)
     listed = list(csv.DictReader((tmp_path / "run" / "skipped_rows.csv").open()))
-    assert {r["material_id"] for r in listed} == {"bad-cif", "am-1", "shared-site"}
+    assert {r["material_id"] for r in listed} == {"bad-cif", "am-1", "shared-site", "two-crystals"}
     assert {r["split"] for r in listed} == {"train"}
     assert "Z=95" in next(r["reason"] for r in listed if r["material_id"] == "am-1")
 
