@@ -28,12 +28,12 @@ def main(version: bool = version_option("matgen")) -> None:
 
 @app.command()
 def generate(
-    n: int = typer.Option(100, "--n", help="Number of crystals to generate."),
+    n: int = typer.Option(100, "--n", min=1, help="Number of crystals to generate."),
     out: Path = typer.Option(Path("cifs"), "--out", help="Output folder for CIF files and samples.csv."),
     checkpoint: Path | None = typer.Option(
         None, help="matgen checkpoint (.safetensors); default: the shipped model."
     ),
-    steps: int = typer.Option(500, help="Sampler steps (NFE); the paper uses 500."),
+    steps: int = typer.Option(500, min=1, help="Sampler steps (NFE); the paper uses 500."),
     temperature: float | None = typer.Option(
         None,
         help="Posterior softmax temperature (default: the checkpoint's recommendation, else the paper's 0.7).",
@@ -46,10 +46,10 @@ def generate(
         0.0, help="Weight of the probability-preserving corrector (eq 35); 0 = off."
     ),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same crystals."),
-    batch_size: int = typer.Option(500, help="Crystals per sampler batch."),
+    batch_size: int = typer.Option(500, min=1, help="Crystals per sampler batch."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     num_atoms: int | None = typer.Option(
-        None, help="Fix the atom count (default: the training distribution)."
+        None, min=1, help="Fix the atom count (default: the training distribution)."
     ),
     elements: str | None = typer.Option(
         None, help="Restrict atom types to a chemical system, e.g. Li,Fe,P,O."
@@ -57,16 +57,20 @@ def generate(
     overwrite: bool = typer.Option(False, help="Replace the crystals of an earlier run in --out."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out with the same settings."),
     workers: int = typer.Option(
-        0, help="Processes that decode and write CIFs while sampling goes on (0: none)."
+        0, min=0, help="Processes that decode and write CIFs while sampling goes on (0: none)."
     ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (for long GPU runs)."),
     resample_collisions: int = typer.Option(
         0,
+        min=0,
+        max=100,
         help="Rounds of re-drawing the coordinates of atoms that landed on another atom's site (beyond "
         "the paper; 0: such sequences are not written, as in the paper's protocol).",
     ),
     length_buckets: int | None = typer.Option(
         None,
+        min=1,
+        max=1000,
         help="Sample each batch in up to K groups of similar atom count, padded only to each group's "
         "largest crystal (default: one group per atom count on CPU, 1 on GPU; on --resume, as before).",
     ),

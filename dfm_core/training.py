@@ -778,14 +778,14 @@ def _check_resumable(
         details = "; ".join(f"{k}: saved {saved.get(k)} vs model {current.get(k)}" for k in diff[:5])
         raise ValueError(
             f"cannot resume: the checkpoint's architecture differs from the model ({len(diff)} tensors, "
-            f"e.g. {details}). Use a new run_dir or resume=False."
+            f"e.g. {details}). Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
         )
     saved_meta = ckpt.get("metadata") or {}
     if "model_config" in saved_meta and "model_config" in metadata:
         if saved_meta["model_config"] != metadata["model_config"]:
             raise ValueError(
                 "cannot resume: metadata['model_config'] differs from the checkpoint's "
-                f"({saved_meta['model_config']} vs {metadata['model_config']}). Use a new run_dir or resume=False."
+                f"({saved_meta['model_config']} vs {metadata['model_config']}). Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
             )
     saved_identity = ckpt.get("identity")
     if saved_identity and identity is not None and saved_identity != identity:
@@ -793,7 +793,7 @@ def _check_resumable(
         diff = {k: v for k, v in diff.items() if v[0] != v[1]}
         raise ValueError(
             f"cannot resume: this run was trained on other data or another objective (saved -> now: {diff}). "
-            "Use a new run_dir or resume=False (--no-resume)."
+            "Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
         )
     old = ckpt["config"]
     changed = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}

@@ -652,7 +652,9 @@ def generate(
             f"resample_collisions needs a DFM checkpoint; {gen.checkpoint} is an autoregressive ({gen.kind}) model"
         )
     if num_atoms is not None and not 1 <= num_atoms <= gen.max_atoms:
-        raise ValueError(f"num_atoms must be between 1 and {gen.max_atoms} for this model, got {num_atoms}")
+        raise ValueError(
+            f"num_atoms (--num-atoms) must be between 1 and {gen.max_atoms} for this model, got {num_atoms}"
+        )
     num_atoms = int(num_atoms) if num_atoms is not None else None
 
     if temperature is None:

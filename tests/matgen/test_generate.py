@@ -698,3 +698,21 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(matgen.evaluate, "evaluate", interrupted)
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--out", str(tmp_path / "e")])
     assert result.exit_code == 130 and "run the same command again" in result.output
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--n", "0"),
+        ("--steps", "0"),
+        ("--batch-size", "0"),
+        ("--num-atoms", "0"),
+        ("--workers", "-1"),
+        ("--resample-collisions", "101"),
+        ("--length-buckets", "0"),
+    ],
+)
+def test_cli_names_the_flag_it_refuses(flag: str, value: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", flag, value, "--out", str(tmp_path / "g")])
+    assert result.exit_code == 2 and flag in result.output
+    assert not (tmp_path / "g").exists()
