@@ -566,6 +566,14 @@ def _nonempty_file(path: Path) -> bool:
         return False
 
 
+def _sort_samples(samples: Path) -> None:
+    """Rewrite ``samples.csv`` (atomically) in batch, then id order, if it is not in that order."""
+    rows = list(csv.DictReader(io.StringIO(samples.read_text())))
+    ordered = sorted(rows, key=lambda r: (int(r["batch"]), r["id"]))
+    if ordered != rows:
+        atomic_write_text(samples, _rows_to_csv(ordered, header=True))
+
+
 def _rows_to_csv(rows: list[dict[str, Any]], header: bool) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SAMPLES_COLUMNS, lineterminator="\n")
@@ -851,6 +859,8 @@ def generate(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+    if done_batches:  # a resumed run may have redone an early batch: list the rows as a fresh run would
+        _sort_samples(samples_path)
     return GenerationSummary(
         out_dir=out,
         requested=n,

@@ -420,13 +420,15 @@ def test_resume_regenerates_a_batch_whose_cif_was_deleted(tiny_run: Path, tmp_pa
     run = dict(checkpoint=tiny_run / "model.safetensors", steps=4, batch_size=4, device="cpu", progress=False)
     generate(8, tmp_path / "ref", **run)
     generate(8, tmp_path / "x", **run)
-    victim = _cif_files(tmp_path / "x")[-1]
+    victim = _cif_files(tmp_path / "x")[0]  # batch 0: redone after batch 1 is kept
     victim.unlink()
     summary = generate(8, tmp_path / "x", resume=True, **run)
     assert summary.skipped_batches == 1 and victim.is_file()
     assert [f.read_text() for f in _cif_files(tmp_path / "x")] == [
         f.read_text() for f in _cif_files(tmp_path / "ref")
     ]
+    # rows in the order of a fresh run
+    assert (tmp_path / "x" / "samples.csv").read_text() == (tmp_path / "ref" / "samples.csv").read_text()
     victim.write_text("")  # an emptied file counts as missing
     summary = generate(8, tmp_path / "x", resume=True, **run)
     assert summary.skipped_batches == 1 and victim.read_text() == (tmp_path / "ref" / victim.name).read_text()
