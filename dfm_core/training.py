@@ -536,7 +536,11 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e})") from e
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:160]
+        raise ValueError(
+            f"{path} is not a readable training checkpoint ({type(e).__name__}: {first}); delete it or start "
+            "afresh (resume=False; --no-resume on the command line)"
+        ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
         raise ValueError(f"{path} is not a training checkpoint written by dfm_core.training.train")
     if model is not None:
@@ -739,30 +743,35 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) during training: the first one lets the current step finish, so that the loop can
-    checkpoint a consistent state and stop; a second one interrupts at once. Only in the main thread."""
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, ``timeout``, batch schedulers) during training: the first one
+    lets the current step finish, so that the loop can checkpoint a consistent state and stop; a second one
+    interrupts at once. Only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        self._previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._handle)
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             self.uninstall()
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\nstopping after this step ({name} again to stop at once)", file=sys.stderr)
 
 
 def _check_resumable(
@@ -935,7 +944,11 @@ def train(
             "ema": ema.state_dict(),
             "step": step,
             "best_val_loss": best_val,
-            "log_window": {"loss_sum": float(window_loss), "steps": window_steps},
+            "log_window": {
+                "loss_sum": float(window_loss),
+                "steps": window_steps,
+                "time_s": time_offset + time.perf_counter() - start_time,
+            },
             "rng": _rng_state(data_gen, loss_gen),
             "config": config.to_dict(),
             "metadata": metadata,
@@ -963,8 +976,10 @@ def train(
         return FloatingPointError(f"non-finite training loss {loss} at step {step}; {kept} (try a lower lr)")
 
     start_time = time.perf_counter()
+    time_offset = float(resumed_window.get("time_s", 0.0))  # training time of earlier sessions of this run
     window_loss = torch.tensor(resumed_window["loss_sum"], device=device)
     window_steps, window_start = int(resumed_window["steps"]), time.perf_counter()
+    timed_steps = 0  # steps of the current window run in this session: the throughput's numerator
     final_loss = math.nan
     clean = True  # state is consistent (between steps) and may be checkpointed on interrupt
     budget_clock = _BudgetClock(step, start_time, config.time_budget_s) if config.time_budget_s else None
@@ -989,6 +1004,7 @@ def train(
             clean = True
             window_loss += loss.detach().float()
             window_steps += 1
+            timed_steps += 1
 
             if step % config.log_every == 0 or step == config.steps:
                 final_loss = float(window_loss) / window_steps
@@ -1000,15 +1016,15 @@ def train(
                     "loss": final_loss,
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
-                    "items_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
-                    "time_s": time.perf_counter() - start_time,
+                    "items_per_s": timed_steps * config.batch_size / max(elapsed, 1e-9),
+                    "time_s": time_offset + time.perf_counter() - start_time,
                 }
                 _append_jsonl(metrics_path, record)
                 bar.set_postfix(
                     loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}", items_s=f"{record['items_per_s']:.0f}"
                 )
                 window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window_steps, timed_steps, window_start = 0, 0, time.perf_counter()
             bar.update(1)
 
             if val_loss_fn is not None and config.eval_every > 0:

@@ -410,6 +410,42 @@ def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path, capsys):
     assert resumed.step == whole.step == 12
     a, b = (load_checkpoint(p / "last.pt")["model"] for p in (tmp_path / "cut", tmp_path / "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the log of a resumed run: the same losses, and time that goes on from where it stopped
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference]
+    times = [r["time_s"] for r in records]
+    assert (
+        times == sorted(times) and load_checkpoint(tmp_path / "cut" / "last.pt")["log_window"]["time_s"] > 0
+    )
+
+
+def test_sigterm_stops_training_like_ctrl_c(tmp_path):
+    """`kill`, `timeout` and batch schedulers send SIGTERM: the step finishes and is checkpointed."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def terminated_loss(model, x1, generator):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return denoise_loss(model, x1, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), terminated_loss, batches, config(steps=9, ckpt_every=100, eval_every=0), tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_an_unreadable_checkpoint_says_how_to_recover(tmp_path):
+    (tmp_path / "last.pt").write_text("garbage")
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(tmp_path / "last.pt")
+    message = str(caught.value)
+    assert "not a readable training checkpoint" in message and "--no-resume" in message
+    assert "\n" not in message and "weights_only" not in message.split(";")[-1]
 
 
 def test_a_diverged_run_never_overwrites_last_pt(tmp_path):
