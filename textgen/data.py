@@ -154,16 +154,19 @@ def split_wikitext_articles(text: str) -> list[str]:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A file's text, which must be UTF-8 (newlines normalised to ``\\n``).
+    """A file's text, which must be UTF-8 (newlines normalised to ``\\n``; a leading byte-order mark is
+    dropped, not read as a character).
 
     Raises:
         ValueError: the file is not UTF-8; the message names the file, the line and the byte.
     """
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raw = path.read_bytes()
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise ValueError(f"{path} is UTF-16 text: re-encode it, e.g. iconv -f utf-16 -t utf-8") from None
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:

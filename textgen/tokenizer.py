@@ -68,7 +68,14 @@ class TextTokenizer:
                 "to a folder holding tokenizer.json"
             )
         self.file = file
-        self._tok = Tokenizer.from_file(str(file))
+        try:
+            self._tok = Tokenizer.from_file(str(file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception for bad JSON
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ValueError(
+                f"{file} is not a tokenizer file ({first[:160]}): pass --tokenizer DIR or set TEXTGEN_TOKENIZER "
+                "to a folder holding GPT-2's tokenizer.json"
+            ) from None
         if self._tok.get_vocab_size() != GPT2_VOCAB_SIZE or self._tok.token_to_id(EOT_TEXT) != EOT_ID:
             raise ValueError(
                 f"{file} is not the GPT-2 tokenizer (vocab {self._tok.get_vocab_size()}, "

@@ -233,6 +233,35 @@ def test_non_utf8_text_names_the_file(tmp_path: Path, name: str):
         read_documents(path)
 
 
+def test_a_byte_order_mark_is_not_text_and_utf16_is_named(tmp_path: Path):
+    bom = tmp_path / "bom.txt"
+    bom.write_text("The cat sat.\n", encoding="utf-8-sig")
+    assert read_documents(bom) == read_documents(_plain(tmp_path, "The cat sat.\n"))
+    wide = tmp_path / "wide.txt"
+    wide.write_text("The cat sat.\n", encoding="utf-16")
+    with pytest.raises(ValueError, match="is UTF-16 text"):
+        read_documents(wide)
+
+
+def _plain(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plain.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path: Path):
+    from textgen.tokenizer import TextTokenizer
+
+    bad = tmp_path / "tok"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
+    with pytest.raises(ValueError, match="is not a tokenizer file"):
+        TextTokenizer(bad)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt is not a tokenizer file"):
+        TextTokenizer(tmp_path / "notes.txt")
+
+
 # 7. a folder given as checkpoint ------------------------------------------------------------------
 
 
