@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +131,51 @@ class EvalRow:
         return {k: ("" if v is None else v) for k, v in d.items()}
 
 
+_KEY_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("score", "seconds"))
+
+
+def _key(row: EvalRow) -> tuple[str, ...]:
+    """What identifies a point (everything but its score and time), as written in results.csv."""
+    d = row.as_csv()
+    return tuple(str(d[c]) for c in _KEY_COLUMNS)
+
+
+def _row_from_csv(d: dict[str, str]) -> EvalRow | None:
+    """A results.csv row back as an :class:`EvalRow`; None for a torn or foreign line."""
+
+    def opt(text: str, kind: type) -> Any:
+        return None if text == "" else kind(text)
+
+    try:
+        return EvalRow(
+            d["setting"],
+            d["velocity"],
+            opt(d["alpha"], float),
+            float(d["corrector"]),
+            float(d["corrector_p"]),
+            float(d["corrector_q"]),
+            float(d["temperature"]),
+            float(d["guidance"]),
+            opt(d["nfe"], int),
+            int(d["n"]),
+            d["score_name"],
+            float(d["score"]),
+            float(d["seconds"]),
+            int(d["seed"]),
+            d["checkpoint"],
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _read_rows(path: Path) -> list[EvalRow]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [_row_from_csv(d) for d in csv.DictReader(f)]
+    return [r for r in rows if r is not None]
+
+
 def _append_row(path: Path, row: EvalRow) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -220,6 +266,10 @@ def evaluate_sweep(
 ) -> list[EvalRow]:
     """Score every (setting, NFE) pair; write ``out_dir/results.csv`` (appended row by row) and the plot.
 
+    A rerun into the same folder resumes: a point already in ``results.csv`` with the same settings, n,
+    seed, score and checkpoint is kept, not computed again or listed twice. The plot shows every row of
+    ``results.csv`` for this checkpoint.
+
     Args:
         generator: the loaded model.
         settings: sampler settings (their ``steps`` is replaced by each NFE).
@@ -242,63 +292,50 @@ def evaluate_sweep(
     csv_path = out / "results.csv"
     name = score_name(extractor.name)
     ck = str(generator.checkpoint or "")
+    done = {_key(r): r for r in _read_rows(csv_path)}
     rows: list[EvalRow] = []
     if data_baseline is not None:
-        start = time.perf_counter()
-        s = score_images(data_baseline.images, extractor, reference)
         row = EvalRow(
-            f"data:{data_baseline.name}",
-            "",
-            None,
-            0.0,
-            0.0,
-            0.0,
-            1.0,
-            0.0,
-            None,
-            len(data_baseline),
-            name,
-            s,
-            time.perf_counter() - start,
-            seed,
-            "",
-        )
-        _append_row(csv_path, row)
+            f"data:{data_baseline.name}", "", None, 0.0, 0.0, 0.0, 1.0, 0.0, None, len(data_baseline), name,
+            math.nan, 0.0, seed, "",
+        )  # fmt: skip
+        if _key(row) in done:
+            row = done[_key(row)]
+        else:
+            start = time.perf_counter()
+            row.score = score_images(data_baseline.images, extractor, reference)
+            row.seconds = time.perf_counter() - start
+            _append_row(csv_path, row)
         rows.append(row)
         if log:
-            log(f"{row.setting}: {name} = {s:.3f} (n={len(data_baseline)})")
+            log(f"{row.setting}: {name} = {row.score:.3f} (n={len(data_baseline)})")
     for setting in settings:
         for nfe in nfes:
             cfg = dataclasses.replace(setting, steps=int(nfe))
+            row = EvalRow(
+                cfg.label(), cfg.velocity, cfg.alpha, cfg.corrector, cfg.corrector_p, cfg.corrector_q,
+                cfg.temperature, cfg.guidance, int(nfe), n, name, math.nan, 0.0, seed, ck,
+            )  # fmt: skip
+            if _key(row) in done:
+                rows.append(done[_key(row)])
+                if log:
+                    log(
+                        f"{row.setting} NFE={nfe}: {name} = {done[_key(row)].score:.3f} (kept from an earlier run)"
+                    )
+                continue
             start = time.perf_counter()
             images = generator.sample(
                 n, cfg, seed=seed, batch_size=batch_size, label=label, progress=progress
             )
-            s = score_images(images, extractor, reference)
-            row = EvalRow(
-                cfg.label(),
-                cfg.velocity,
-                cfg.alpha,
-                cfg.corrector,
-                cfg.corrector_p,
-                cfg.corrector_q,
-                cfg.temperature,
-                cfg.guidance,
-                int(nfe),
-                n,
-                name,
-                s,
-                time.perf_counter() - start,
-                seed,
-                ck,
-            )
+            row.score = score_images(images, extractor, reference)
+            row.seconds = time.perf_counter() - start
             _append_row(csv_path, row)
             rows.append(row)
             if save_grids > 0:
                 save_grid(images[:save_grids], out / f"samples_{_slug(cfg.label())}_nfe{nfe}.png")
             if log:
-                log(f"{row.setting} NFE={nfe}: {name} = {s:.3f} (n={n}, {row.seconds:.0f} s)")
-    plot_score_vs_nfe(rows, out / "fd_vs_nfe.png")
+                log(f"{row.setting} NFE={nfe}: {name} = {row.score:.3f} (n={n}, {row.seconds:.0f} s)")
+    plot_score_vs_nfe([r for r in _read_rows(csv_path) if r.checkpoint in (ck, "")], out / "fd_vs_nfe.png")
     return rows
 
 

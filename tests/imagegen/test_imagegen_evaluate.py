@@ -65,6 +65,19 @@ def test_sweep_writes_csv_plot_and_grids(tiny_checkpoint: Path, tmp_path: Path) 
         assert img.format == "PNG"
     assert len(list((tmp_path / "eval").glob("samples_*_nfe*.png"))) == 4
     assert all("FD-PixelHist" in line for line in lines)
+    # a rerun resumes: finished points are kept (not listed twice), only new ones are computed
+    lines.clear()
+    again = evaluate_sweep(
+        gen, settings, [2, 4, 8], extractor, reference, tmp_path / "eval", n=12, batch_size=6,
+        data_baseline=baseline, save_grids=4, log=lines.append,
+    )  # fmt: skip
+    kept = {(r.setting, r.nfe): r.score for r in again}
+    assert [kept[(r.setting, r.nfe)] for r in rows] == pytest.approx([r.score for r in rows], abs=1e-4)
+    assert sum("kept from an earlier run" in line for line in lines) == 4 and len(again) == 7
+    with open(tmp_path / "eval" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 7 and len({tuple(r.values()) for r in table}) == 7
+    assert sorted(r["nfe"] for r in table[5:]) == ["8", "8"]
 
 
 @pytest.fixture()
