@@ -284,6 +284,10 @@ def evaluate(
         check_count(batch_size, "--batch-size")
         if reference_n is not None:
             check_count(reference_n, "--reference-n")
+            if reference_n < 2:
+                raise ValueError(
+                    f"--reference-n must be at least 2 for a Frechet distance, got {reference_n}"
+                )
         check_output_folder(out, "--out")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
         extractor = EffNetLite0Features(features_weights, device=gen.device)
@@ -310,6 +314,12 @@ def evaluate(
         )
     except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; the finished points are kept in {out / 'results.csv'}: run the same command again "
+            "to continue",
+            code=130,
+        )
     typer.echo(
         f"{len(rows)} scores ({rows[0].score_name}, reference {ref_data.name}) in {out / 'results.csv'}; "
         f"plot: {out / 'fd_vs_nfe.png'}"

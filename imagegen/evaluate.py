@@ -206,6 +206,8 @@ def check_sweep(
             nfe = int(nfe)
         out.append(check_count(nfe, "each NFE (sampler steps)"))
     check_count(n, "n (samples per point)")
+    if n < 2:
+        raise ValueError(f"n (samples per point, --n) must be at least 2 for a Frechet distance, got {n}")
     if isinstance(save_grids, bool) or not isinstance(save_grids, int) or save_grids < 0:
         raise ValueError(
             f"save_grids (grid images per point) must be a whole number >= 0, got {save_grids!r}"

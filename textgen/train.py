@@ -288,7 +288,7 @@ def train_text_model(
         # dfm_core names run_dir/last.pt as the last good checkpoint, which a young run has not written
         if (run_dir / "last.pt").is_file():
             raise
-        reason = str(e).split("; last good checkpoint")[0]
+        reason = str(e).split("; ")[0]  # dfm_core's "non-finite training loss ... at step N"
         raise FloatingPointError(
             f"{reason}; no checkpoint was written (lr {config.train.lr:g}: try a lower lr)"
         ) from None

@@ -81,6 +81,9 @@ def test_evaluate_refuses_bad_reference_n_and_counts(tiny_checkpoint: Path, tmp_
     one_line_error(runner.invoke(app, [*base, "--reference-n", "-1"]), "--reference-n", "-1")
     one_line_error(runner.invoke(app, [*base, "--n", "0"]), "n (samples per point)")
     one_line_error(runner.invoke(app, [*base, "--grids", "-1"]), "-1")
+    one_line_error(runner.invoke(app, [*base, "--n", "1"]), "at least 2")  # a Frechet distance needs two
+    one_line_error(runner.invoke(app, [*base, "--reference-n", "1"]), "--reference-n must be at least 2")
+    assert not (tmp_path / "e").exists()
 
 
 # ---------------------------------------------------------------- 2, 3. sampler numbers
