@@ -306,9 +306,21 @@ def _check_counts(**counts: int) -> None:
 def _dataset_spec(spec: str) -> tuple[str, str]:
     """``NAME=PATH`` -> (NAME, PATH); a corpus name -> itself; a path -> (its stem, path)."""
     if "=" in spec:
-        name, target = spec.split("=", 1)
+        name, target = (part.strip() for part in spec.split("=", 1))
+        if not name or not target:
+            raise ValueError(f"data set {spec!r}: NAME=PATH needs both a name and a path")
         return name, target
     return (spec if spec in EVAL_CORPORA else Path(spec).stem), spec
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """Names made distinct for table rows and columns: a repeat gets " #2", " #3", ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return out
 
 
 def _model_names(models: Sequence[TextModel], names: Sequence[str] | None) -> list[str]:
@@ -376,8 +388,11 @@ def evaluate(
     check_temperature(temperature, "ar")  # finite and >= 0; 0 is refused per model below
     sampler["alpha"] = check_alpha(sampler.get("alpha"))
     tokenizer = tokenizer or TextTokenizer()
+    if not datasets:
+        raise ValueError("give at least one data set to evaluate on")
+    column_names = _unique_names([_dataset_spec(spec)[0] for spec in datasets])
     models = [TextModel.load(c, device) for c in checkpoints]
-    labels = _model_names(models, names)
+    labels = _unique_names(_model_names(models, names))
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
         if L > model.model.config.max_len:
@@ -409,8 +424,8 @@ def evaluate(
     cache: dict[tuple[str, int], Tensor] = {}
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
-        for spec in datasets:
-            name, target = _dataset_spec(spec)
+        for spec, name in zip(datasets, column_names, strict=True):
+            target = _dataset_spec(spec)[1]
             if (target, L) not in cache:
                 cache[(target, L)] = eval_sequences(target, tokenizer, L, limit, data_dir, cache_dir)
             seqs = cache[(target, L)]

@@ -205,3 +205,32 @@ def test_train_exports_bf16_weights_with_an_exact_source_pmf(
     assert weights and {v.dtype for v in weights.values()} == {torch.bfloat16}
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 3
     assert _sample(export, tokenizer_dir).strip()
+
+
+def test_evaluate_keeps_repeated_names_apart(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path
+):
+    """Two checkpoints or two files under one name are two rows / columns, not one overwriting the other."""
+    ck = str(tiny_run / "model.safetensors")
+    base = ["evaluate", "--checkpoint", ck, "--limit", "1", "--points", "2", "--device", "cpu", "--quiet"]
+    base += ["--tokenizer", str(tokenizer_dir)]
+    result = runner.invoke(
+        app,
+        [
+            *base,
+            "--checkpoint",
+            ck,
+            "--datasets",
+            f"t={tiny_corpus},t={tiny_corpus}",
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    header, *rows = (tmp_path / "a" / "likelihood.csv").read_text().splitlines()
+    assert (
+        header.split(",")[-2:] == ["t", "t #2"] and len(rows) == 2 and rows[1].startswith("linear/mask [model] #2,")
+    )
+    for bad in ("", "=x.txt", "t="):
+        result = runner.invoke(app, [*base, "--datasets", bad, "--out", str(tmp_path / "b")])
+        assert result.exit_code == 2 and ("data set" in result.output), (bad, result.output)
