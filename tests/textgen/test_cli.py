@@ -229,7 +229,9 @@ def test_evaluate_keeps_repeated_names_apart(
     assert result.exit_code == 0, result.output
     header, *rows = (tmp_path / "a" / "likelihood.csv").read_text().splitlines()
     assert (
-        header.split(",")[-2:] == ["t", "t #2"] and len(rows) == 2 and rows[1].startswith("linear/mask [model] #2,")
+        header.split(",")[-2:] == ["t", "t #2"]
+        and len(rows) == 2
+        and rows[1].startswith("linear/mask [model] #2,")
     )
     for bad in ("", "=x.txt", "t="):
         result = runner.invoke(app, [*base, "--datasets", bad, "--out", str(tmp_path / "b")])
