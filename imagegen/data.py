@@ -414,8 +414,13 @@ def load_image_folder(
     mode = "RGB" if channels == 3 else "L"
     arrays = []
     for p in files:
-        with Image.open(p) as img:
-            arrays.append(np.asarray(_resize_crop(_to_8bit(img).convert(mode), size)))
+        try:
+            with Image.open(p) as img:
+                arrays.append(np.asarray(_resize_crop(_to_8bit(img).convert(mode), size)))
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files (PIL raises all three)
+            if str(p) in str(e):
+                raise ValueError(str(e)) from None
+            raise ValueError(f"cannot read image {p}: {e}") from None
     images = np.stack(arrays)
     images = images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)
     rel = [p.relative_to(root).parts for p in files]

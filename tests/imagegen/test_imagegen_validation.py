@@ -236,6 +236,19 @@ def test_clear_messages_for_folders_and_bad_files(
         assert img.size == (2 * (2 * 10 + 2), 2 * (3 * 10 + 2))
 
 
+def test_a_truncated_or_corrupt_image_is_named(tmp_path: Path) -> None:
+    from imagegen.data import load_image_folder
+
+    data = gray_folder(tmp_path / "data", size=16)
+    victim = data / "a" / "1.png"
+    victim.write_bytes(victim.read_bytes()[:40])  # header kept, pixels cut
+    with pytest.raises(ValueError, match=r"1\.png"):
+        load_image_folder(data, 16, channels=1, split="train")
+    victim.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"1\.png"):
+        load_image_folder(data, 16, channels=1, split="train")
+
+
 def test_output_paths_are_checked_before_sampling(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
