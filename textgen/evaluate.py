@@ -250,8 +250,12 @@ class EvaluationReport:
         return table
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write ``likelihood.csv`` (one row per model), ``samples.csv`` and ``report.json``."""
+        """Write ``likelihood.csv`` (one row per model), ``samples.csv`` and ``report.json``; a table this
+        report has no rows for is removed, so that a folder never mixes two runs."""
         out = check_writable(out_dir, "output folder", folder=True)
+        for name, rows in (("likelihood.csv", self.likelihood), ("samples.csv", self.samples)):
+            if not rows:
+                (out / name).unlink(missing_ok=True)
         paths = {}
         if self.likelihood:
             p = out / "likelihood.csv"

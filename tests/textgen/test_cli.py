@@ -139,6 +139,20 @@ def test_evaluate_writes_the_table(tiny_run: Path, tiny_corpus: Path, tokenizer_
     assert report["likelihood"][0]["num_tokens"] == 32 and report["likelihood"][0]["n_points"] == 8
     assert [s["nfe"] for s in report["samples"]] == [2, 4]
     assert all(0 < s["unigram_entropy"] <= torch.log(torch.tensor(16.0)) for s in report["samples"])
+    # a rerun into the same folder without samples leaves no stale samples.csv beside the new report
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(tiny_run / "model.safetensors"),
+        "--datasets",
+        f"tiny={tiny_corpus}",
+    ]
+    args += ["--limit", "1", "--points", "2", "--out", str(out), "--device", "cpu", "--quiet"]
+    again = runner.invoke(app, [*args, "--tokenizer", str(tokenizer_dir)])
+    assert again.exit_code == 0, again.output
+    assert (
+        not (out / "samples.csv").exists() and json.loads((out / "report.json").read_text())["samples"] == []
+    )
 
 
 @pytest.mark.parametrize("with_file", [False, True])
