@@ -82,6 +82,16 @@ def export_dtype(export: Path | None, bf16: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else None
 
 
+def run_options(no_resume: bool, export: Path | None, export_bf16: bool, quiet: bool) -> dict[str, Any]:
+    """The keyword arguments that every app's train function takes from the shared train flags."""
+    return {
+        "resume": not no_resume,
+        "export": export,
+        "progress": not quiet,
+        "export_dtype": export_dtype(export, export_bf16),
+    }
+
+
 def report_training(result: Any, run_dir: Path) -> None:
     """The one line every ``train`` command ends with."""
     best = result.best_val_loss

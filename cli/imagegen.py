@@ -14,11 +14,11 @@ import typer
 from cli._common import (
     TrainFlags,
     budget_seconds,
-    export_dtype,
     fail,
     given,
     int_list,
     report_training,
+    run_options,
     version_option,
 )
 
@@ -123,14 +123,7 @@ def train(
             model=model_cfg,
             train=dataclasses.replace(cfg.train, **tr),
         )
-        result = train_image_model(
-            cfg,
-            run_dir,
-            resume=not no_resume,
-            export=export,
-            progress=not quiet,
-            export_dtype=export_dtype(export, export_bf16),
-        )
+        result = train_image_model(cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet))
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)

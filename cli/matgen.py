@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, budget_seconds, export_dtype, fail, given, report_training, version_option
+from cli._common import TrainFlags, budget_seconds, fail, given, report_training, run_options, version_option
 
 app = typer.Typer(
     help="matgen: generate and evaluate crystals with kinetic-optimal discrete flow matching.",
@@ -190,14 +190,7 @@ def train(
                 raise ValueError(f"--size must be one of {sorted(presets)}, got {size!r}")
             model_cfg = presets[size]()
         cfg = dataclasses.replace(cfg, **top, model=model_cfg, train=dataclasses.replace(cfg.train, **tr))
-        result = train_crystal_model(
-            cfg,
-            run_dir,
-            resume=not no_resume,
-            export=export,
-            progress=not quiet,
-            export_dtype=export_dtype(export, export_bf16),
-        )
+        result = train_crystal_model(cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet))
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)
