@@ -206,13 +206,13 @@ def read_documents(path: str | os.PathLike) -> list[str]:
     """Documents of a file (``.txt``/``.tokens``: one; ``.jsonl``: one per line) or of a folder."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no text files ({', '.join(_TEXT_SUFFIXES)}) under {path}")
         return [d for f in files for d in read_documents(f)]
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return _jsonl_texts(path)
     return [read_text(path)]
 

@@ -68,6 +68,9 @@ def test_read_documents_from_files_and_folders(tmp_path):
     (sub / "skip.bin").write_bytes(b"\x00")
     assert read_documents(tmp_path) == ["first document", "second", "third"]
     assert read_documents(sub / "b.jsonl") == ["second", "third"]
+    (sub / "C.TXT").write_text("fourth")  # extensions in any case
+    (sub / "d.JSONL").write_text(json.dumps({"text": "fifth"}) + "\n")
+    assert read_documents(tmp_path) == ["first document", "fourth", "second", "third", "fifth"]
     with pytest.raises(FileNotFoundError):
         resolve_corpora(["no-such-corpus"])
 
