@@ -101,6 +101,11 @@ def train(
             val_size=val_size,
             data_dir=data_dir,
         )
+        chosen = top.get("dataset", cfg.dataset)
+        if chosen != "folder" and (image_size is not None or channels is not None):
+            raise ValueError(
+                f"--image-size and --channels apply to --dataset folder; {chosen} has a fixed image shape"
+            )
         p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
         tr = given(
             steps=steps,

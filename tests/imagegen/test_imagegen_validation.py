@@ -236,6 +236,13 @@ def test_clear_messages_for_folders_and_bad_files(
         assert img.size == (2 * (2 * 10 + 2), 2 * (3 * 10 + 2))
 
 
+def test_folder_only_flags_are_refused_for_fixed_data_sets(tmp_path: Path) -> None:
+    for flag in ("--image-size", "--channels"):
+        args = ["train", "--run-dir", str(tmp_path / "r"), "--dataset", "fashion-mnist", flag, "1"]
+        one_line_error(runner.invoke(app, args), "apply to --dataset folder")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_truncated_or_corrupt_image_is_named(tmp_path: Path) -> None:
     from imagegen.data import load_image_folder
 
