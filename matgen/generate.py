@@ -228,58 +228,27 @@ class CrystalGenerator:
         for the same distribution, other draws than one group for the same generator.
         """
         num_atoms = num_atoms.to(self.device)
-        A = int(num_atoms.max())
-        out = torch.full((len(num_atoms), 6 + 4 * A), tok.PAD_ID, dtype=torch.long, device=self.device)
+        out = torch.full(
+            (len(num_atoms), 6 + 4 * int(num_atoms.max())), tok.PAD_ID, dtype=torch.long, device=self.device
+        )
+        path = None if self.kind == "ar" else crystal_path(scheduler or self.metadata.get("scheduler", "ko"))
         for rows in length_groups(num_atoms, length_buckets):
-            part = self._sample_group(
-                num_atoms[rows],
-                steps,
-                temperature,
-                scheduler,
-                velocity,
-                corrector,
-                elements,
-                generator,
-                float64,
-                progress,
-            )
+            counts = num_atoms[rows]
+            A = int(counts.max())
+            if self.kind == "ar":
+                allowed = tok.CrystalTokenizer().allowed_token_mask(counts.cpu(), A, elements).to(self.device)
+                part = self.model.sample(
+                    counts, allowed_mask=allowed, temperature=temperature, generator=generator
+                )
+            else:
+                valid = token_valid_mask(counts, 6 + 4 * A)
+                empty = torch.full_like(valid, tok.PAD_ID, dtype=torch.long)
+                part = self._fill(
+                    empty, valid, counts, path, temperature, velocity, corrector, elements, generator, float64,
+                    steps=steps, progress=progress,
+                )  # fmt: skip
             out[rows, : part.shape[1]] = part
         return out
-
-    def _sample_group(
-        self,
-        num_atoms: Tensor,
-        steps: int,
-        temperature: float,
-        scheduler: str | None,
-        velocity: str,
-        corrector: float,
-        elements: Sequence[str] | None,
-        generator: torch.Generator | None,
-        float64: bool,
-        progress: bool,
-    ) -> Tensor:
-        A = int(num_atoms.max())
-        if self.kind == "ar":
-            allowed = tok.CrystalTokenizer().allowed_token_mask(num_atoms.cpu(), A, elements).to(self.device)
-            return self.model.sample(
-                num_atoms, allowed_mask=allowed, temperature=temperature, generator=generator
-            )
-        valid = token_valid_mask(num_atoms, 6 + 4 * A)
-        return self._fill(
-            torch.full_like(valid, tok.PAD_ID, dtype=torch.long),
-            valid,
-            num_atoms,
-            crystal_path(scheduler or self.metadata.get("scheduler", "ko")),
-            temperature,
-            velocity,
-            corrector,
-            elements,
-            generator,
-            float64,
-            steps=steps,
-            progress=progress,
-        )
 
     @torch.no_grad()
     def resample_coincident_atoms(
@@ -453,7 +422,7 @@ def _decode_and_write(
     """Decode rows of tokens (numpy (B, L)), write one CIF per valid crystal, return samples.csv rows.
 
     A top-level function so that it can run in worker processes. No ``Structure`` is built: the CIF text
-    comes from :func:`matgen.cif.p1_cif` (the same bytes as pymatgen's writer, a quarter of the time).
+    comes from :func:`matgen.cif.p1_cif` (the same bytes as pymatgen's writer, in about half the time).
     """
     cif_tok = tok.CrystalTokenizer()
     out = Path(out_dir)
