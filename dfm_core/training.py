@@ -742,6 +742,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+_START_AFRESH = "Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
+
+
 class _DeferredInterrupt:
     """Ctrl-C (SIGINT) or SIGTERM (``kill``, ``timeout``, batch schedulers) during training: the first one
     lets the current step finish, so that the loop can checkpoint a consistent state and stop; a second one
@@ -787,14 +790,14 @@ def _check_resumable(
         details = "; ".join(f"{k}: saved {saved.get(k)} vs model {current.get(k)}" for k in diff[:5])
         raise ValueError(
             f"cannot resume: the checkpoint's architecture differs from the model ({len(diff)} tensors, "
-            f"e.g. {details}). Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
+            f"e.g. {details}). {_START_AFRESH}"
         )
     saved_meta = ckpt.get("metadata") or {}
     if "model_config" in saved_meta and "model_config" in metadata:
         if saved_meta["model_config"] != metadata["model_config"]:
             raise ValueError(
                 "cannot resume: metadata['model_config'] differs from the checkpoint's "
-                f"({saved_meta['model_config']} vs {metadata['model_config']}). Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
+                f"({saved_meta['model_config']} vs {metadata['model_config']}). {_START_AFRESH}"
             )
     saved_identity = ckpt.get("identity")
     if saved_identity and identity is not None and saved_identity != identity:
@@ -802,7 +805,7 @@ def _check_resumable(
         diff = {k: v for k, v in diff.items() if v[0] != v[1]}
         raise ValueError(
             f"cannot resume: this run was trained on other data or another objective (saved -> now: {diff}). "
-            "Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
+            f"{_START_AFRESH}"
         )
     old = ckpt["config"]
     changed = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
