@@ -301,8 +301,8 @@ def evaluate_sweep(
             f"data:{data_baseline.name}", "", None, 0.0, 0.0, 0.0, 1.0, 0.0, None, len(data_baseline), name,
             math.nan, 0.0, seed, "",
         )  # fmt: skip
-        if _key(row) in done:
-            row = done[_key(row)]
+        if (kept := done.get(_key(row))) is not None:
+            row = kept
         else:
             start = time.perf_counter()
             row.score = score_images(data_baseline.images, extractor, reference)
@@ -318,12 +318,10 @@ def evaluate_sweep(
                 cfg.label(), cfg.velocity, cfg.alpha, cfg.corrector, cfg.corrector_p, cfg.corrector_q,
                 cfg.temperature, cfg.guidance, int(nfe), n, name, math.nan, 0.0, seed, ck,
             )  # fmt: skip
-            if _key(row) in done:
-                rows.append(done[_key(row)])
+            if (kept := done.get(_key(row))) is not None:
+                rows.append(kept)
                 if log:
-                    log(
-                        f"{row.setting} NFE={nfe}: {name} = {done[_key(row)].score:.3f} (kept from an earlier run)"
-                    )
+                    log(f"{row.setting} NFE={nfe}: {name} = {kept.score:.3f} (kept from an earlier run)")
                 continue
             start = time.perf_counter()
             images = generator.sample(
