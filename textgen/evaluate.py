@@ -394,7 +394,10 @@ def evaluate(
     tokenizer = tokenizer or TextTokenizer()
     if not datasets:
         raise ValueError("give at least one data set to evaluate on")
-    column_names = _unique_names([_dataset_spec(spec)[0] for spec in datasets])
+    specs = [_dataset_spec(spec) for spec in datasets]
+    columns = list(
+        zip(_unique_names([name for name, _ in specs]), [target for _, target in specs], strict=True)
+    )
     models = [TextModel.load(c, device) for c in checkpoints]
     labels = _unique_names(_model_names(models, names))
     for model, label in zip(models, labels, strict=True):
@@ -428,8 +431,7 @@ def evaluate(
     cache: dict[tuple[str, int], Tensor] = {}
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
-        for spec, name in zip(datasets, column_names, strict=True):
-            target = _dataset_spec(spec)[1]
+        for name, target in columns:
             if (target, L) not in cache:
                 cache[(target, L)] = eval_sequences(target, tokenizer, L, limit, data_dir, cache_dir)
             seqs = cache[(target, L)]
