@@ -144,9 +144,12 @@ def slot_kinds(max_atoms: int) -> torch.LongTensor:
     """
     if max_atoms < 0:
         raise ValueError(f"max_atoms must be >= 0, got {max_atoms}")
-    atom = torch.tensor([SLOT_ELEMENT, SLOT_COORD, SLOT_COORD, SLOT_COORD])
-    lattice = torch.tensor([SLOT_LENGTH] * 3 + [SLOT_ANGLE] * 3)
-    return torch.cat([lattice, atom.repeat(max_atoms)]).long()
+    return torch.from_numpy(_slot_kinds(max_atoms)).long()
+
+
+def _slot_kinds(num_atoms: int) -> np.ndarray:
+    """:func:`slot_kinds` as a numpy array (what decoding checks each token against)."""
+    return np.concatenate([_LATTICE_KINDS, np.tile(_ATOM_KINDS, num_atoms)])
 
 
 def element_token(symbol: str) -> int:
@@ -326,7 +329,7 @@ class CrystalTokenizer:
             raise DecodeError(f"sequence has {len(ids)} tokens after stripping PAD; need 6 + 4a with a >= 1")
 
         array = np.asarray(ids, dtype=np.int64)
-        kinds = np.concatenate([_LATTICE_KINDS, np.tile(_ATOM_KINDS, (len(ids) - 6) // 4)])
+        kinds = _slot_kinds((len(ids) - 6) // 4)
         bad = (array < _SLOT_STARTS[kinds]) | (array >= _SLOT_STOPS[kinds])
         if bad.any():
             position = int(bad.argmax())
