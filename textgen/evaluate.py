@@ -45,6 +45,7 @@ __all__ = [
     "sequence_nats",
     "unigram_entropy",
     "sample_quality",
+    "score_samples",
     "evaluate",
 ]
 
@@ -161,6 +162,18 @@ def unigram_entropy(tokens: Tensor, ignore: Sequence[int] = ()) -> Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
+def score_samples(
+    tokens: Tensor, tokenizer: TextTokenizer, judge: Judge | None
+) -> tuple[float, float | None]:
+    """Mean unigram entropy of sampled token rows and, with a judge, their generative perplexity (the
+    texts decoded with end-of-text as a line break)."""
+    entropy = float(unigram_entropy(tokens).mean())
+    if judge is None:
+        return entropy, None
+    texts = [t.replace("<|endoftext|>", "\n") for t in tokenizer.decode_batch(tokens, show_special=False)]
+    return entropy, judge.perplexity(texts)
+
+
 def sample_quality(
     model: TextModel,
     tokenizer: TextTokenizer,
@@ -178,11 +191,7 @@ def sample_quality(
     tokens = generate_tokens(
         model, n, steps=nfe, temperature=temperature, seed=seed, batch_size=batch_size, **sampler
     )
-    entropy = float(unigram_entropy(tokens).mean())
-    gen_ppl = None
-    if judge is not None:
-        texts = [t.replace("<|endoftext|>", "\n") for t in tokenizer.decode_batch(tokens, show_special=False)]
-        gen_ppl = judge.perplexity(texts)
+    entropy, gen_ppl = score_samples(tokens, tokenizer, judge)
     return SampleQuality(
         model=name or model.label,
         checkpoint=str(model.checkpoint),

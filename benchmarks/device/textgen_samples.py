@@ -96,7 +96,7 @@ def _sources(items: list[str]):
 
 
 def cmd_judge(a: argparse.Namespace) -> None:
-    from textgen.evaluate import unigram_entropy
+    from textgen.evaluate import score_samples
     from textgen.tokenizer import TextTokenizer
 
     tok = TextTokenizer(a.tokenizer)
@@ -118,11 +118,7 @@ def cmd_judge(a: argparse.Namespace) -> None:
         seen.add(key)
         tokens = torch.tensor([r["tokens"] for r in recs], dtype=torch.long)
         start = time.perf_counter()
-        entropy = float(unigram_entropy(tokens).mean())
-        gen_ppl = None
-        if judge is not None:  # as textgen.evaluate.sample_quality
-            texts = [t.replace("<|endoftext|>", "\n") for t in tok.decode_batch(tokens, show_special=False)]
-            gen_ppl = judge.perplexity(texts)
+        entropy, gen_ppl = score_samples(tokens, tok, judge)  # as textgen.evaluate.sample_quality
         rows.append(
             {
                 "model": key[0],
