@@ -176,20 +176,21 @@ def ensure_split_file(
             f"or point MATGEN_DATA at a directory holding the MP-20 CSVs"
         )
     new_dirs = [d for d in (directory, *directory.parents) if not d.exists()]
+    done = False
     try:
         _download(url, target, timeout)
         (directory / DOWNLOAD_MARKER).write_text(f"MP-20 splits downloaded from {base_url}\n")
-    except BaseException as exc:
-        for d in new_dirs:  # a mistyped --data-dir must not leave folders behind
+        done = True
+    except DownloadError:
+        raise
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise DownloadError(
+            f"could not download MP-20 split {split!r} from {url} to {target}: {exc}"
+        ) from exc
+    finally:
+        for d in [] if done else new_dirs:  # a mistyped --data-dir must not leave folders behind
             with contextlib.suppress(OSError):
                 d.rmdir()
-        if isinstance(exc, DownloadError | KeyboardInterrupt):
-            raise
-        if isinstance(exc, OSError | urllib.error.URLError | ValueError):
-            raise DownloadError(
-                f"could not download MP-20 split {split!r} from {url} to {target}: {exc}"
-            ) from exc
-        raise
     return target
 
 
