@@ -56,13 +56,19 @@ def budget_seconds(minutes: float | None) -> float | None:
     return None if minutes is None else 60.0 * minutes
 
 
+def _items(text: str, flag: str, kind: str) -> list[str]:
+    """The comma-separated items of a flag; an empty item ('4,,8', '8,' or '') is a ValueError."""
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise ValueError(f"{flag} must be a comma-separated list of {kind}, got {text!r} (an empty item)")
+    return items
+
+
 def int_list(text: str, flag: str) -> list[int]:
-    """A flag's comma-separated whole numbers (``"32,64,128"``); '2.7' or 'abc' is a ValueError naming
-    ``flag`` and the offending item."""
+    """A flag's comma-separated whole numbers (``"32,64,128"``); '2.7', 'abc' or an empty item is a
+    ValueError naming ``flag`` and the offending item."""
     out = []
-    for item in (v.strip() for v in text.split(",")):
-        if not item:
-            continue
+    for item in _items(text, flag, "whole numbers"):
         try:
             out.append(int(item))
         except ValueError:
@@ -73,7 +79,35 @@ def int_list(text: str, flag: str) -> list[int]:
     return out
 
 
-def export_dtype(export: Path | None, bf16: bool) -> torch.dtype | None:
+def float_list(text: str, flag: str) -> list[float]:
+    """A flag's comma-separated numbers (``"0,0.5,2"``); 'abc' or an empty item is a ValueError naming
+    ``flag`` and the offending item."""
+    out = []
+    for item in _items(text, flag, "numbers"):
+        try:
+            out.append(float(item))
+        except ValueError:
+            where = f" in {text!r}" if item != text.strip() else ""
+            raise ValueError(
+                f"{flag} must be a comma-separated list of numbers, got {item!r}{where}"
+            ) from None
+    return out
+
+
+def name_list(text: str, flag: str) -> list[str]:
+    """A flag's comma-separated names (``"ko,power-inf"``); an empty item is a ValueError naming ``flag``."""
+    return _items(text, flag, "names")
+
+
+def check_alpha_flag(velocity: str | list[str], alpha: float | None) -> None:
+    """``--alpha`` only means something to the power velocity: refuse it with any other, so that a
+    forgotten ``--velocity power`` does not silently sample with another velocity."""
+    names = [velocity] if isinstance(velocity, str) else velocity
+    if alpha is not None and not any(v.strip().lower() == "power" for v in names):
+        raise ValueError(f"--alpha applies to --velocity power, not {','.join(names)}")
+
+
+def export_dtype(export: str | Path | None, bf16: bool) -> torch.dtype | None:
     """The dtype of ``--export`` weights; ``--export-bf16`` without ``--export`` is refused."""
     if bf16 and export is None:
         raise ValueError("--export-bf16 needs --export PATH")
@@ -82,11 +116,30 @@ def export_dtype(export: Path | None, bf16: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else None
 
 
-def run_options(no_resume: bool, export: Path | None, export_bf16: bool, quiet: bool) -> dict[str, Any]:
-    """The keyword arguments that every app's train function takes from the shared train flags."""
+def export_path(export: str | None) -> Path | None:
+    """``--export`` as a file path, checked before training: a name ending in a slash or an existing
+    folder is refused (``Path`` would drop the slash and write a file of that name)."""
+    from dfm_core.atomic_io import check_writable
+
+    if export is None:
+        return None
+    if not export.strip() or export.endswith(("/", "\\")):
+        raise ValueError(f"--export must name a .safetensors file, got the folder {export!r}")
+    return check_writable(Path(export), "--export")
+
+
+def run_options(
+    no_resume: bool, export: str | None, export_bf16: bool, quiet: bool, run_dir: Path | None = None
+) -> dict[str, Any]:
+    """The keyword arguments that every app's train function takes from the shared train flags, with
+    ``--run-dir`` and ``--export`` checked before any data is loaded."""
+    from dfm_core.atomic_io import check_writable
+
+    if run_dir is not None:
+        check_writable(run_dir, "--run-dir", folder=True)
     return {
         "resume": not no_resume,
-        "export": export,
+        "export": export_path(export),
         "progress": not quiet,
         "export_dtype": export_dtype(export, export_bf16),
     }

@@ -14,9 +14,12 @@ import typer
 from cli._common import (
     TrainFlags,
     budget_seconds,
+    check_alpha_flag,
     fail,
+    float_list,
     given,
     int_list,
+    name_list,
     report_training,
     run_options,
     version_option,
@@ -33,13 +36,6 @@ app = typer.Typer(
 @app.callback()
 def main(version: bool = version_option("imagegen")) -> None:
     """imagegen: train, sample and evaluate discrete flow matching models."""
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
 
 
 @app.command()
@@ -80,7 +76,7 @@ def train(
     val_size: int | None = typer.Option(
         None, help="Training images held out for validation (default 1000; lower it for small folders)."
     ),
-    export: Path | None = TrainFlags.export,
+    export: str | None = TrainFlags.export,
     export_bf16: bool = TrainFlags.export_bf16,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
@@ -128,7 +124,9 @@ def train(
             model=model_cfg,
             train=dataclasses.replace(cfg.train, **tr),
         )
-        result = train_image_model(cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet))
+        result = train_image_model(
+            cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet, run_dir)
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)
@@ -193,11 +191,13 @@ def sample(
         check_grid_options,
         check_image_file,
         check_output_folder,
+        remove_images_beyond,
         save_grid,
         save_images,
     )
 
     try:  # everything is checked before the model is loaded, so no sampling is lost to a bad option
+        check_alpha_flag(velocity, alpha)
         cfg = _sampling(steps, velocity, alpha, corrector, corrector_p, corrector_q, temperature, guidance)
         check_count(n, "--n")
         check_count(batch_size, "--batch-size")
@@ -217,9 +217,12 @@ def sample(
             n, cfg, seed=seed, batch_size=batch_size, label=label, progress=not quiet, on_batch=on_batch
         )
         save_grid(images, out, nrow=nrow, scale=scale)
+        stale = remove_images_beyond(images_dir, n) if images_dir is not None else 0
     except (CheckpointError, ValueError, OSError) as e:
         fail(str(e))
     extra = f" and {n} PNGs to {images_dir}" if images_dir is not None else ""
+    if stale:
+        extra += f" (removed {stale} older image_*.png numbered beyond --n)"
     typer.echo(
         f"wrote a grid of {n} images ({cfg.label()}, {steps} steps) to {out}{extra} "
         f"in {time.perf_counter() - start:.1f} s"
@@ -272,11 +275,12 @@ def evaluate(
 
     try:  # options are checked before the (slow) reference statistics and sampling
         nfes = int_list(nfe, "--nfe")
+        velocities = name_list(velocity, "--velocity")
+        check_alpha_flag(velocities, alpha)
         settings = [
-            _sampling(1, v.strip(), alpha, w, corrector_p, corrector_q, temperature, guidance)
-            for v in velocity.split(",")
-            if v.strip()
-            for w in _floats(corrector, "--corrector")
+            _sampling(1, v, alpha, w, corrector_p, corrector_q, temperature, guidance)
+            for v in velocities
+            for w in float_list(corrector, "--corrector")
         ]
         check_sweep(settings, nfes, n, grids)
         check_count(batch_size, "--batch-size")

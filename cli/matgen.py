@@ -147,7 +147,7 @@ def train(
     max_atoms: int | None = typer.Option(
         None, help="Largest crystal the model takes (MP-20: 20); larger ones are left out with a warning."
     ),
-    export: Path | None = TrainFlags.export,
+    export: str | None = TrainFlags.export,
     export_bf16: bool = TrainFlags.export_bf16,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
@@ -190,7 +190,9 @@ def train(
                 raise ValueError(f"--size must be one of {sorted(presets)}, got {size!r}")
             model_cfg = presets[size]()
         cfg = dataclasses.replace(cfg, **top, model=model_cfg, train=dataclasses.replace(cfg.train, **tr))
-        result = train_crystal_model(cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet))
+        result = train_crystal_model(
+            cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet, run_dir)
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)

@@ -14,9 +14,11 @@ import typer
 from cli._common import (
     TrainFlags,
     budget_seconds,
+    check_alpha_flag,
     fail,
     given,
     int_list,
+    name_list,
     report_training,
     run_options,
     version_option,
@@ -84,7 +86,7 @@ def train(
     tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
     cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
     train_limit: int | None = typer.Option(None, help="Use only the first N training sequences."),
-    export: Path | None = TrainFlags.export,
+    export: str | None = TrainFlags.export,
     export_bf16: bool = TrainFlags.export_bf16,
     no_resume: bool = TrainFlags.no_resume,
     quiet: bool = TrainFlags.quiet,
@@ -130,7 +132,7 @@ def train(
         cfg = dataclasses.replace(
             cfg, **top, path=path, model=model_cfg, train=dataclasses.replace(cfg.train, **tr)
         )
-        result = train_text_model(cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet))
+        result = train_text_model(cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet, run_dir))
     except (ValueError, OSError, FloatingPointError) as e:  # FloatingPointError: the loss diverged
         fail(str(e))
     report_training(result, run_dir)
@@ -176,6 +178,7 @@ def sample(
     from textgen.tokenizer import TextTokenizer
 
     try:
+        check_alpha_flag(velocity, alpha)
         if out is not None:
             check_writable(out, "--out")  # before sampling, so that no work is lost
         model = TextModel.load(checkpoint, device)
@@ -260,6 +263,8 @@ def evaluate(
     try:
         check_writable(out, "--out", folder=True)  # before the (slow) evaluation
         nfe_list = int_list(nfe, "--nfe")
+        dataset_specs = name_list(datasets, "--datasets")
+        check_alpha_flag(velocity, alpha)
         tok = TextTokenizer(tokenizer)
         the_judge = load_judge(judge, device, tok) if judge is not None else None
         if the_judge is not None:
@@ -268,7 +273,7 @@ def evaluate(
             console.print("judge: none (pass --judge for generative perplexity)")
         report = run(
             checkpoint,
-            [d.strip() for d in datasets.split(",") if d.strip()],
+            dataset_specs,
             names=name,
             limit=limit,
             n_points=points,

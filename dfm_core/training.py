@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import atomic_write, remove_stale_temps
+from dfm_core.atomic_io import atomic_write, check_writable, remove_stale_temps
 
 __all__ = [
     "EMA",
@@ -858,7 +858,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
+    run_dir = check_writable(run_dir, "run folder", folder=True)  # a file there: a clear error
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)  # half-written checkpoints of a killed run
     # JSON round trip: fails early on non-serialisable metadata and makes resume comparisons exact

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ __all__ = [
     "check_output_folder",
     "grid_size",
     "make_grid",
+    "remove_images_beyond",
     "save_grid",
     "save_images",
 ]
@@ -128,3 +130,17 @@ def save_images(
         Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(p)
         paths.append(p)
     return paths
+
+
+def remove_images_beyond(folder: str | os.PathLike, n: int, prefix: str = "image") -> int:
+    """Delete ``folder/{prefix}_{index:06d}.png`` files with index >= ``n``: the images an earlier, larger
+    run left beside the ``n`` just written by :func:`save_images`. Other files are not touched. Returns how
+    many were removed."""
+    pattern = re.compile(rf"{re.escape(prefix)}_(\d{{6,}})\.png")
+    removed = 0
+    for path in Path(folder).iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and int(match.group(1)) >= n and path.is_file():
+            path.unlink()
+            removed += 1
+    return removed

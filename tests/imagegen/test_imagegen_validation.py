@@ -288,3 +288,19 @@ def test_labels_name_guidance_and_temperature(tiny_checkpoint: Path, tmp_path: P
     assert SamplingConfig(corrector=2, temperature=0.9).label() == "ko+corr(w=2,p=0,q=0)+temp=0.9"
     result = sample_cli(tiny_checkpoint, tmp_path / "s.png", "--guidance", "1.5", "--label", "vertical")
     assert result.exit_code == 0 and "(ko+guidance=1.5, 2 steps)" in result.output, result.output
+
+
+def test_images_dir_keeps_only_the_images_of_this_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    assert sample_cli(tiny_checkpoint, tmp_path / "a.png", "--images-dir", str(folder)).exit_code == 0
+    (folder / "notes.txt").write_text("mine")
+    (folder / "image_x.png").write_bytes(b"not ours")
+    assert sorted(p.name for p in folder.glob("image_0*.png")) == [f"image_{i:06d}.png" for i in range(4)]
+    args = ["sample", "--checkpoint", str(tiny_checkpoint), "--n", "2", "--out", str(tmp_path / "b.png")]
+    result = runner.invoke(app, [*args, "--steps", "2", "--quiet", "--images-dir", str(folder)])
+    assert result.exit_code == 0 and "removed 2 older" in result.output, result.output
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["image_000000.png", "image_000001.png", "image_x.png", "notes.txt"]
+    ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e"), "--quiet"]
+    one_line_error(runner.invoke(app, [*ev, "--nfe", "4,,8"]), "--nfe", "empty item")
+    one_line_error(runner.invoke(app, [*ev, "--corrector", "0,,1"]), "--corrector", "empty item")

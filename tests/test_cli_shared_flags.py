@@ -1,0 +1,89 @@
+"""Flags that the three apps share are checked the same way, before any data is loaded or work done."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli._common import check_alpha_flag, export_path, float_list, int_list, name_list
+
+runner = CliRunner()
+
+
+def one_line_error(result, *words: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_lists_refuse_empty_items_and_name_the_flag() -> None:
+    assert int_list("4, 8,16", "--nfe") == [4, 8, 16]
+    assert float_list("0,0.5, 2", "--corrector") == [0.0, 0.5, 2.0]
+    assert name_list("ko, power-inf", "--velocity") == ["ko", "power-inf"]
+    for bad in ("4,,8", "8,", ",8", "", " "):
+        with pytest.raises(ValueError, match="--nfe.*empty item"):
+            int_list(bad, "--nfe")
+    with pytest.raises(ValueError, match="--corrector.*'x'"):
+        float_list("0,x", "--corrector")
+    with pytest.raises(ValueError, match="--velocity.*empty item"):
+        name_list("ko,", "--velocity")
+
+
+def test_alpha_is_refused_without_the_power_velocity() -> None:
+    check_alpha_flag("power", 2.0)
+    check_alpha_flag(["ko", "power"], 2.0)  # a sweep: alpha applies to its power settings
+    check_alpha_flag("ko", None)
+    for velocity in ("ko", ["ko", "power-inf"], "power-inf"):
+        with pytest.raises(ValueError, match="--alpha applies to --velocity power"):
+            check_alpha_flag(velocity, 2.0)
+
+
+def test_export_path_refuses_folders(tmp_path: Path) -> None:
+    assert export_path(None) is None
+    assert export_path(str(tmp_path / "m.safetensors")) == tmp_path / "m.safetensors"
+    for bad in (str(tmp_path / "new") + "/", str(tmp_path)):
+        with pytest.raises(ValueError, match="--export"):
+            export_path(bad)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("app_name", ["matgen", "textgen", "imagegen"])
+def test_train_checks_run_dir_and_export_before_loading_data(
+    app_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = importlib.import_module(f"cli.{app_name}").app
+    # no data anywhere: a check that ran after loading data would fail on the data instead
+    monkeypatch.setenv("MATGEN_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("TEXTGEN_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("IMAGEGEN_DATA", str(tmp_path / "none"))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    result = runner.invoke(app, ["train", "--run-dir", str(a_file), "--steps", "1", "--quiet"])
+    one_line_error(result, "--run-dir", "is a file")
+    assert a_file.read_text() == "keep me"
+    folder_export = str(tmp_path / "weights") + "/"
+    result = runner.invoke(
+        app,
+        ["train", "--run-dir", str(tmp_path / "run"), "--export", folder_export, "--steps", "1", "--quiet"],
+    )
+    one_line_error(result, "--export", "folder")
+    assert not (tmp_path / "weights").exists()
+
+
+@pytest.mark.parametrize(
+    ("app_name", "command"),
+    [("textgen", "sample"), ("textgen", "evaluate"), ("imagegen", "sample"), ("imagegen", "evaluate")],
+)
+def test_sampling_commands_refuse_alpha_without_power(app_name: str, command: str, tmp_path: Path) -> None:
+    app = importlib.import_module(f"cli.{app_name}").app
+    args = [command, "--checkpoint", str(tmp_path / "missing.safetensors"), "--alpha", "2"]
+    if command == "evaluate":
+        args += ["--out", str(tmp_path / "eval")]
+    # refused before the checkpoint is even opened (it does not exist)
+    one_line_error(runner.invoke(app, args), "--alpha", "power")
