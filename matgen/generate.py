@@ -505,7 +505,8 @@ def _is_element(symbol: str) -> bool:
 
 def _read_done_rows(samples: Path, size_of: Callable[[int], int]) -> list[dict[str, str]]:
     """Rows of complete batches in samples.csv (a torn last line, a partial batch, or a batch with a
-    listed CIF that is missing from the folder or empty is dropped, so that it is generated again)."""
+    listed CIF that is missing from the folder, empty or not a whole CIF is dropped, so that it is
+    generated again)."""
     if not samples.exists():
         return []
     text = samples.read_text()
@@ -521,19 +522,21 @@ def _read_done_rows(samples: Path, size_of: Callable[[int], int]) -> list[dict[s
     done = []
     for b, rs in sorted(by_batch.items()):
         unique = {r["id"]: r for r in rs}
-        files_there = all(
-            _nonempty_file(samples.parent / r["file"]) for r in unique.values() if r.get("file")
-        )
+        files_there = all(_whole_cif(samples.parent / r["file"]) for r in unique.values() if r.get("file"))
         if len(unique) == size_of(b) and files_there:
             done.extend(unique.values())
     return done
 
 
-def _nonempty_file(path: Path) -> bool:
+def _whole_cif(path: Path) -> bool:
+    """Whether ``path`` still holds a CIF as written here: a data block with its atom-site loop, ending
+    in a newline (an empty, truncated, or overwritten file is not)."""
     try:
-        return path.is_file() and path.stat().st_size > 0
-    except OSError:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20)
+    except OSError:  # missing, a folder, unreadable
         return False
+    return text.endswith(b"\n") and b"\ndata_" in text and b"_atom_site_occupancy" in text
 
 
 def _sort_samples(samples: Path) -> None:

@@ -429,9 +429,11 @@ def test_resume_regenerates_a_batch_whose_cif_was_deleted(tiny_run: Path, tmp_pa
     ]
     # rows in the order of a fresh run
     assert (tmp_path / "x" / "samples.csv").read_text() == (tmp_path / "ref" / "samples.csv").read_text()
-    victim.write_text("")  # an emptied file counts as missing
-    summary = generate(8, tmp_path / "x", resume=True, **run)
-    assert summary.skipped_batches == 1 and victim.read_text() == (tmp_path / "ref" / victim.name).read_text()
+    whole = victim.read_text()
+    for damaged in ("", whole[: len(whole) // 2], "junk\n"):  # emptied, cut short, overwritten
+        victim.write_text(damaged)
+        summary = generate(8, tmp_path / "x", resume=True, **run)
+        assert summary.skipped_batches == 1 and victim.read_text() == whole
 
 
 def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_path: Path) -> None:
