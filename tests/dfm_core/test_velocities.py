@@ -360,6 +360,26 @@ def test_eq29_closed_form_on_metric_paths(pname):
     assert (u[torch.arange(B), :, x1] == 0).all()
 
 
+def test_metric_path_velocities_coincide_at_t0_and_differ_later():
+    """p_0 is uniform on a metric path (beta_0 = 0), so tau = p, p^alpha, 1[p > 0] and the argmax
+    indicator are all uniform there and every velocity of the family is the same. A 2-step sampler
+    takes one step from t = 0 and then the exact last step, so it gives the same samples for every
+    velocity; from t > 0 on the velocities differ (the low-NFE effect of the paper's Figure 2)."""
+    path = MetricPath.ordinal(64, beta=BetaSchedule(c=3.0, a=0.9))
+    g = torch.Generator().manual_seed(5)
+    x1 = torch.randint(64, (32,), generator=g)
+    z = torch.randint(64, (32,), generator=g)
+    velocities = [make_velocity(n, alpha=2.0) for n in ("ko", "power", "power-inf", "campbell")]
+    for t, same in ((0.0, True), (0.5, False)):
+        tt = torch.full((32,), t, dtype=torch.float64)
+        p, dp = path.probs(x1, tt), path.probs_dt(x1, tt)
+        rates = [v.rates_from(p, dp, z, tt) for v in velocities]
+        gaps = [float((r - rates[0]).abs().max()) for r in rates[1:]]
+        assert all(g < 1e-9 for g in gaps) == same, (t, gaps)
+        for r in rates:
+            assert torch.allclose(r.sum(-1), torch.zeros(32, dtype=torch.float64), atol=1e-9)
+
+
 # --------------------------------------------------------------------------------- eq 73 (marginal)
 
 
