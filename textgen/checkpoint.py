@@ -110,11 +110,14 @@ class TextModel:
         return self.path_config.label if self.path_config is not None else "dfm"
 
     def logits_fn(self):
-        """``f(x_t, t) -> fp32 logits`` for the sampler and ELBO, under bf16 autocast on CUDA."""
+        """``f(x_t, t) -> fp32 logits`` for the sampler and ELBO, under bf16 autocast on CUDA, with the
+        posterior pinned where the path knows it (unmasked tokens of a mask-source model), as in training."""
         use_bf16 = self.device.type == "cuda"
+        path = self.path
 
         def fn(x: Tensor, t: Tensor) -> Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                return self.model(x, t).float()
+                logits = self.model(x, t).float()
+            return path.pin_known_tokens(logits, x) if path is not None else logits
 
         return fn

@@ -210,7 +210,7 @@ def make_loss(config: TextgenTrainConfig, path: MixturePath | None):
         else:
             t = torch.rand(B, generator=generator, device=x1.device)
         xt = path.sample(x1, t, generator=generator)
-        logits = model(xt, t)
+        logits = path.pin_known_tokens(model(xt, t), xt)  # exact where known (unmasked tokens)
         if config.loss == "elbo":
             return mixture_elbo_loss(logits, x1, xt, t, path)
         return cross_entropy_loss(logits, x1)
