@@ -242,7 +242,9 @@ def evaluate(
         "(needs transformers + gguf) or a textgen AR checkpoint.",
     ),
     out: Path = typer.Option(
-        Path("runs/textgen-eval"), help="Folder for likelihood.csv, samples.csv, report.json."
+        Path("runs/textgen-eval"),
+        help="Folder for likelihood.csv, samples.csv, report.json, and cells.jsonl (finished cells: the same "
+        "command resumes).",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed of the ELBO noise and of the samples."),
@@ -293,9 +295,17 @@ def evaluate(
             velocity=velocity,
             corrector=corrector,
             alpha=alpha,
+            resume_dir=out,
+            log=console.print,
         )
     except (JudgeUnavailable, ValueError, OSError) as e:  # CheckpointError is a ValueError
         fail(str(e))
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; the finished cells are kept in {out / 'cells.jsonl'}: run the same command again "
+            "to continue",
+            code=130,
+        )
     if report.likelihood:
         console.print(report.likelihood_table())
     if report.samples:

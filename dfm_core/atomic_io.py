@@ -9,14 +9,16 @@ the permissions of a plain ``open(path, "w")``, whatever mode the writer callbac
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "check_writable", "remove_stale_temps"]
+__all__ = ["ResultLog", "atomic_write", "atomic_write_text", "check_writable", "remove_stale_temps"]
 
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.\w+)*$")
 
@@ -147,3 +149,50 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+class ResultLog:
+    """Finished pieces of a long job, kept in a JSON-lines file so that a killed run resumes.
+
+    Each line is ``{"key": ..., "result": ...}``; :meth:`add` appends one and syncs it to disk before it
+    returns. A key is any JSON-serialisable mapping that fixes what the result depends on (inputs'
+    digests and settings), so a rerun with other settings recomputes instead of reusing. A torn last line
+    (a run killed mid-write) is dropped when the log is opened; for a repeated key the last line wins.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._results: dict[str, Any] = {}
+        if not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        whole = text[: text.rfind("\n") + 1]
+        for line in whole.splitlines():
+            try:
+                entry = json.loads(line)
+                self._results[self._text(entry["key"])] = entry["result"]
+            except (ValueError, KeyError, TypeError):
+                continue  # not one of ours: ignored
+        if whole != text:
+            atomic_write_text(self.path, whole)
+
+    @staticmethod
+    def _text(key: Mapping[str, Any]) -> str:
+        return json.dumps(key, sort_keys=True)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def get(self, key: Mapping[str, Any]) -> Any | None:
+        """The result stored under ``key``, or None."""
+        return self._results.get(self._text(key))
+
+    def add(self, key: Mapping[str, Any], result: Any) -> None:
+        """Store ``result`` under ``key`` (appended and fsynced: it survives a kill right after)."""
+        line = json.dumps({"key": key, "result": result}, sort_keys=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._results[self._text(key)] = json.loads(line)["result"]

@@ -14,12 +14,13 @@ The report prints with rich and is written as ``likelihood.csv``, ``samples.csv`
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write_text, check_writable
+from dfm_core.atomic_io import ResultLog, atomic_write_text, check_writable
 from dfm_core.objectives import fair_elbo
 from dfm_core.velocities import make_velocity
 from textgen.checkpoint import TextModel
@@ -38,6 +39,7 @@ from textgen.tokenizer import TextTokenizer
 
 __all__ = [
     "DEFAULT_EVAL_SETS",
+    "RESULT_LOG",
     "LikelihoodResult",
     "SampleQuality",
     "EvaluationReport",
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_EVAL_SETS = tuple(EVAL_CORPORA)
+RESULT_LOG = "cells.jsonl"  # finished table cells of an evaluation, for resuming it
 
 
 @dataclass
@@ -367,6 +370,8 @@ def evaluate(
     device: str = "auto",
     seed: int = 0,
     progress: bool = False,
+    resume_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
     **sampler: Any,
 ) -> EvaluationReport:
     """Likelihood of every checkpoint on every data set, and (``samples > 0``) sample quality per NFE.
@@ -380,6 +385,10 @@ def evaluate(
         samples / nfe / temperature / judge: sample-quality settings (``samples = 0`` skips them);
             temperature 0 (greedy) only for AR checkpoints.
         sampler: ``velocity``, ``alpha``, ``corrector``, ``float64`` of :func:`generate_tokens`.
+        resume_dir: keep each finished cell in ``resume_dir/cells.jsonl`` as it is computed and reuse the
+            cells found there, keyed by the checkpoint's and sequences' digests and every setting the
+            number depends on: a killed run loses at most the cell in flight.
+        log: called with a line for each reused cell.
 
     Raises:
         ValueError: a bad setting (checked before any likelihood pass), checkpoint or data set.
@@ -437,43 +446,98 @@ def evaluate(
             **sampler,
         }
     )
-    cache: dict[tuple[str, int], Tensor] = {}
+    cells = ResultLog(Path(resume_dir) / RESULT_LOG) if resume_dir is not None else None
+    cache: dict[tuple[str, int], tuple[Tensor, str]] = {}
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
+        model_digest = _file_digest(model.checkpoint) if cells is not None else ""
         for name, target in columns:
             if (target, L) not in cache:
-                cache[(target, L)] = eval_sequences(target, tokenizer, L, limit, data_dir, cache_dir)
-            seqs = cache[(target, L)]
-            start = time.perf_counter()
-            nats = sequence_nats(model, seqs, n_points, batch_size, chunk, seed, progress)
-            report.likelihood.append(
-                LikelihoodResult(
-                    model=label,
-                    checkpoint=str(model.checkpoint),
-                    dataset=name,
-                    nats_per_token=float(nats.sum() / seqs.numel()),
-                    exact=model.kind == "ar",
-                    num_sequences=int(seqs.shape[0]),
-                    num_tokens=int(seqs.numel()),
-                    n_points=None if model.kind == "ar" else n_points,
-                    seconds=time.perf_counter() - start,
-                )
-            )
-        if samples > 0:
-            for k in nfe if model.kind == "dfm" else nfe[:1]:
-                report.samples.append(
-                    sample_quality(
-                        model,
-                        tokenizer,
-                        samples,
-                        k,
-                        judge,
-                        temperature,
-                        seed,
-                        batch_size,
-                        name=label,
-                        length=L,
-                        **sampler,
+                seqs = eval_sequences(target, tokenizer, L, limit, data_dir, cache_dir)
+                cache[(target, L)] = seqs, hashlib.sha256(seqs.numpy().tobytes()).hexdigest()
+            seqs, seqs_digest = cache[(target, L)]
+            key = {
+                "cell": "likelihood",
+                "checkpoint_sha256": model_digest,
+                "sequences_sha256": seqs_digest,
+                "n_points": n_points,
+                "batch_size": batch_size,
+                "chunk": chunk,
+                "seed": seed,
+            }
+            if cells is not None and (found := cells.get(key)) is not None:
+                _reused(log, f"{label} on {name}")
+                report.likelihood.append(
+                    LikelihoodResult(
+                        **{**found, "model": label, "dataset": name, "checkpoint": str(model.checkpoint)}
                     )
                 )
+                continue
+            start = time.perf_counter()
+            nats = sequence_nats(model, seqs, n_points, batch_size, chunk, seed, progress)
+            result = LikelihoodResult(
+                model=label,
+                checkpoint=str(model.checkpoint),
+                dataset=name,
+                nats_per_token=float(nats.sum() / seqs.numel()),
+                exact=model.kind == "ar",
+                num_sequences=int(seqs.shape[0]),
+                num_tokens=int(seqs.numel()),
+                n_points=None if model.kind == "ar" else n_points,
+                seconds=time.perf_counter() - start,
+            )
+            report.likelihood.append(result)
+            if cells is not None:
+                cells.add(key, asdict(result))
+        if samples > 0:
+            for k in nfe if model.kind == "dfm" else nfe[:1]:
+                key = {
+                    "cell": "samples",
+                    "checkpoint_sha256": model_digest,
+                    "tokenizer_sha256": tokenizer.digest,
+                    "n": samples,
+                    "nfe": k,
+                    "length": L,
+                    "temperature": temperature,
+                    "judge": judge.name if judge is not None else None,
+                    "seed": seed,
+                    "batch_size": batch_size,
+                    **sampler,
+                }
+                if cells is not None and (found := cells.get(key)) is not None:
+                    _reused(log, f"{label} samples at NFE {k}")
+                    report.samples.append(
+                        SampleQuality(**{**found, "model": label, "checkpoint": str(model.checkpoint)})
+                    )
+                    continue
+                quality = sample_quality(
+                    model,
+                    tokenizer,
+                    samples,
+                    k,
+                    judge,
+                    temperature,
+                    seed,
+                    batch_size,
+                    name=label,
+                    length=L,
+                    **sampler,
+                )
+                report.samples.append(quality)
+                if cells is not None:
+                    cells.add(key, asdict(quality))
     return report
+
+
+def _reused(log: Callable[[str], None] | None, what: str) -> None:
+    if log is not None:
+        log(f"{what}: finished in an earlier run ({RESULT_LOG}), reused")
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (a checkpoint: what its results depend on)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

@@ -123,3 +123,23 @@ def test_check_writable_names_the_problem(tmp_path):
         check_writable(tmp_path / "a_file" / "deeper" / "x.png", "--out")
     assert check_writable(tmp_path / "new" / "sub" / "x.png") == tmp_path / "new" / "sub" / "x.png"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_result_log_survives_reopening_and_drops_a_torn_line(tmp_path: Path) -> None:
+    from dfm_core.atomic_io import ResultLog
+
+    path = tmp_path / "cells.jsonl"
+    log = ResultLog(path)
+    assert len(log) == 0 and log.get({"a": 1}) is None
+    log.add({"a": 1, "b": "x"}, {"value": 1.5})
+    log.add({"a": 2}, [1, 2])
+    log.add({"a": 2}, [3])  # the last result for a key wins
+    with open(path, "a") as f:
+        f.write("not json\n")  # someone else's line: ignored
+        f.write('{"key": {"a": 3}, "res')  # a write cut short by a kill
+    again = ResultLog(path)
+    assert again.get({"b": "x", "a": 1}) == {"value": 1.5}  # key order does not matter
+    assert again.get({"a": 2}) == [3] and again.get({"a": 3}) is None and len(again) == 2
+    assert path.read_text().endswith("\n")  # the torn line is gone, so the next line starts cleanly
+    again.add({"a": 3}, 7)
+    assert ResultLog(path).get({"a": 3}) == 7

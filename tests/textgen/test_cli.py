@@ -253,3 +253,54 @@ def test_evaluate_keeps_repeated_names_apart(
             bad,
             result.output,
         )
+
+
+def test_evaluate_resumes_from_finished_cells(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A killed `textgen evaluate` keeps its finished cells; the rerun computes only what is missing and
+    prints the same table; other settings are computed afresh, never taken from the log."""
+    import importlib
+
+    ev = importlib.import_module("textgen.evaluate")  # the package exports a function of that name
+    out = tmp_path / "eval"
+    other = tmp_path / "other.txt"
+    other.write_text(tiny_corpus.read_text().upper())
+    args = ["evaluate", "--checkpoint", str(tiny_run / "model.safetensors"), "--out", str(out)]
+    args += ["--datasets", f"a={tiny_corpus},b={other}", "--limit", "2", "--points", "4"]
+    args += ["--samples", "2", "--nfe", "2", "--device", "cpu", "--tokenizer", str(tokenizer_dir), "--quiet"]
+    real_nats, calls = ev.sequence_nats, []
+
+    def killed_after_one(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_nats(*a, **k)
+
+    monkeypatch.setattr(ev, "sequence_nats", killed_after_one)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130 and "run the same command again" in result.output, result.output
+    assert len((out / "cells.jsonl").read_text().splitlines()) == 1
+    (out / "cells.jsonl").open("a").write('{"key": {"cell": "likel')  # and a torn line from a kill
+
+    counted = []
+    monkeypatch.setattr(ev, "sequence_nats", lambda *a, **k: counted.append(1) or real_nats(*a, **k))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert counted == [1] and "a: finished in an earlier run" in result.output  # only b was computed
+    first = json.loads((out / "report.json").read_text())
+    assert [r["dataset"] for r in first["likelihood"]] == ["a", "b"] and len(first["samples"]) == 1
+
+    # a full rerun computes nothing and writes the same numbers
+    def computed(*a, **k):
+        raise RuntimeError("computed a cell")
+
+    monkeypatch.setattr(ev, "sequence_nats", computed)
+    monkeypatch.setattr(ev, "sample_quality", computed)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "report.json").read_text())
+    assert again["likelihood"] == first["likelihood"] and again["samples"] == first["samples"]
+    # other settings (here the number of kappa points) are not answered from the log
+    more_points = [*args[: args.index("--points") + 1], "8", *args[args.index("--points") + 2 :]]
+    assert "computed a cell" in str(runner.invoke(app, more_points).exception)
