@@ -17,7 +17,8 @@ __all__ = ["evaluate_command"]
 def evaluate_command(
     inputs: Path = typer.Argument(
         ...,
-        help="Generated crystals: a folder of .cif files, one .cif, or a .csv/.parquet with a 'cif' column.",
+        help="Generated crystals: a folder of .cif files, one .cif, a .csv/.parquet with a 'cif' column, a .zip "
+        "of CIFs, an .extxyz of periodic frames, or a POSCAR.",
         exists=True,
     ),
     out: Path = typer.Option(

@@ -1,6 +1,12 @@
-"""Reading a generator's output: a folder of CIFs, one CIF, a CSV/parquet table with a ``cif`` column, or
-a list of pymatgen Structures. Every crystal gets a stable, unique id (the key of the resume journal) and a
-digest of its content (so that a resumed run notices an input that changed under the same id).
+"""Reading a generator's output: a folder of CIFs, one CIF, a CSV/parquet table with a ``cif`` column, a
+zip archive of CIFs, an extended-XYZ file of periodic frames, a POSCAR file, or a list of pymatgen
+Structures. Every crystal gets a stable, unique id (the key of the resume journal) and a digest of its
+content (so that a resumed run notices an input that changed under the same id).
+
+MatterGen, for one, writes ``generated_crystals_cif.zip`` and ``generated_crystals.extxyz``: either can be
+given as it is. Archive members are read like files in a folder (id ``archive.zip/member.cif``); extxyz
+frames get ids ``file.extxyz:k`` (k from 0), and a frame without a periodic 3D cell is recorded as a
+failure, as is every frame from the first unreadable one on.
 
 Folders are searched recursively (symlinked folders included) for ``.cif`` and ``.cif.gz`` files; hidden
 files and folders (``.ipynb_checkpoints``, macOS ``._x.cif``) and ``__MACOSX`` are skipped. A CIF file with
@@ -46,6 +52,11 @@ TABLE_SUFFIXES = (
     ".pq",
 )
 CIF_SUFFIXES = (".cif", ".cif.gz")
+ARCHIVE_SUFFIXES = (".zip",)  # after TABLE_SUFFIXES, which claim .csv.zip
+EXTXYZ_SUFFIXES = (".extxyz", ".xyz")
+POSCAR_SUFFIXES = (".vasp", ".poscar")
+POSCAR_NAMES = ("POSCAR", "CONTCAR")
+MAX_MEMBER_BYTES = 64 * 2**20  # an archive member larger than this is not unpacked (zip bombs)
 MANIFEST_NAME = "samples.csv"  # written by ``matgen generate`` next to its CIFs
 
 
@@ -115,6 +126,86 @@ def _file_items(path: Path, id_: str) -> list[InputItem]:
     if text is None:
         return [InputItem(id=id_, read_error=err)]
     return [InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in crystal_blocks(text)]
+
+
+def _zip_items(path: Path) -> list[InputItem]:
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"cannot read the archive {path}: {error_text(exc)}") from None
+    items: list[InputItem] = []
+    with archive:
+        members = sorted(
+            (m for m in archive.infolist() if not m.is_dir() and m.filename.lower().endswith(CIF_SUFFIXES)),
+            key=lambda m: m.filename,
+        )
+        for m in members:
+            if any(_hidden(part) for part in m.filename.split("/")):
+                continue
+            id_ = f"{path.name}/{m.filename}"
+            if m.file_size > MAX_MEMBER_BYTES:
+                items.append(
+                    InputItem(id=id_, read_error=f"archive member of {m.file_size} bytes: too large")
+                )
+                continue
+            try:
+                data = archive.read(m)
+                if m.filename.lower().endswith(".gz"):
+                    data = gzip.decompress(data)
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
+                items.append(InputItem(id=id_, read_error=f"unreadable archive member: {error_text(exc)}"))
+                continue
+            blocks = crystal_blocks(_decode(data))
+            items.extend(InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in blocks)
+    if not items:
+        raise ValueError(f"the archive {path} holds no .cif files")
+    return items
+
+
+def _extxyz_items(path: Path) -> list[InputItem]:
+    from ase.io import iread
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    items: list[InputItem] = []
+    frames = iread(str(path), index=":", format="extxyz")
+    while True:
+        id_ = f"{path.name}:{len(items)}"
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            break
+        except Exception as exc:  # ase raises many types for a malformed frame; the rest is lost with it
+            items.append(
+                InputItem(id=id_, read_error=f"unreadable extxyz from this frame on: {error_text(exc)}")
+            )
+            break
+        if not atoms.pbc.all() or atoms.cell.rank < 3:
+            items.append(
+                InputItem(id=id_, read_error="extxyz frame without a periodic 3D cell (Lattice/pbc)")
+            )
+            continue
+        try:
+            structure = AseAtomsAdaptor.get_structure(atoms)
+        except Exception as exc:
+            items.append(InputItem(id=id_, read_error=f"extxyz frame not convertible: {error_text(exc)}"))
+            continue
+        # species and positions only: per-site extras (forces, magmoms) are not part of the crystal
+        plain = Structure(structure.lattice, structure.species, structure.frac_coords)
+        items.append(InputItem(id=id_, structure=plain))
+    return items
+
+
+def _poscar_items(path: Path) -> list[InputItem]:
+    text, err = _read_text(path)
+    if text is None:
+        return [InputItem(id=path.name, read_error=err)]
+    try:
+        structure = Structure.from_str(text, fmt="poscar")
+    except Exception as exc:
+        return [InputItem(id=path.name, read_error=f"unparsable POSCAR: {error_text(exc)}")]
+    return [InputItem(id=path.name, structure=structure)]
 
 
 def _hidden(name: str) -> bool:
@@ -236,10 +327,16 @@ def read_inputs(inputs: str | Path | Sequence[Structure]) -> list[InputItem]:
         return _table_items(path, _read_frame(path))
     if name.endswith(CIF_SUFFIXES):
         return _file_items(path, path.name)
+    if name.endswith(ARCHIVE_SUFFIXES):
+        return _zip_items(path)
+    if name.endswith(EXTXYZ_SUFFIXES):
+        return _extxyz_items(path)
+    if name.endswith(POSCAR_SUFFIXES) or path.name.startswith(POSCAR_NAMES):
+        return _poscar_items(path)
     text, _ = _read_text(path)
     if text is not None and DATA_BLOCK.search(text):
         return _file_items(path, path.name)  # a CIF under another name
     raise ValueError(
-        f"{path}: unknown input kind; expected a folder, a .cif[.gz] file, or a table "
-        f"({', '.join(TABLE_SUFFIXES)})"
+        f"{path}: unknown input kind; expected a folder, a .cif[.gz] file, a .zip of CIFs, an .extxyz "
+        f"file, a POSCAR, or a table ({', '.join(TABLE_SUFFIXES)})"
     )

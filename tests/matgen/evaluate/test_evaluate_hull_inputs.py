@@ -280,3 +280,49 @@ def test_bad_hull_files_give_clear_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="no row with a numeric"):
         load_hull(tmp_path / "words.csv")
+
+
+def test_other_generators_outputs_zip_extxyz_and_poscar(tmp_path):
+    """MatterGen-style outputs (a zip of CIFs, an extxyz of frames) and POSCARs read as crystals."""
+    import zipfile
+
+    from ase.io import write as ase_write
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.vasp import Poscar
+
+    salt, bigger = rock_salt(), rock_salt(6.0)
+    cif = write_cif(tmp_path / "a.cif", salt).read_text()
+    with zipfile.ZipFile(tmp_path / "generated_crystals_cif.zip", "w") as zf:
+        zf.writestr("gen_1.cif", write_cif(tmp_path / "b.cif", bigger).read_text())
+        zf.writestr("gen_0.cif", cif)
+        zf.writestr("sub/gen_2.cif.gz", gzip.compress(cif.encode()))
+        zf.writestr("__MACOSX/._gen_0.cif", b"\x00junk")
+        zf.writestr("readme.txt", "not a crystal")
+    items = read_inputs(tmp_path / "generated_crystals_cif.zip")
+    prefix = "generated_crystals_cif.zip/"
+    assert [i.id for i in items] == [prefix + n for n in ("gen_0.cif", "gen_1.cif", "sub/gen_2.cif.gz")]
+    assert parse_cif(items[1].cif).lattice.abc == pytest.approx(bigger.lattice.abc)
+
+    atoms = [AseAtomsAdaptor.get_atoms(s) for s in (salt, bigger)]
+    molecule = atoms[0].copy()
+    molecule.pbc = False
+    ase_write(tmp_path / "gen.extxyz", [atoms[0], molecule, atoms[1]], format="extxyz")
+    items = read_inputs(tmp_path / "gen.extxyz")
+    assert [i.id for i in items] == ["gen.extxyz:0", "gen.extxyz:1", "gen.extxyz:2"]
+    assert items[0].structure.matches(salt) and items[2].structure.matches(bigger)
+    assert items[1].structure is None and "periodic" in items[1].read_error
+    text = (tmp_path / "gen.extxyz").read_text().splitlines()
+    (tmp_path / "cut.extxyz").write_text("\n".join(text[: len(text) - 2]) + "\n")  # last frame cut short
+    items = read_inputs(tmp_path / "cut.extxyz")
+    assert items[0].structure is not None and "unreadable" in (items[-1].read_error or "")
+
+    (tmp_path / "POSCAR").write_text(str(Poscar(bigger)))
+    (tmp_path / "x.vasp").write_text("not a poscar")
+    assert read_inputs(tmp_path / "POSCAR")[0].structure.matches(bigger)
+    assert "unparsable POSCAR" in read_inputs(tmp_path / "x.vasp")[0].read_error
+    (tmp_path / "empty.zip").write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # a valid, empty archive
+    with pytest.raises(ValueError, match="no .cif files"):
+        read_inputs(tmp_path / "empty.zip")
+    (tmp_path / "bad.zip").write_text("not a zip")
+    with pytest.raises(ValueError, match="cannot read the archive"):
+        read_inputs(tmp_path / "bad.zip")
