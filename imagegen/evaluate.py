@@ -58,6 +58,10 @@ RESULT_COLUMNS = [
     "score",
     "seconds",
     "seed",
+    "label",
+    "batch_size",
+    "reference",
+    "model",
     "checkpoint",
 ]
 
@@ -122,6 +126,10 @@ class EvalRow:
     score: float
     seconds: float
     seed: int
+    label: str  # the --label asked for ('balanced' by default)
+    batch_size: int  # part of what the seed fixes
+    reference: str  # digest of the reference statistics (data set, split, subset and extractor)
+    model: str  # digest of the checkpoint's bytes ('' for a data baseline)
     checkpoint: str
 
     def as_csv(self) -> dict[str, Any]:
@@ -162,6 +170,10 @@ def _row_from_csv(d: dict[str, str]) -> EvalRow | None:
             float(d["score"]),
             float(d["seconds"]),
             int(d["seed"]),
+            d["label"],
+            int(d["batch_size"]),
+            d["reference"],
+            d["model"],
             d["checkpoint"],
         )
     except (KeyError, TypeError, ValueError):
@@ -174,6 +186,23 @@ def _read_rows(path: Path) -> list[EvalRow]:
     with open(path, newline="") as f:
         rows = [_row_from_csv(d) for d in csv.DictReader(f)]
     return [r for r in rows if r is not None]
+
+
+def _set_aside_other_format(path: Path) -> Path | None:
+    """Rename a ``results.csv`` with other columns (an older version's) to ``results.old.csv`` (or
+    ``.old2`` ...), so that new rows never go under a header that does not match; returns the new name."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    if header == RESULT_COLUMNS:
+        return None
+    k, target = 1, path.with_name("results.old.csv")
+    while target.exists():
+        k += 1
+        target = path.with_name(f"results.old{k}.csv")
+    path.rename(target)
+    return target
 
 
 def _append_row(path: Path, row: EvalRow) -> None:
@@ -269,8 +298,9 @@ def evaluate_sweep(
     """Score every (setting, NFE) pair; write ``out_dir/results.csv`` (appended row by row) and the plot.
 
     A rerun into the same folder resumes: a point already in ``results.csv`` with the same settings, n,
-    seed, score and checkpoint is kept, not computed again or listed twice. The plot shows every row of
-    ``results.csv`` for this checkpoint.
+    seed, label, batch size, reference statistics, score name and checkpoint (path and bytes) is kept, not
+    computed again or listed twice. The plot shows every row of
+    ``results.csv`` for this checkpoint and reference.
 
     Args:
         generator: the loaded model.
@@ -292,14 +322,19 @@ def evaluate_sweep(
     out = check_output_folder(out_dir, "evaluation folder")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
+    if (old := _set_aside_other_format(csv_path)) is not None and log:
+        log(f"{csv_path} had other columns (an older version): kept as {old.name}; its points are redone")
     name = score_name(extractor.name)
     ck = str(generator.checkpoint or "")
+    model = _file_digest(generator.checkpoint) if generator.checkpoint else ""
+    label_text = "balanced" if label is None else str(label)
+    ref = reference.digest
     done = {_key(r): r for r in _read_rows(csv_path)}
     rows: list[EvalRow] = []
     if data_baseline is not None:
         row = EvalRow(
             f"data:{data_baseline.name}", "", None, 0.0, 0.0, 0.0, 1.0, 0.0, None, len(data_baseline), name,
-            math.nan, 0.0, seed, "",
+            math.nan, 0.0, seed, "", 0, ref, "", "",
         )  # fmt: skip
         if (kept := done.get(_key(row))) is not None:
             row = kept
@@ -316,7 +351,8 @@ def evaluate_sweep(
             cfg = dataclasses.replace(setting, steps=int(nfe))
             row = EvalRow(
                 cfg.label(), cfg.velocity, cfg.alpha, cfg.corrector, cfg.corrector_p, cfg.corrector_q,
-                cfg.temperature, cfg.guidance, int(nfe), n, name, math.nan, 0.0, seed, ck,
+                cfg.temperature, cfg.guidance, int(nfe), n, name, math.nan, 0.0, seed, label_text, batch_size,
+                ref, model, ck,
             )  # fmt: skip
             if (kept := done.get(_key(row))) is not None:
                 rows.append(kept)
@@ -335,8 +371,17 @@ def evaluate_sweep(
                 save_grid(images[:save_grids], out / f"samples_{_slug(cfg.label())}_nfe{nfe}.png")
             if log:
                 log(f"{row.setting} NFE={nfe}: {name} = {row.score:.3f} (n={n}, {row.seconds:.0f} s)")
-    plot_score_vs_nfe([r for r in _read_rows(csv_path) if r.checkpoint in (ck, "")], out / "fd_vs_nfe.png")
+    plotted = [r for r in _read_rows(csv_path) if r.checkpoint in (ck, "") and r.reference == ref]
+    plot_score_vs_nfe(plotted, out / "fd_vs_nfe.png")
     return rows
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _slug(text: str) -> str:

@@ -10,6 +10,7 @@ symmetric PSD matrix ``S1^(1/2) S2 S1^(1/2)``, which has the same spectrum as ``
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,14 @@ class FeatureStats:
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         with np.load(path, allow_pickle=False) as d:
             return cls(d["mu"], d["sigma"], int(d["n"]), str(d["extractor"]))
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the statistics: it changes with the reference images and the extractor."""
+        h = hashlib.sha256(self.extractor.encode())
+        for a in (self.mu, self.sigma):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
 
     def distance(self, other: FeatureStats) -> float:
         if self.extractor != other.extractor:

@@ -79,6 +79,37 @@ def test_sweep_writes_csv_plot_and_grids(tiny_checkpoint: Path, tmp_path: Path) 
     assert len(table) == 7 and len({tuple(r.values()) for r in table}) == 7
     assert sorted(r["nfe"] for r in table[5:]) == ["8", "8"]
 
+    # another reference, label or batch size is another point: never answered from the table
+    other_ref = reference_stats(ImageDataset(ref_images[:30], None, None, "ref2"), extractor, cache=False)
+    for changed in ({"reference": other_ref}, {"label": "null"}, {"batch_size": 4}):
+        kw = {"reference": reference, "batch_size": 6, **changed}
+        lines.clear()
+        evaluate_sweep(
+            gen, settings[:1], [2], extractor, out_dir=tmp_path / "eval", n=12, log=lines.append, **kw
+        )
+        assert lines and not any("kept from an earlier run" in line for line in lines), changed
+    with open(tmp_path / "eval" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 10 and {r["label"] for r in table[7:]} == {"balanced", "null"}
+
+
+def test_results_of_an_older_format_are_set_aside(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    gen = ImageGenerator.from_checkpoint(tiny_checkpoint, "cpu")
+    extractor = PixelHistogram()
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    reference = reference_stats(ImageDataset(images, None, None, "ref"), extractor, cache=False)
+    (tmp_path / "eval").mkdir()
+    old = "setting,velocity,nfe,score\nko,ko,2,1.0\n"
+    (tmp_path / "eval" / "results.csv").write_text(old)
+    lines: list[str] = []
+    rows = evaluate_sweep(
+        gen, [SamplingConfig()], [2], extractor, reference, tmp_path / "eval", n=4, log=lines.append
+    )
+    assert len(rows) == 1 and "kept as results.old.csv" in lines[0]
+    assert (tmp_path / "eval" / "results.old.csv").read_text() == old
+    with open(tmp_path / "eval" / "results.csv") as f:
+        assert list(next(csv.reader(f))) == RESULT_COLUMNS
+
 
 @pytest.fixture()
 def image_folder(tmp_path: Path) -> Path:
