@@ -385,28 +385,42 @@ def load_image_folder(
     """Every image under ``folder`` (recursively, sorted), resized and centre-cropped to ``size``.
 
     Args:
-        folder: the folder; ``split='train'`` reads ``folder/train`` if present (else all of ``folder``),
+        folder: the folder; ``split='train'`` reads ``folder/train`` if present, else all of ``folder``
+            but its ``test/`` subfolder (held-out images never become training data);
             ``split='test'`` needs ``folder/test``.
         size: output height and width.
         channels: 3 (RGB) or 1 (grayscale).
         limit: read at most this many images.
 
-    16-bit greyscale images are scaled to 8 bits (value / 257, rounded).
-    Labels come from the first-level subfolders (class folders) when every image lies in one.
+    16-bit greyscale images are scaled to 8 bits (value / 257, rounded), and the EXIF orientation of
+    photos is applied. Hidden files and folders (``.x``, macOS ``._x.png`` resource forks, ``__MACOSX``)
+    are skipped. Labels come from the first-level subfolders (class folders) when every image lies in one.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     size = check_count(size, "image size")
     root = Path(folder).expanduser()
+    if root.is_file():
+        raise ValueError(f"image folder {root} is a file: give the folder that holds the images")
+    held_out = None
     if split is not None and (root / split).is_dir():
         root = root / split
     elif split == "test":
         raise MissingSplitError(f"{root} has no test/ subfolder of held-out images")
+    elif split == "train" and (root / "test").is_dir():
+        held_out = root / "test"
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
+        and (held_out is None or held_out not in p.parents)
+        and p.is_file()
+    )
     if limit is not None:
         files = files[:limit]
     if not files:
@@ -416,7 +430,8 @@ def load_image_folder(
     for p in files:
         try:
             with Image.open(p) as img:
-                arrays.append(np.asarray(_resize_crop(_to_8bit(img).convert(mode), size)))
+                upright = ImageOps.exif_transpose(img)  # phone photos are stored sideways + EXIF
+                arrays.append(np.asarray(_resize_crop(_to_8bit(upright).convert(mode), size)))
         except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files (PIL raises all three)
             if str(p) in str(e):
                 raise ValueError(str(e)) from None
@@ -429,7 +444,7 @@ def load_image_folder(
         names = tuple(sorted({r[0] for r in rel}))
         index = {n: i for i, n in enumerate(names)}
         labels = torch.tensor([index[r[0]] for r in rel], dtype=torch.long)
-    name = f"folder:{root}"
+    name = f"folder:{root.resolve()}"
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(images)), labels, names, name)
 
 

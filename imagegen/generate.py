@@ -149,7 +149,10 @@ def batch_seed(seed: int, batch: int) -> int:
 def resolve_labels(
     label: int | str | None, n: int, num_classes: int, class_names: list[str] | None
 ) -> Tensor | None:
-    """Labels for ``n`` images: None (unconditional model or 'null'), a fixed class, or 'balanced' (i mod K)."""
+    """Labels for ``n`` images: None (unconditional model or 'null'), a fixed class, or 'balanced' (i mod K).
+
+    A text label is a class name if one matches (case-insensitive), else a class index.
+    """
     if num_classes == 0:
         if label not in (None, "balanced", "null"):
             raise ValueError("this model is unconditional: it takes no class label")
@@ -158,11 +161,12 @@ def resolve_labels(
         return torch.arange(n) % num_classes
     if label == "null":
         return torch.full((n,), num_classes, dtype=torch.long)
-    if isinstance(label, str) and not label.lstrip("-").isdigit():
+    if isinstance(label, str):
         names = [c.lower() for c in (class_names or [])]
-        if label.lower() not in names:
+        if label.lower() in names:  # a class name wins over an index: folders named 1, 2, 10 are names
+            label = names.index(label.lower())
+        elif not label.lstrip("-").isdigit():
             raise ValueError(f"unknown class {label!r}; classes: {', '.join(class_names or [])}")
-        label = names.index(label.lower())
     label = int(label)
     if not 0 <= label < num_classes:
         raise ValueError(f"class label must be in 0..{num_classes - 1}, got {label}")

@@ -10,6 +10,7 @@ Validation uses images held out from the training split; the test split is kept 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,7 @@ def train_image_model(
         "class_conditional": model_cfg.num_classes > 0,
         "data": {
             "name": data.name,
+            "images_sha256": hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest(),
             "n_train": len(train_data),
             "n_val": len(val_data),
             "split_seed": config.split_seed,
@@ -261,7 +263,8 @@ def train_image_model(
         identity={
             "path": metadata["path"],
             "class_conditional": metadata["class_conditional"],
-            "data": metadata["data"],
+            # what the images are, not where they were read from (a path spelled another way resumes)
+            "data": {k: v for k, v in metadata["data"].items() if k != "name"},
             "train_limit": config.train_limit,
         },
     )

@@ -122,6 +122,39 @@ def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path: Path) -> N
         load_dataset("folder", "train", tmp_path)
 
 
+def test_image_folder_of_unseen_shapes(tmp_path: Path) -> None:
+    """Class folders beside a test/ folder (no train/), Mac resource forks, hidden folders, numeric class
+    names, and a phone photo stored sideways with an EXIF orientation."""
+    from imagegen.generate import resolve_labels
+
+    root = tmp_path / "data"
+    for cls in ("1", "2", "10", "test/1", "test/2", "test/10"):
+        (root / cls).mkdir(parents=True)
+        Image.new("L", (8, 8), 50).save(root / cls / "a.png")
+    (root / "1" / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")  # AppleDouble
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "x.png").write_bytes(b"not an image")
+    train = load_image_folder(root, size=8, channels=1, split="train")
+    assert len(train) == 3 and train.class_names == ("1", "10", "2")  # test/ is held out, not a class
+    assert len(load_image_folder(root, size=8, channels=1, split="test")) == 3
+    names = list(train.class_names)
+    assert names[int(resolve_labels("2", 1, 3, names)[0])] == "2"  # a name wins over an index
+    assert names[int(resolve_labels("10", 1, 3, names)[0])] == "10"
+    assert int(resolve_labels("0", 1, 3, ["a", "b", "c"])[0]) == 0  # no such name: an index
+
+    photo = tmp_path / "photo"
+    photo.mkdir()
+    img = Image.new("L", (8, 4), 0)
+    img.paste(255, (0, 0, 8, 2))  # top half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    img.save(photo / "p.jpg", exif=exif, quality=100)
+    upright = load_image_folder(photo, size=4, channels=1).images[0, 0].float()
+    assert upright[:, :2].mean() < 60 and upright[:, 2:].mean() > 190  # shown: left black, right white
+    with pytest.raises(ValueError, match="is a file"):
+        load_image_folder(photo / "p.jpg", size=4)
+
+
 def test_tokens_round_trip_and_dataset_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     images = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
     tokens = images_to_tokens(images)

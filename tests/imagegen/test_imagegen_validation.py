@@ -153,6 +153,14 @@ def test_train_limit_and_val_size(tmp_path: Path) -> None:
     one_line_error(runner.invoke(app, args), "12 images", "hold out 1000", "--val-size")
     result = runner.invoke(app, [*args, "--val-size", "4"])
     assert result.exit_code == 0 and "trained to step 2" in result.output, result.output
+    # the same images under another spelling of the folder resume; other images are refused
+    respelled = [str(data / ".." / "data") if a == str(data) else a for a in args]
+    respelled[respelled.index("--steps") + 1] = "3"
+    result = runner.invoke(app, [*respelled, "--val-size", "4"])
+    assert result.exit_code == 0 and "trained to step 3" in result.output, result.output
+    Image.new("L", (8, 8), 7).save(data / "a" / "0.png")
+    respelled[respelled.index("--steps") + 1] = "4"
+    one_line_error(runner.invoke(app, [*respelled, "--val-size", "4"]), "other data")
 
 
 # ---------------------------------------------------------------- 5. silently accepted options
