@@ -9,6 +9,7 @@ the permissions of a plain ``open(path, "w")``, whatever mode the writer callbac
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -18,7 +19,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultLog", "atomic_write", "atomic_write_text", "check_writable", "remove_stale_temps"]
+__all__ = [
+    "ResultLog",
+    "atomic_write",
+    "atomic_write_text",
+    "check_writable",
+    "file_sha256",
+    "remove_stale_temps",
+]
 
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.\w+)*$")
 
@@ -149,6 +157,15 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in blocks: the identity of a checkpoint or a data file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ResultLog:

@@ -19,7 +19,6 @@ sorted subfolder names; ``train/`` and ``test/`` subfolders, if present, are the
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import operator
 import os
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write
+from dfm_core.atomic_io import atomic_write, file_sha256
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -205,14 +204,6 @@ def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------- CIFAR-10
 
 
@@ -258,7 +249,7 @@ def load_cifar10(
     if cache and limit is None:
         path = (
             Path(cache_dir or default_cache_dir())
-            / f"cifar10-{split}-v{_CACHE_VERSION}-{_sha256(src)[:16]}.npz"
+            / f"cifar10-{split}-v{_CACHE_VERSION}-{file_sha256(src)[:16]}.npz"
         )
         if path.is_file():
             try:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from dfm_core.atomic_io import file_sha256
 from imagegen.data import ImageDataset, check_count, default_cache_dir, load_dataset
 from imagegen.frechet import FeatureStats, score_name
 from imagegen.generate import ImageGenerator, SamplingConfig
@@ -326,7 +327,7 @@ def evaluate_sweep(
         log(f"{csv_path} had other columns (an older version): kept as {old.name}; its points are redone")
     name = score_name(extractor.name)
     ck = str(generator.checkpoint or "")
-    model = _file_digest(generator.checkpoint) if generator.checkpoint else ""
+    model = file_sha256(generator.checkpoint)[:16] if generator.checkpoint else ""
     label_text = "balanced" if label is None else str(label)
     ref = reference.digest
     done = {_key(r): r for r in _read_rows(csv_path)}
@@ -374,14 +375,6 @@ def evaluate_sweep(
     plotted = [r for r in _read_rows(csv_path) if r.checkpoint in (ck, "") and r.reference == ref]
     plot_score_vs_nfe(plotted, out / "fd_vs_nfe.png")
     return rows
-
-
-def _file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _slug(text: str) -> str:

@@ -26,7 +26,7 @@ import torch
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
-from dfm_core.atomic_io import atomic_write
+from dfm_core.atomic_io import atomic_write, file_sha256
 from matgen.cif import crystal_blocks, parse_cif
 from matgen.tokenizer import (
     PAD_ID,
@@ -283,17 +283,9 @@ class TokenizedSplit:
         return len(self.ids)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cache_path(split_file: Path, split: str, limit: int | None, cache_dir: Path) -> Path:
     key = hashlib.sha256(
-        f"{_sha256(split_file)}|{TOKENIZER_VERSION}|{limit}|{_CACHE_FORMAT}".encode()
+        f"{file_sha256(split_file)}|{TOKENIZER_VERSION}|{limit}|{_CACHE_FORMAT}".encode()
     ).hexdigest()[:20]
     return cache_dir / f"mp20-{split}-{key}.pt"
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write_text, remove_stale_temps
+from dfm_core.atomic_io import atomic_write_text, file_sha256, remove_stale_temps
 from dfm_core.sampler import check_temperature, sample
 from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import make_velocity
@@ -470,14 +470,6 @@ def _batch_seed(seed: int, batch: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def normalize_elements(elements: str | Sequence[str]) -> list[str]:
     """Element symbols as a duplicate-free list in the given order; a string is split on commas ("Li,Fe,P,O").
     Case is normalised ("li" and "LI" are Li)."""
@@ -653,7 +645,7 @@ def generate(
     dist = None if num_atoms is not None else gen.atom_count_distribution()
     settings = {
         "n": n,
-        "checkpoint_sha256": _file_digest(gen.checkpoint),
+        "checkpoint_sha256": file_sha256(gen.checkpoint),
         "steps": steps,
         "temperature": temperature,
         "scheduler": scheduler or gen.metadata.get("scheduler", "ko"),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import ResultLog, atomic_write_text, check_writable
+from dfm_core.atomic_io import ResultLog, atomic_write_text, check_writable, file_sha256
 from dfm_core.objectives import fair_elbo
 from dfm_core.velocities import make_velocity
 from textgen.checkpoint import TextModel
@@ -450,7 +450,7 @@ def evaluate(
     cache: dict[tuple[str, int], tuple[Tensor, str]] = {}
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
-        model_digest = _file_digest(model.checkpoint) if cells is not None else ""
+        model_digest = file_sha256(model.checkpoint) if cells is not None else ""
         for name, target in columns:
             if (target, L) not in cache:
                 seqs = eval_sequences(target, tokenizer, L, limit, data_dir, cache_dir)
@@ -499,7 +499,7 @@ def evaluate(
                     "nfe": k,
                     "length": L,
                     "temperature": temperature,
-                    "judge": judge.name if judge is not None else None,
+                    "judge": judge.identity if judge is not None else None,
                     "seed": seed,
                     "batch_size": batch_size,
                     **sampler,
@@ -532,12 +532,3 @@ def evaluate(
 def _reused(log: Callable[[str], None] | None, what: str) -> None:
     if log is not None:
         log(f"{what}: finished in an earlier run ({RESULT_LOG}), reused")
-
-
-def _file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (a checkpoint: what its results depend on)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from dfm_core.atomic_io import file_sha256
+
 __all__ = ["SMOLLM2_GGUF", "Judge", "HFJudge", "ARJudge", "JudgeUnavailable", "load_judge"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,6 +34,12 @@ class Judge:
     """Scores texts: :meth:`perplexity` = exp(total NLL / total tokens) under the judge's tokenizer."""
 
     name: str = "judge"
+    weights_sha256: str | None = None  # what scores depend on: two judges of one name may differ
+
+    @property
+    def identity(self) -> str:
+        """The name plus a digest of the weights: a resumed evaluation reuses scores of this judge only."""
+        return f"{self.name} sha256:{self.weights_sha256}" if self.weights_sha256 else self.name
 
     def token_nll(self, text: str) -> tuple[float, int]:
         """(sum of -log p over the text's tokens, number of tokens scored)."""
@@ -85,7 +93,9 @@ class HFJudge(Judge):
             raise JudgeUnavailable(
                 f"cannot load {found[0]} with transformers: {type(e).__name__}: {e}"
             ) from e
-        return cls(model, tokenizer, name=f"SmolLM2-135M-Instruct ({gguf_file})", device=device)
+        judge = cls(model, tokenizer, name=f"SmolLM2-135M-Instruct ({gguf_file})", device=device)
+        judge.weights_sha256 = file_sha256(found[0])
+        return judge
 
     @torch.no_grad()
     def token_nll(self, text: str) -> tuple[float, int]:
@@ -115,6 +125,7 @@ class ARJudge(Judge):
             )
         self.tokenizer = tokenizer or TextTokenizer()
         self.name = f"textgen AR ({Path(checkpoint).name})"
+        self.weights_sha256 = file_sha256(checkpoint)
         self.max_tokens = self.bundle.model.config.max_len
 
     @torch.no_grad()

@@ -21,7 +21,6 @@ Reference set
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import time
 import warnings
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Composition, Structure
 
-from dfm_core.atomic_io import atomic_write
+from dfm_core.atomic_io import atomic_write, file_sha256
 from matgen.evaluate._cdvae_constants import COMP_SCALER_MEANS, COMP_SCALER_STDS
 
 __all__ = [
@@ -187,14 +186,6 @@ def _reference_row(item: tuple[str, str]) -> dict[str, Any]:
     }
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
 
@@ -267,7 +258,7 @@ def load_test_reference(
         frame = frame.iloc[rows].reset_index(drop=True)
     split_file = ensure_split_file(split, data_dir, download=False)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"mp20-{split}-reference-{_file_digest(split_file)}-v{_REFERENCE_FORMAT}.npz"
+    path = cache / f"mp20-{split}-reference-{file_sha256(split_file)[:16]}-v{_REFERENCE_FORMAT}.npz"
 
     stored: dict[str, np.ndarray] = {}
     if path.is_file():

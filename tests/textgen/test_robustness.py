@@ -281,3 +281,19 @@ def test_same_seed_and_batch_size_give_the_same_tokens(tiny_run: Path):
     a = generate_tokens(model, 4, steps=2, seed=3, batch_size=2)
     assert torch.equal(a, generate_tokens(model, 4, steps=2, seed=3, batch_size=2))
     assert not torch.equal(a, generate_tokens(model, 4, steps=2, seed=3, batch_size=4))
+
+
+def test_judges_of_one_file_name_are_told_apart(tmp_path: Path, tokenizer) -> None:
+    """Every `textgen train` writes model.safetensors: a judge's identity holds its weights' digest, so a
+    resumed evaluation never reuses one AR judge's perplexities for another."""
+    from textgen.judge import ARJudge
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = TextARModel(TextModelConfig.tiny(max_len=16))
+        meta = {"kind": "ar", "model_config": model.config.to_dict(), "seq_len": 8}
+        paths.append(export_text_model(model, tmp_path / f"run{seed}" / "model.safetensors", meta))
+    a, b = (ARJudge(p, tokenizer, "cpu") for p in paths)
+    assert a.name == b.name and a.identity != b.identity
+    assert ARJudge(paths[0], tokenizer, "cpu").identity == a.identity
