@@ -162,9 +162,11 @@ def read_text(path: str | os.PathLike) -> str:
     """
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raw = path.read_bytes()
+        if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+            raise ValueError(f"{path} is UTF-32 text: re-encode it, e.g. iconv -f utf-32 -t utf-8") from None
         if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise ValueError(f"{path} is UTF-16 text: re-encode it, e.g. iconv -f utf-16 -t utf-8") from None
         try:
@@ -176,6 +178,13 @@ def read_text(path: str | os.PathLike) -> str:
                 "re-encode it, e.g. iconv -f latin1 -t utf-8"
             ) from None
         raise
+    if "\x00" in text:  # valid UTF-8, but text does not hold NUL: UTF-16 without a byte-order mark, or binary
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise ValueError(
+            f"{path} holds NUL bytes (line {line}): UTF-16 text without a byte-order mark, or not text; "
+            "re-encode it, e.g. iconv -f utf-16le -t utf-8"
+        )
+    return text
 
 
 def _jsonl_texts(path: Path, field: str | None = None) -> list[str]:
@@ -202,11 +211,43 @@ def _jsonl_texts(path: Path, field: str | None = None) -> list[str]:
     return docs
 
 
+_OUTPUT_MARKERS = ("metrics.jsonl", "cells.jsonl")  # a folder holding one is a run / evaluation output
+
+
+def text_files(folder: str | os.PathLike) -> list[Path]:
+    """The text files a folder contributes, sorted: hidden files and folders (macOS ``._x.txt`` resource
+    forks, ``__MACOSX``) are skipped, and so are folders that this tool wrote (a ``textgen train`` run
+    or an evaluation, recognised by their ``metrics.jsonl`` / ``cells.jsonl``), so that a run folder
+    placed inside its data folder never becomes training data."""
+    folder = Path(folder)
+    files, visited = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a symlink loop, or a folder linked twice: read once
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d != "__MACOSX"
+            and not any((Path(root) / d / m).exists() for m in _OUTPUT_MARKERS)
+        )
+        files += [
+            Path(root) / n
+            for n in sorted(names)
+            if not n.startswith(".") and Path(n).suffix.lower() in _TEXT_SUFFIXES and n not in _OUTPUT_MARKERS
+        ]
+    return sorted(files)
+
+
 def read_documents(path: str | os.PathLike) -> list[str]:
-    """Documents of a file (``.txt``/``.tokens``: one; ``.jsonl``: one per line) or of a folder."""
+    """Documents of a file (``.txt``/``.tokens``: one; ``.jsonl``: one per line) or of a folder
+    (:func:`text_files`)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
+        files = text_files(path)
         if not files:
             raise FileNotFoundError(f"no text files ({', '.join(_TEXT_SUFFIXES)}) under {path}")
         return [d for f in files for d in read_documents(f)]
@@ -285,6 +326,10 @@ def resolve_corpora(
             s = _ALL_NAMED[item]
             out.append((s.name, data_dir / s.relpath, s.reader))
         else:
+            if not str(item).strip():
+                raise ValueError(
+                    "an empty data path (an unset shell variable?): give a file, folder or corpus name"
+                )
             p = Path(item)
             if not p.exists():
                 raise FileNotFoundError(
@@ -329,7 +374,7 @@ class TokenCorpus:
 
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = text_files(path) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         with f.open("rb") as fh:

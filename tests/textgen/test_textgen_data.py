@@ -75,6 +75,32 @@ def test_read_documents_from_files_and_folders(tmp_path):
         resolve_corpora(["no-such-corpus"])
 
 
+def test_folders_skip_hidden_files_and_this_tools_outputs(tmp_path):
+    """A run or evaluation folder inside the data folder, a Mac resource fork and a hidden folder are not
+    text to train on; UTF-16 without a byte-order mark and an empty path are refused by name."""
+    data = tmp_path / "proj"
+    (data / "run").mkdir(parents=True)
+    (data / "notes.txt").write_text("the only document")
+    (data / "._notes.txt").write_bytes(b"\x00\x05\x16\x07\xff resource fork")
+    (data / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (data / "run" / "samples.txt").write_text("=== sample 0 ===\ngenerated")
+    (data / "eval").mkdir()
+    (data / "eval" / "cells.jsonl").write_text(json.dumps({"key": {}, "result": 1}) + "\n")
+    (data / ".git").mkdir()
+    (data / ".git" / "x.txt").write_text("not data")
+    assert read_documents(data) == ["the only document"]
+    utf16 = tmp_path / "u16.txt"
+    utf16.write_bytes("Hello world\n".encode("utf-16-le"))
+    with pytest.raises(ValueError, match="NUL bytes.*utf-16le"):
+        read_documents(utf16)
+    utf32 = tmp_path / "u32.txt"
+    utf32.write_bytes("Hello".encode("utf-32"))
+    with pytest.raises(ValueError, match="UTF-32"):
+        read_documents(utf32)
+    with pytest.raises(ValueError, match="empty data path"):
+        resolve_corpora([""])
+
+
 def test_named_corpora_resolve_under_the_data_dir(tmp_path, monkeypatch):
     from textgen.data import EVAL_CORPORA, TRAIN_CORPORA
 
