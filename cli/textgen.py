@@ -301,11 +301,12 @@ def evaluate(
     except (JudgeUnavailable, ValueError, OSError) as e:  # CheckpointError is a ValueError
         fail(str(e))
     except KeyboardInterrupt:
-        fail(
-            f"interrupted; the finished cells are kept in {out / 'cells.jsonl'}: run the same command again "
-            "to continue",
-            code=130,
+        kept = (
+            f"the finished cells are kept in {out / 'cells.jsonl'}: run the same command again to continue"
+            if (out / "cells.jsonl").is_file()
+            else "no cell had finished"
         )
+        fail(f"interrupted; {kept}", code=130)
     if report.likelihood:
         console.print(report.likelihood_table())
     if report.samples:

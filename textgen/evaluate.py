@@ -447,14 +447,20 @@ def evaluate(
         }
     )
     cells = ResultLog(Path(resume_dir) / RESULT_LOG) if resume_dir is not None else None
+    # every data set is read (and tokenized, cached) before the first likelihood pass: a missing, short or
+    # badly encoded file stops the run now, not after hours of work on the columns before it
     cache: dict[tuple[str, int], tuple[Tensor, str]] = {}
+    for L in dict.fromkeys(seq_len or m.seq_len for m in models):
+        for name, target in columns:
+            try:
+                seqs = eval_sequences(target, tokenizer, L, limit, data_dir, cache_dir)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"data set {name!r}: {e}") from None
+            cache[(target, L)] = seqs, hashlib.sha256(seqs.numpy().tobytes()).hexdigest()
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
         model_digest = file_sha256(model.checkpoint) if cells is not None else ""
         for name, target in columns:
-            if (target, L) not in cache:
-                seqs = eval_sequences(target, tokenizer, L, limit, data_dir, cache_dir)
-                cache[(target, L)] = seqs, hashlib.sha256(seqs.numpy().tobytes()).hexdigest()
             seqs, seqs_digest = cache[(target, L)]
             key = {
                 "cell": "likelihood",

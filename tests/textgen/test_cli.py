@@ -304,3 +304,24 @@ def test_evaluate_resumes_from_finished_cells(
     # other settings (here the number of kappa points) are not answered from the log
     more_points = [*args[: args.index("--points") + 1], "8", *args[args.index("--points") + 2 :]]
     assert "computed a cell" in str(runner.invoke(app, more_points).exception)
+
+
+def test_evaluate_reads_every_data_set_before_any_work(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import importlib
+
+    ev = importlib.import_module("textgen.evaluate")
+
+    def no_work(*a, **k):
+        raise AssertionError("computed a likelihood before checking every data set")
+
+    monkeypatch.setattr(ev, "sequence_nats", no_work)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    args = ["evaluate", "--checkpoint", str(tiny_run / "model.safetensors"), "--out", str(tmp_path / "e")]
+    args += ["--datasets", f"good={tiny_corpus},bad={latin1}", "--limit", "1", "--points", "2"]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--tokenizer", str(tokenizer_dir), "--quiet"])
+    assert result.exit_code == 2 and "data set 'bad'" in result.output and "UTF-8" in result.output, (
+        result.output
+    )
