@@ -182,6 +182,11 @@ def sample(
         if out is not None:
             check_writable(out, "--out")  # before sampling, so that no work is lost
         model = TextModel.load(checkpoint, device)
+        if model.kind == "ar" and (velocity != "ko" or corrector != 0 or alpha is not None):
+            raise ValueError(
+                "this is an autoregressive checkpoint: it samples token by token, so --velocity, --corrector "
+                "and --alpha do not apply"
+            )
         tok = TextTokenizer(tokenizer)
         result = generate_texts(
             model,
@@ -207,7 +212,7 @@ def sample(
         typer.echo(f"wrote {len(result.texts)} texts ({model.label}, NFE {steps}) to {out}")
         return
     for i, text in enumerate(result.texts):
-        typer.echo(f"=== sample {i} ({model.label}, NFE {steps if model.kind == 'dfm' else 'AR'}) ===")
+        typer.echo(f"=== sample {i} ({model.label}{f', NFE {steps}' if model.kind == 'dfm' else ''}) ===")
         typer.echo(text)
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ __all__ = [
     "write_texts",
 ]
 
-_GAP = re.compile(r"\[\[(\d+)\]\]")
+_GAP = re.compile(r"\[\[\s*(\d+)\s*\]\]")
+_GAP_LIKE = re.compile(r"\[\[\s*\d[^\]]*\]\]")  # "[[8 tokens]]", "[[2.5]]": kept as text, with a warning
 
 
 @dataclass
@@ -110,12 +112,16 @@ def parse_template(template: str, tokenizer: TextTokenizer, length: int) -> Temp
     """
     mask = torch.zeros(length, dtype=torch.bool)
     values = torch.zeros(length, dtype=torch.long)
-    pos, pieces, gaps = 0, _GAP.split(template), 0
+    pos, pieces = 0, _GAP.split(template)
     for i, piece in enumerate(pieces):
         if i % 2:  # a gap [[N]]
             pos += int(piece)
-            gaps += 1
             continue
+        if (odd := _GAP_LIKE.search(piece)) is not None:
+            warnings.warn(
+                f"{odd.group(0)!r} in the prompt is kept as text: a gap is written [[N]], N a whole number",
+                stacklevel=2,
+            )
         if i + 1 < len(pieces):
             piece = piece.rstrip()  # "The cat [[3]] the mat": the gap owns the space before it
         if not piece:
@@ -128,7 +134,10 @@ def parse_template(template: str, tokenizer: TextTokenizer, length: int) -> Temp
         pos += len(ids)
     if pos > length:
         raise ValueError(f"the template needs {pos} tokens, more than the {length} of a sequence")
-    return Template(mask, values, is_prompt=gaps == 0)
+    # a prompt: the fixed tokens are a prefix (a trailing gap, "Hello [[3]]", only continues it)
+    free = (~mask).nonzero()
+    is_prompt = len(free) == 0 or not bool(mask[int(free[0]) :].any())
+    return Template(mask, values, is_prompt=is_prompt)
 
 
 @dataclass

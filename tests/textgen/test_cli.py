@@ -86,7 +86,13 @@ def test_ar_checkpoint_samples_prompts_but_refuses_infilling(tmp_path: Path, tok
         {"kind": "ar", "model_config": model.config.to_dict(), "seq_len": 8},
     )
     out = _sample(ckpt, tokenizer_dir, "--prompt", "Hello")
-    assert "(AR, NFE AR)" in out and out.count("\nHello") == 2
+    assert "(AR) ===" in out and out.count("\nHello") == 2
+    assert _sample(ckpt, tokenizer_dir, "--prompt", "Hello [[3]]").count("\nHello") == 2  # a trailing gap
+    for flags in (["--velocity", "power-inf"], ["--corrector", "2"], ["--alpha", "2", "--velocity", "power"]):
+        bad = runner.invoke(
+            app, ["sample", "--checkpoint", str(ckpt), "--tokenizer", str(tokenizer_dir), *flags]
+        )
+        assert bad.exit_code == 2 and "autoregressive" in bad.output, (flags, bad.output)
     result = runner.invoke(
         app,
         [

@@ -297,3 +297,21 @@ def test_judges_of_one_file_name_are_told_apart(tmp_path: Path, tokenizer) -> No
     a, b = (ARJudge(p, tokenizer, "cpu") for p in paths)
     assert a.name == b.name and a.identity != b.identity
     assert ARJudge(paths[0], tokenizer, "cpu").identity == a.identity
+
+
+def test_gap_markers_with_spaces_and_look_alikes(tokenizer) -> None:
+    from textgen.generate import parse_template
+
+    spaced, plain = (
+        parse_template("The cat [[ 3 ]] the mat", tokenizer, 16),
+        parse_template("The cat [[3]] the mat", tokenizer, 16),
+    )
+    assert torch.equal(spaced.mask, plain.mask) and torch.equal(spaced.values, plain.values)
+    assert not plain.is_prompt and parse_template("Hello [[3]]", tokenizer, 16).is_prompt
+    assert (
+        parse_template("Hello", tokenizer, 16).is_prompt
+        and not parse_template("[[2]] end", tokenizer, 16).is_prompt
+    )
+    with pytest.warns(UserWarning, match=r"\[\[8 tokens\]\].*kept as text"):
+        odd = parse_template("The cat [[8 tokens]] here", tokenizer, 32)
+    assert odd.is_prompt and tokenizer.decode(odd.values[odd.mask].tolist()) == "The cat [[8 tokens]] here"
