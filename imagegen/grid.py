@@ -70,6 +70,9 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_val
     return grid[0] if C == 1 else grid.transpose(1, 2, 0)
 
 
+LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "PPM"})  # PIL formats that keep every pixel value
+
+
 def check_image_file(path: str | os.PathLike, what: str = "output") -> Path:
     """Check now, before any sampling, that an image file (e.g. a grid ``.png``) can be written at ``path``.
 
@@ -87,6 +90,11 @@ def check_image_file(path: str | os.PathLike, what: str = "output") -> Path:
     if fmt is None or fmt not in Image.SAVE:
         got = f"extension {ext!r}" if ext else "no file extension"
         raise ValueError(f"{what} {path} has {got}: give an image path ending in .png")
+    if fmt not in LOSSLESS_FORMATS:
+        raise ValueError(
+            f"{what} {path}: {fmt} changes pixel values (lossy or a reduced palette), and samples are "
+            f"judged by their pixels; give a .png (or {', '.join(sorted(LOSSLESS_FORMATS - {'PNG'}))}) path"
+        )
     return check_writable(path, what)
 
 

@@ -312,3 +312,11 @@ def test_images_dir_keeps_only_the_images_of_this_run(tiny_checkpoint: Path, tmp
     ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e"), "--quiet"]
     one_line_error(runner.invoke(app, [*ev, "--nfe", "4,,8"]), "--nfe", "empty item")
     one_line_error(runner.invoke(app, [*ev, "--corrector", "0,,1"]), "--corrector", "empty item")
+
+
+def test_lossy_image_formats_are_refused(tmp_path: Path) -> None:
+    for name in ("g.jpg", "g.webp", "g.gif"):
+        with pytest.raises(ValueError, match="changes pixel values"):
+            check_image_file(tmp_path / name)
+    for name in ("g.png", "g.PNG", "g.bmp", "g.tif"):
+        assert check_image_file(tmp_path / name) == tmp_path / name
