@@ -193,8 +193,10 @@ def _p1_sites_as_written(block) -> Structure | None:
 
 
 def crystal_blocks(text: str) -> list[tuple[str, str]]:
-    """``[(block name, block text)]`` of the data blocks that hold atom sites (all of ``text`` if <= 1):
-    one entry per crystal of a multi-crystal CIF."""
+    """``[(block name, block text)]`` of the data blocks that hold atom sites: one entry per crystal of a
+    multi-crystal CIF. A CIF with one crystal gives ``[("", its block)]``, without the blocks around it
+    that hold no atom sites (the ``data_global`` block of IUCr and COD files); one without any crystal
+    gives ``[("", text)]``, so that the parser names what is missing."""
     starts = list(DATA_BLOCK.finditer(text))
     if len(starts) <= 1:
         return [("", text)]
@@ -203,4 +205,6 @@ def crystal_blocks(text: str) -> list[tuple[str, str]]:
         (m.group(1) or str(k), text[m.start() : e]) for k, (m, e) in enumerate(zip(starts, ends, strict=True))
     ]
     crystals = [b for b in blocks if _ATOM_SITE.search(b[1])]
-    return crystals if len(crystals) > 1 else [("", text)]
+    if len(crystals) > 1:
+        return crystals
+    return [("", crystals[0][1] if crystals else text)]

@@ -5,8 +5,9 @@ content (so that a resumed run notices an input that changed under the same id).
 
 MatterGen, for one, writes ``generated_crystals_cif.zip`` and ``generated_crystals.extxyz``: either can be
 given as it is. Archive members are read like files in a folder (id ``archive.zip/member.cif``); extxyz
-frames get ids ``file.extxyz:k`` (k from 0), and a frame without a periodic 3D cell is recorded as a
-failure, as is every frame from the first unreadable one on.
+frames get ids ``file.extxyz:k`` (k from 0). A frame without a periodic 3D cell or without atoms, or with
+a malformed line, is recorded as a failure of its own; an atom-count line that cannot be read ends the
+file with one failure row. A POSCAR without element symbols (VASP 4) is a failure, not hydrogen.
 
 Folders are searched recursively (symlinked folders included) for ``.cif`` and ``.cif.gz`` files; hidden
 files and folders (``.ipynb_checkpoints``, macOS ``._x.cif``) and ``__MACOSX`` are skipped. A CIF file with
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -165,36 +167,54 @@ def _zip_items(path: Path) -> list[InputItem]:
 
 
 def _extxyz_items(path: Path) -> list[InputItem]:
-    from ase.io import iread
-    from pymatgen.io.ase import AseAtomsAdaptor
-
+    """One item per frame. Frames are split by their atom-count lines first, so that a malformed
+    coordinate costs only its own frame; a count line that cannot be read ends the file (one failure
+    row for what is left, as the frames after it cannot be told apart)."""
+    text, err = _read_text(path)
+    if text is None:
+        return [InputItem(id=f"{path.name}:0", read_error=err)]
+    lines = text.splitlines()
     items: list[InputItem] = []
-    frames = iread(str(path), index=":", format="extxyz")
-    while True:
+    at = 0
+    while at < len(lines):
+        if not lines[at].strip():
+            at += 1
+            continue
         id_ = f"{path.name}:{len(items)}"
         try:
-            atoms = next(frames)
-        except StopIteration:
+            count = int(lines[at].split()[0])
+            if count < 0:
+                raise ValueError(count)
+        except (ValueError, IndexError):
+            why = f"line {at + 1} is not an atom count ({lines[at][:40]!r})"
+            items.append(InputItem(id=id_, read_error=f"unreadable extxyz from this frame on: {why}"))
             break
-        except Exception as exc:  # ase raises many types for a malformed frame; the rest is lost with it
-            items.append(
-                InputItem(id=id_, read_error=f"unreadable extxyz from this frame on: {error_text(exc)}")
-            )
-            break
-        if not atoms.pbc.all() or atoms.cell.rank < 3:
-            items.append(
-                InputItem(id=id_, read_error="extxyz frame without a periodic 3D cell (Lattice/pbc)")
-            )
-            continue
-        try:
-            structure = AseAtomsAdaptor.get_structure(atoms)
-        except Exception as exc:
-            items.append(InputItem(id=id_, read_error=f"extxyz frame not convertible: {error_text(exc)}"))
-            continue
-        # species and positions only: per-site extras (forces, magmoms) are not part of the crystal
-        plain = Structure(structure.lattice, structure.species, structure.frac_coords)
-        items.append(InputItem(id=id_, structure=plain))
+        frame = lines[at : at + 2 + count]
+        at += 2 + count
+        items.append(_extxyz_frame(id_, frame, count))
     return items
+
+
+def _extxyz_frame(id_: str, lines: list[str], count: int) -> InputItem:
+    from ase.io import read as ase_read
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if count == 0:
+        return InputItem(id=id_, read_error="extxyz frame with no atoms")
+    if len(lines) < 2 + count:
+        return InputItem(id=id_, read_error=f"extxyz frame cut short: {len(lines) - 2} of {count} atom lines")
+    try:
+        atoms = ase_read(io.StringIO("\n".join(lines) + "\n"), format="extxyz")
+    except Exception as exc:  # ase raises many types for a malformed frame
+        return InputItem(id=id_, read_error=f"unreadable extxyz frame: {error_text(exc)}")
+    if not atoms.pbc.all() or atoms.cell.rank < 3:
+        return InputItem(id=id_, read_error="extxyz frame without a periodic 3D cell (Lattice/pbc)")
+    try:
+        structure = AseAtomsAdaptor.get_structure(atoms)
+    except Exception as exc:
+        return InputItem(id=id_, read_error=f"extxyz frame not convertible: {error_text(exc)}")
+    # species and positions only: per-site extras (forces, magmoms) are not part of the crystal
+    return InputItem(id=id_, structure=Structure(structure.lattice, structure.species, structure.frac_coords))
 
 
 def _poscar_items(path: Path) -> list[InputItem]:
@@ -202,9 +222,15 @@ def _poscar_items(path: Path) -> list[InputItem]:
     if text is None:
         return [InputItem(id=path.name, read_error=err)]
     try:
-        structure = Structure.from_str(text, fmt="poscar")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            structure = Structure.from_str(text, fmt="poscar")
     except Exception as exc:
         return [InputItem(id=path.name, read_error=f"unparsable POSCAR: {error_text(exc)}")]
+    if any("false names" in str(w.message) for w in caught):  # VASP 4 files: pymatgen invents H, He, ...
+        return [InputItem(id=path.name, read_error="POSCAR without element symbols (VASP 4 format)")]
+    if len(structure) == 0:
+        return [InputItem(id=path.name, read_error="POSCAR with no atoms")]
     return [InputItem(id=path.name, structure=structure)]
 
 
@@ -243,6 +269,13 @@ def _cell_text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _id_text(value: object) -> str:
+    """An id cell as text; a whole number that pandas read as a float (a column with a NaN) loses '.0'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _table_items(path: Path, frame: pd.DataFrame) -> list[InputItem]:
     if "cif" not in frame.columns and "file" not in frame.columns:
         raise ValueError(f"{path} has neither a 'cif' nor a 'file' column (columns: {list(frame.columns)})")
@@ -250,16 +283,20 @@ def _table_items(path: Path, frame: pd.DataFrame) -> list[InputItem]:
     raw_ids = list(frame[id_col]) if id_col else [None] * len(frame)
     ids = _unique(
         [
-            str(x) if x is not None and pd.notna(x) and str(x).strip() else f"row{k}"
+            _id_text(x) if x is not None and pd.notna(x) and str(x).strip() else f"row{k}"
             for k, x in enumerate(raw_ids)
         ]
     )
     if "cif" in frame.columns:
-        cifs = [_cell_text(c) for c in frame["cif"]]
-        return [
-            InputItem(id=i, cif=c, read_error=None if c is not None and c.strip() else "empty CIF")
-            for i, c in zip(ids, cifs, strict=True)
-        ]
+        items = []
+        for i, c in zip(ids, (_cell_text(c) for c in frame["cif"]), strict=True):
+            if c is None or not c.strip():
+                items.append(InputItem(id=i, read_error="empty CIF"))
+            else:  # a cell holding several crystals gives one row each, as a file does
+                items.extend(
+                    InputItem(id=f"{i}:{name}" if name else i, cif=block) for name, block in crystal_blocks(c)
+                )
+        return items
     errors = frame["error"] if "error" in frame.columns else [None] * len(frame)
     items = []
     for i, f, err in zip(ids, frame["file"], errors, strict=True):
@@ -297,14 +334,18 @@ def _folder_items(folder: Path) -> list[InputItem]:
             f"{len(extra)} CIF(s) in {folder} are not listed in {MANIFEST_NAME}; they are evaluated too",
             stacklevel=3,
         )
-    items = listed + extra
+    return listed + extra
+
+
+def _with_unique_ids(items: list[InputItem]) -> list[InputItem]:
+    """The items with repeated ids suffixed ``#k`` (two blocks named ``data_FeO`` in one file, say)."""
     return [
         InputItem(i, it.cif, it.structure, it.read_error)
         for i, it in zip(_unique([it.id for it in items]), items, strict=True)
     ]
 
 
-def read_inputs(inputs: str | Path | Sequence[Structure]) -> list[InputItem]:
+def read_inputs(inputs: str | Path | Structure | Sequence[Structure]) -> list[InputItem]:
     """Collect the crystals to evaluate (see module docstring for the accepted forms and ids).
 
     Raises:
@@ -312,11 +353,22 @@ def read_inputs(inputs: str | Path | Sequence[Structure]) -> list[InputItem]:
         ValueError: a table that cannot be read or lacks a ``cif``/``file`` column, or a file of an
             unknown kind.
     """
+    return _with_unique_ids(_read_items(inputs))
+
+
+def _read_items(inputs: str | Path | Structure | Sequence[Structure]) -> list[InputItem]:
+    if isinstance(inputs, Structure):
+        inputs = [inputs]
     if not isinstance(inputs, str | Path):
         items = list(inputs)
         if not all(isinstance(s, Structure) for s in items):
             raise TypeError("a list input must contain pymatgen Structures")
-        return [InputItem(id=f"s{i}", structure=s) for i, s in enumerate(items)]
+        return [
+            InputItem(id=f"s{i}", structure=s)
+            if len(s)
+            else InputItem(id=f"s{i}", read_error="structure with no atoms")
+            for i, s in enumerate(items)
+        ]
     path = Path(inputs).expanduser()
     if path.is_dir():
         return _folder_items(path)

@@ -241,7 +241,7 @@ def evaluate(
     if not items:
         where = str(inputs) if isinstance(inputs, str | Path) else "the input list"
         raise ValueError(
-            f"no crystals found in {where} (expected .cif[.gz] files or a table with a 'cif' column)"
+            f"no crystals found in {where} (expected .cif[.gz] files, a table with a 'cif' column, a .zip of CIFs, an .extxyz or a POSCAR)"
         )
     ids = [it.id for it in items]
     digests = {it.id: it.digest for it in items}

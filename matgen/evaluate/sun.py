@@ -7,6 +7,9 @@ formula group first: uniqueness compares a crystal with the earlier representati
 novelty with the training crystals of its formula only (parsed on demand from the split CSV's
 ``pretty_formula`` column, which is MP's reduced formula; rows lacking it are parsed and grouped).
 
+Species are compared as elements: a crystal written with oxidation states (``Fe2+``, or pymatgen's
+``_atom_type_oxidation_number`` loop) matches the same crystal without them, in either order.
+
 * unique: the first crystal (in input order) of each equivalence class is unique, later matches are not;
   so the number of unique crystals is the number of distinct structures.
 * novel: no training crystal matches.
@@ -19,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from pymatgen.core import Composition, Structure
+from pymatgen.core import Composition, Element, Structure
 
 __all__ = ["TrainingSet", "make_matcher", "novelty_flags", "uniqueness_flags"]
 
@@ -30,6 +33,15 @@ def make_matcher():
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     return StructureMatcher(ltol=LTOL, stol=STOL, angle_tol=ANGLE_TOL)
+
+
+def elements_only(structure: Structure) -> Structure:
+    """``structure`` with oxidation states removed (a copy; the same object if it has none)."""
+    if all(isinstance(sp, Element) for sp in structure.composition):
+        return structure
+    plain = structure.copy()
+    plain.remove_oxidation_states()
+    return plain
 
 
 def _fit(matcher, a: Structure, b: Structure) -> bool:
@@ -53,6 +65,7 @@ def uniqueness_flags(structures: Sequence[Structure | None], progress: bool = Tr
         if s is None:
             out.append(None)
             continue
+        s = elements_only(s)
         group = reps.setdefault(s.composition.reduced_formula, [])
         if any(_fit(matcher, s, r) for r in group):
             out.append(False)
@@ -108,7 +121,7 @@ class TrainingSet:
             parsed = []
             for cif in self._cifs.get(reduced_formula, []):
                 try:
-                    parsed.append(parse_cif(cif))
+                    parsed.append(elements_only(parse_cif(cif)))
                 except Exception:
                     continue
             self._parsed[reduced_formula] = parsed
@@ -130,6 +143,7 @@ def novelty_flags(
         if s is None:
             out.append(None)
             continue
+        s = elements_only(s)
         known = training.structures(s.composition.reduced_formula)
         out.append(not any(_fit(matcher, s, t) for t in known))
     return out

@@ -314,7 +314,7 @@ def test_other_generators_outputs_zip_extxyz_and_poscar(tmp_path):
     text = (tmp_path / "gen.extxyz").read_text().splitlines()
     (tmp_path / "cut.extxyz").write_text("\n".join(text[: len(text) - 2]) + "\n")  # last frame cut short
     items = read_inputs(tmp_path / "cut.extxyz")
-    assert items[0].structure is not None and "unreadable" in (items[-1].read_error or "")
+    assert items[0].structure is not None and "cut short" in (items[-1].read_error or "")
 
     (tmp_path / "POSCAR").write_text(str(Poscar(bigger)))
     (tmp_path / "x.vasp").write_text("not a poscar")
@@ -326,3 +326,47 @@ def test_other_generators_outputs_zip_extxyz_and_poscar(tmp_path):
     (tmp_path / "bad.zip").write_text("not a zip")
     with pytest.raises(ValueError, match="cannot read the archive"):
         read_inputs(tmp_path / "bad.zip")
+
+
+def test_inputs_that_other_sources_write(tmp_path):
+    """Blocks of one name in one file, an IUCr-style data_global block, several crystals in one table cell,
+    extxyz frames with no atoms or a bad line, a VASP 4 POSCAR, float ids, single and empty Structures."""
+    from pymatgen.core import Lattice, Structure
+
+    salt, bigger = rock_salt(), rock_salt(6.0)
+    one = write_cif(tmp_path / "one.cif", salt).read_text()
+    two = write_cif(tmp_path / "two.cif", bigger).read_text()
+    (tmp_path / "dup.cif").write_text(one + "\n" + two)  # both blocks are data_NaCl
+    items = read_inputs(tmp_path / "dup.cif")
+    assert [i.id for i in items] == ["dup.cif:NaCl", "dup.cif:NaCl#1"]
+    assert parse_cif(items[1].cif).lattice.a > parse_cif(items[0].cif).lattice.a
+
+    (tmp_path / "iucr.cif").write_text(
+        "data_global\n_journal_year 1999\n_publ_section_title 'salt'\n\n" + one
+    )
+    (item,) = read_inputs(tmp_path / "iucr.cif")
+    assert item.id == "iucr.cif" and parse_cif(item.cif).composition.reduced_formula == "NaCl"
+
+    frame = pd.DataFrame({"material_id": [1.0, None, 3.0], "cif": [one + two, one, None]})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    assert [i.id for i in read_inputs(tmp_path / "t.csv")] == ["1:NaCl", "1:NaCl#1", "row1", "3"]
+
+    cu = '1\nLattice="3.6 0 0 0 3.6 0 0 0 3.6" Properties=species:S:1:pos:R:3 pbc="T T T"\nCu 0 0 0\n'
+    empty = '0\nLattice="4 0 0 0 4 0 0 0 4" Properties=species:S:1:pos:R:3 pbc="T T T"\n'
+    bad = cu.replace("Cu 0 0 0", "Cu 0 notanumber 0")
+    (tmp_path / "g.extxyz").write_text(cu + empty + bad + cu + cu)
+    items = read_inputs(tmp_path / "g.extxyz")
+    assert [i.id for i in items] == [f"g.extxyz:{k}" for k in range(5)]  # every frame keeps its row
+    assert [i.structure is not None for i in items] == [True, False, False, True, True]
+    assert "no atoms" in items[1].read_error and "unreadable" in items[2].read_error
+    (tmp_path / "h.extxyz").write_text(cu + "x\n" + cu)
+    items = read_inputs(tmp_path / "h.extxyz")
+    assert len(items) == 2 and "not an atom count" in items[1].read_error
+
+    vasp4 = "NaCl\n1.0\n0 2.82 2.82\n2.82 0 2.82\n2.82 2.82 0\n1 1\nDirect\n0 0 0\n0.5 0.5 0.5\n"
+    (tmp_path / "POSCAR").write_text(vasp4)
+    assert "without element symbols" in read_inputs(tmp_path / "POSCAR")[0].read_error
+
+    assert [i.id for i in read_inputs(salt)] == ["s0"]
+    (nothing,) = read_inputs([Structure(Lattice.cubic(4.0), [], [])])
+    assert nothing.structure is None and "no atoms" in nothing.read_error

@@ -1,0 +1,35 @@
+"""Uniqueness and novelty (the U and N of S.U.N.) compare crystals as elements, in either order."""
+
+from __future__ import annotations
+
+from evaluate_helpers import rock_salt
+from pymatgen.core import Lattice, Structure
+
+from matgen.evaluate.sun import elements_only, novelty_flags, uniqueness_flags
+
+
+def _decorated(structure: Structure) -> Structure:
+    s = structure.copy()
+    s.add_oxidation_state_by_element({"Na": 1, "Cl": -1})
+    return s
+
+
+class _Training:
+    """A stand-in for TrainingSet: crystals by reduced formula."""
+
+    def __init__(self, crystals: list[Structure]) -> None:
+        self.crystals = [elements_only(c) for c in crystals]
+
+    def structures(self, formula: str) -> list[Structure]:
+        return [c for c in self.crystals if c.composition.reduced_formula == formula]
+
+
+def test_oxidation_states_do_not_make_a_crystal_unique_or_novel() -> None:
+    plain, charged = rock_salt(), _decorated(rock_salt())
+    assert elements_only(plain) is plain and str(elements_only(charged)[0].specie) == "Na"
+    for order in ([plain, charged], [charged, plain]):
+        assert uniqueness_flags(order, progress=False) == [True, False]
+    other = Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # CsCl type
+    assert uniqueness_flags([charged, other, None], progress=False) == [True, True, None]
+    assert novelty_flags([charged, other], _Training([plain]), progress=False) == [False, True]
+    assert novelty_flags([plain], _Training([charged]), progress=False) == [False]
