@@ -155,7 +155,17 @@ def _values(block, key: str) -> list:
     return [values] if isinstance(values, str) else list(values or [])
 
 
+_CELL_KEYS = tuple(f"_cell_length_{x}" for x in "abc") + tuple(
+    f"_cell_angle_{x}" for x in ("alpha", "beta", "gamma")
+)
+
+
 def _check_values(block) -> None:
+    if _ATOM_SITE.search("\n".join(block.data)):  # a crystal block: it needs all six cell parameters
+        keys = {k.lower().replace(".", "_") for k in block.data}  # CIF names ignore case; CIF2 spells _cell.x
+        missing = [k for k in _CELL_KEYS if k not in keys]
+        if missing:
+            raise ValueError(f"the CIF lacks {', '.join(missing)}")
     for axis in "abc":
         for value in _values(block, f"_cell_length_{axis}"):
             number = _number(value)

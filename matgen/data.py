@@ -352,7 +352,7 @@ def load_token_dataset(
         examples = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
         warnings.warn(
             f"skipped {len(skipped)} of {len(frame)} {split} rows that did not parse or tokenize "
-            f"(e.g. {examples[:300]}); all are in TokenizedSplit.skipped",
+            f"(e.g. {examples[:300]}); all are listed with their reasons in skipped_rows.csv of the run folder",
             stacklevel=2,
         )
 

@@ -102,11 +102,7 @@ class CrystalGenerator:
             state, meta = load_safetensors(path)
         except (ValueError, OSError) as e:
             exported = path.parent / "model.safetensors"
-            hint = (
-                f"; {exported} is the model `matgen train` exported from this run"
-                if exported.is_file()
-                else ""
-            )
+            hint = f"; {exported} is the model this training run exported" if exported.is_file() else ""
             raise CheckpointError(f"cannot read checkpoint {path}: {e}{hint}") from e
         if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:
             raise CheckpointError(
@@ -640,6 +636,10 @@ def generate(
                 "pass --temperature"
             ) from None
     check_temperature(temperature)
+    if velocity.strip().lower() == "power":
+        raise ValueError(
+            "the power velocity needs an alpha, which matgen takes none of: use ko, power-inf or campbell"
+        )
     make_velocity(velocity, corrector=corrector)  # an unknown velocity or scheduler fails before any file
     crystal_path(scheduler or gen.metadata.get("scheduler", "ko"))
     dist = None if num_atoms is not None else gen.atom_count_distribution()

@@ -300,8 +300,11 @@ _HULLS: dict[tuple[str, float | None], HullReference] = {}
 
 def _open_hull(p: Path, data_dir: str | Path | None) -> HullReference:
     if not p.exists():
+        where = (
+            "" if data_dir is None else f" (looked beside the data folder {data_dir}: is --data-dir right?)"
+        )
         raise FileNotFoundError(
-            f"hull reference {p} not found; pass --hull (a directory like /work/shared/data/mp_hull, a CSV with "
+            f"hull reference {p} not found{where}; pass --hull (a directory like /work/shared/data/mp_hull, a CSV with "
             "formula + formation_energy_per_atom, or a PatchedPhaseDiagram .pkl[.gz]) or set MATGEN_HULL"
         )
     name = p.name.lower()

@@ -494,7 +494,10 @@ def _summarize(
     fps = [(decode_array(b["struct_fp"]), decode_array(b["comp_fp"]), bool(b["valid"])) for b in basic]
     have = [(sf, cf, v) for sf, cf, v in fps if sf is not None and cf is not None]
     ref_ok = np.isfinite(reference.struct_fp).all(axis=1)
-    s["reference"] = f"MP-20 test ({len(reference)} crystals{', seeded subset' if test_limit else ''})"
+    subset = (
+        test_limit is not None and len(reference) >= test_limit
+    )  # a limit above the set's size: all of it
+    s["reference"] = f"MP-20 test ({len(reference)} crystals{', seeded subset' if subset else ''})"
     s["n_reference"] = len(reference)
     if have:
         gs = np.stack([h[0] for h in have])

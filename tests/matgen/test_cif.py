@@ -119,3 +119,15 @@ def test_same_site_check_agrees_with_minimum_image_distances() -> None:
         sigma_min = np.linalg.svd(crystal.lattice.matrix, compute_uv=False)[-1]
         tight_cells += n > 1 and sigma_min / tok.FRAC_STEPS <= COINCIDENT_TOLERANCE
     assert checked > 500 and flagged > 50 and tight_cells > 20
+
+
+def test_a_cif_without_a_cell_angle_names_it() -> None:
+    from pymatgen.core import Lattice
+
+    from matgen.cif import p1_cif, parse_cif
+
+    text = p1_cif(Lattice.cubic(4.0), ["Na", "Cl"], np.array([[0, 0, 0], [0.5, 0.5, 0.5]]))
+    assert parse_cif(text).composition.reduced_formula == "NaCl"
+    cut = "\n".join(line for line in text.splitlines() if not line.startswith("_cell_angle_gamma"))
+    with pytest.raises(ValueError, match="lacks _cell_angle_gamma"):
+        parse_cif(cut)
