@@ -99,10 +99,23 @@ def mixture_elbo_integrand(logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, pa
 
 
 def mixture_elbo_loss(
-    logits: Tensor, x1: Tensor, xt: Tensor, t: Tensor, path: MixturePath, valid: Tensor | None = None
+    logits: Tensor,
+    x1: Tensor,
+    xt: Tensor,
+    t: Tensor,
+    path: MixturePath,
+    valid: Tensor | None = None,
+    pin_known: bool = False,
 ) -> Tensor:
-    """Negative eq 37 integrand averaged over (valid) positions: an unbiased training loss (nats/token)."""
+    """Negative eq 37 integrand averaged over (valid) positions: an unbiased training loss (nats/token).
+
+    ``pin_known``: the loss of the model whose posterior is exact where the path knows it
+    (:meth:`MixturePath.known_tokens`, e.g. unmasked tokens): the integrand is 0 there, and those
+    positions still count in the average. The same value as pinning the logits, without touching them.
+    """
     neg = -mixture_elbo_integrand(logits, x1, xt, t, path)
+    if pin_known:
+        neg = neg.masked_fill(path.known_tokens(xt), 0.0)
     if valid is None:
         return neg.mean()
     valid = valid.to(neg.dtype)

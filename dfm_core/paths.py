@@ -96,18 +96,27 @@ class MixturePath(ProbabilityPath):
         # (1 - kappa) p(z) + kappa delta_{x1}(z) > 0 for t < 1 iff z is in the source's support or z = x1
         return (self.source.to(z.device)[z] > 0) | (z == x1)
 
+    def known_tokens(self, xt: Tensor) -> Tensor:
+        """Where the posterior is known exactly: a token the source cannot draw (p_0(x_t) = 0, e.g. any
+        unmasked token under the mask source) was put there by the data, so p_t(x_t | x1) > 0 (eq 2)
+        forces x1 = x_t and p_{1|t}(. | x_t) = delta_{x_t}. Returns a bool tensor shaped like ``xt``
+        (all False for a source of full support)."""
+        return self.source.to(xt.device)[xt] == 0
+
     def pin_known_tokens(self, logits: Tensor, xt: Tensor) -> Tensor:
-        """Make the posterior exact where it is known: a token the source cannot draw (p_0(x_t) = 0,
-        e.g. any unmasked token under the mask source) was put there by the data, so p_t(x_t | x1) > 0
-        (eq 2) forces x1 = x_t and p_{1|t}(. | x_t) = delta_{x_t}. Overwrites ``logits`` (..., V) in
-        place there (0 at x_t, -inf elsewhere) and returns it; a source of full support changes nothing.
+        """Make the posterior exact where it is known (:meth:`known_tokens`): overwrites ``logits``
+        (..., V) in place there (0 at x_t, -inf elsewhere) and returns it; for sampling and evaluation.
+        Training gets the same loss cheaper from ``mixture_elbo_loss(..., pin_known=True)``, which
+        zeroes the integrand there instead of rewriting V logits per position.
 
         With a network's logits this removes the eq 37 terms lambda(x_t) (p(x_t | x_t) - 1) of unmasked
         positions, whose weight lambda = kappa' / (1 - kappa) is large near t = 1: a small model error
         there costs likelihood and makes ELBO estimates heavy-tailed.
         """
-        known = self.source.to(xt.device)[xt] == 0
-        if self.source.ne(0).all() or not bool(known.any()):
+        if self.source.ne(0).all():
+            return logits
+        known = self.known_tokens(xt)
+        if not bool(known.any()):
             return logits
         if not logits.is_contiguous():
             logits = logits.contiguous()

@@ -210,10 +210,12 @@ def make_loss(config: TextgenTrainConfig, path: MixturePath | None):
         else:
             t = torch.rand(B, generator=generator, device=x1.device)
         xt = path.sample(x1, t, generator=generator)
-        logits = path.pin_known_tokens(model(xt, t), xt)  # exact where known (unmasked tokens)
+        logits = model(xt, t)
+        # the posterior is exact where the path knows it (unmasked tokens): those terms are 0
         if config.loss == "elbo":
-            return mixture_elbo_loss(logits, x1, xt, t, path)
-        return cross_entropy_loss(logits, x1)
+            return mixture_elbo_loss(logits, x1, xt, t, path, pin_known=True)
+        unknown = ~path.known_tokens(xt)
+        return cross_entropy_loss(logits, x1, valid=unknown) * unknown.float().mean()
 
     return dfm_loss
 

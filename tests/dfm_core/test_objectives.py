@@ -298,3 +298,22 @@ def test_pinned_posteriors_remove_the_unmasked_error_from_the_elbo():
     assert [estimate(pinned, s) for s in seeds] == pytest.approx(exact_nats, abs=1e-5)
     sloppy_nats = [estimate(sloppy, s) for s in seeds]
     assert min(sloppy_nats) > max(exact_nats)  # the unpinned model pays for its unmasked error
+
+
+def test_pinned_loss_equals_the_loss_of_pinned_logits():
+    path = TOY["mask-ko"]
+    g = torch.Generator().manual_seed(3)
+    x1 = torch.randint(N_DATA, (64, 2), generator=g)
+    t = torch.rand(64, generator=g) * 0.99
+    xt = path.sample(x1, t, generator=g)
+    assert path.known_tokens(xt).any() and (~path.known_tokens(xt)).any()
+    logits = torch.randn(64, 2, N_DATA + 1, generator=g).index_fill(-1, torch.tensor([N_DATA]), float("-inf"))
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    cheap = mixture_elbo_loss(a, x1, xt, t, path, pin_known=True)
+    pinned = mixture_elbo_loss(path.pin_known_tokens(b * 1.0, xt), x1, xt, t, path)
+    assert cheap.item() == pytest.approx(pinned.item(), rel=1e-6)
+    assert cheap.item() != pytest.approx(mixture_elbo_loss(logits, x1, xt, t, path).item(), rel=1e-3)
+    cheap.backward()
+    pinned.backward()
+    unknown = ~path.known_tokens(xt)
+    assert torch.allclose(a.grad[unknown], b.grad[unknown], atol=1e-7) and (a.grad[~unknown] == 0).all()
