@@ -248,7 +248,7 @@ def evaluate(
     ),
     out: Path = typer.Option(
         Path("runs/textgen-eval"),
-        help="Folder for likelihood.csv, samples.csv, report.json, and cells.jsonl (finished cells: the same "
+        help="Folder for likelihood.csv, samples.csv, report.json, samples_vs_nfe.png and cells.jsonl (finished cells: the same "
         "command resumes).",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

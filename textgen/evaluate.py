@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import ResultLog, atomic_write_text, check_writable, file_sha256
+from dfm_core.atomic_io import ResultLog, atomic_write, atomic_write_text, check_writable, file_sha256
 from dfm_core.objectives import fair_elbo
 from dfm_core.velocities import make_velocity
 from textgen.checkpoint import TextModel
@@ -44,6 +44,7 @@ __all__ = [
     "SampleQuality",
     "EvaluationReport",
     "eval_sequences",
+    "plot_samples_vs_nfe",
     "sequence_nats",
     "unigram_entropy",
     "sample_quality",
@@ -262,8 +263,9 @@ class EvaluationReport:
         return table
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write ``likelihood.csv`` (one row per model), ``samples.csv`` and ``report.json``; a table this
-        report has no rows for is removed, so that a folder never mixes two runs."""
+        """Write ``likelihood.csv`` (one row per model), ``samples.csv``, ``report.json`` and the figure
+        ``samples_vs_nfe.png``; a table or figure this report has no rows for is removed, so that a folder
+        never mixes two runs."""
         out = check_writable(out_dir, "output folder", folder=True)
         for name, rows in (("likelihood.csv", self.likelihood), ("samples.csv", self.samples)):
             if not rows:
@@ -309,7 +311,54 @@ class EvaluationReport:
             + "\n",
         )
         paths["report"] = p
+        plot = out / "samples_vs_nfe.png"
+        if plot_samples_vs_nfe(self.samples, plot) is not None:
+            paths["plot"] = plot
+        else:
+            plot.unlink(missing_ok=True)  # a folder never shows an older run's figure
         return paths
+
+
+def plot_samples_vs_nfe(samples: Sequence[SampleQuality], path: str | os.PathLike) -> Path | None:
+    """Generative perplexity (when a judge scored them) and unigram entropy vs NFE, one line per model,
+    log-2 NFE axis; AR rows as dashed horizontal lines. None (nothing written) without a DFM row."""
+    if not any(s.nfe for s in samples):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judged = any(s.gen_perplexity is not None for s in samples)
+    panels = [("unigram_entropy", "unigram entropy (nats)")]
+    if judged:
+        judge = next(s.judge for s in samples if s.judge)
+        panels.insert(0, ("gen_perplexity", f"gen. perplexity ({judge})"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (field_name, label) in zip(axes[0], panels, strict=True):
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for s in samples:
+            value = getattr(s, field_name)
+            if value is None:
+                continue
+            if s.nfe:
+                curves.setdefault(s.model, []).append((s.nfe, value))
+            else:
+                ax.axhline(value, linestyle="--", color="gray", label=f"{s.model} (exact AR sampling)")
+        for model, pts in curves.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("NFE (sampler steps)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Samples vs NFE ({samples[0].n} per point, {samples[0].length} tokens)")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
+    plt.close(fig)
+    return path
 
 
 def _check_counts(**counts: int) -> None:

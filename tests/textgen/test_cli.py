@@ -145,6 +145,10 @@ def test_evaluate_writes_the_table(tiny_run: Path, tiny_corpus: Path, tokenizer_
     assert report["likelihood"][0]["num_tokens"] == 32 and report["likelihood"][0]["n_points"] == 8
     assert [s["nfe"] for s in report["samples"]] == [2, 4]
     assert all(0 < s["unigram_entropy"] <= torch.log(torch.tensor(16.0)) for s in report["samples"])
+    from PIL import Image
+
+    with Image.open(out / "samples_vs_nfe.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 300
     # a rerun into the same folder without samples leaves no stale samples.csv beside the new report
     args = [
         "evaluate",
@@ -159,6 +163,7 @@ def test_evaluate_writes_the_table(tiny_run: Path, tiny_corpus: Path, tokenizer_
     assert (
         not (out / "samples.csv").exists() and json.loads((out / "report.json").read_text())["samples"] == []
     )
+    assert not (out / "samples_vs_nfe.png").exists()
 
 
 @pytest.mark.parametrize("with_file", [False, True])
