@@ -64,34 +64,29 @@ def _items(text: str, flag: str, kind: str) -> list[str]:
     return items
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    """A flag's comma-separated whole numbers (``"32,64,128"``); '2.7', 'abc' or an empty item is a
-    ValueError naming ``flag`` and the offending item."""
+def _number_list(text: str, flag: str, kind: str, convert: type) -> list:
     out = []
-    for item in _items(text, flag, "whole numbers"):
+    for item in _items(text, flag, kind):
         try:
-            out.append(int(item))
+            out.append(convert(item))
         except ValueError:
             where = f" in {text!r}" if item != text.strip() else ""
             raise ValueError(
-                f"{flag} must be a comma-separated list of whole numbers, got {item!r}{where}"
+                f"{flag} must be a comma-separated list of {kind}, got {item!r}{where}"
             ) from None
     return out
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """A flag's comma-separated whole numbers (``"32,64,128"``); '2.7', 'abc' or an empty item is a
+    ValueError naming ``flag`` and the offending item."""
+    return _number_list(text, flag, "whole numbers", int)
 
 
 def float_list(text: str, flag: str) -> list[float]:
     """A flag's comma-separated numbers (``"0,0.5,2"``); 'abc' or an empty item is a ValueError naming
     ``flag`` and the offending item."""
-    out = []
-    for item in _items(text, flag, "numbers"):
-        try:
-            out.append(float(item))
-        except ValueError:
-            where = f" in {text!r}" if item != text.strip() else ""
-            raise ValueError(
-                f"{flag} must be a comma-separated list of numbers, got {item!r}{where}"
-            ) from None
-    return out
+    return _number_list(text, flag, "numbers", float)
 
 
 def name_list(text: str, flag: str) -> list[str]:

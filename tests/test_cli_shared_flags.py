@@ -6,20 +6,12 @@ import importlib
 from pathlib import Path
 
 import pytest
+from cli_assert import one_line_error
 from typer.testing import CliRunner
 
 from cli._common import check_alpha_flag, export_path, float_list, int_list, name_list
 
 runner = CliRunner()
-
-
-def one_line_error(result, *words: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def test_lists_refuse_empty_items_and_name_the_flag() -> None:
