@@ -974,9 +974,17 @@ def train(
             model.train(was_training)
         return total / max(1, config.eval_batches)
 
+    # the first step whose loss or gradient norm was not finite (-1: none yet); kept on the device, so that
+    # watching it costs no synchronisation per step; read where the loop syncs anyway
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
     def diverged(loss: float) -> FloatingPointError:
         kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was written"
-        return FloatingPointError(f"non-finite training loss {loss} at step {step}; {kept} (try a lower lr)")
+        first = int(bad_step)
+        return FloatingPointError(
+            f"non-finite training loss or gradient at step {first if first >= 0 else step} (logged loss {loss}); "
+            f"{kept} (try a lower lr)"
+        )
 
     start_time = time.perf_counter()
     time_offset = float(resumed_window.get("time_s", 0.0))  # training time of earlier sessions of this run
@@ -999,6 +1007,8 @@ def train(
             loss.backward()
             clip = config.grad_clip if config.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            bad_step.masked_fill_((bad_step < 0) & ~finite, step + 1)  # NaN weights follow a NaN gradient
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -1011,7 +1021,7 @@ def train(
 
             if step % config.log_every == 0 or step == config.steps:
                 final_loss = float(window_loss) / window_steps
-                if not math.isfinite(final_loss):
+                if not math.isfinite(final_loss) or int(bad_step) >= 0:
                     raise diverged(final_loss)
                 elapsed = time.perf_counter() - window_start
                 record = {
@@ -1038,7 +1048,7 @@ def train(
                         best_val = val
                         checkpoint(best_path)
             if (config.ckpt_every > 0 and step % config.ckpt_every == 0) or step == config.steps:
-                if window_steps and not torch.isfinite(window_loss):  # never save diverged weights as last.pt
+                if int(bad_step) >= 0:  # never save diverged weights as last.pt
                     raise diverged(float(window_loss))
                 checkpoint(last_path)
             per_step = budget_clock.tick(step) if budget_clock is not None else None
@@ -1062,7 +1072,7 @@ def train(
             if interrupt.requested:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if clean and step > 0:
+        if clean and step > 0 and int(bad_step) < 0:
             checkpoint(last_path)
             bar.close()
             print(

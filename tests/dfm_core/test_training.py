@@ -458,10 +458,34 @@ def test_a_diverged_run_never_overwrites_last_pt(tmp_path):
         return loss * float("nan") if calls["n"] > 4 else loss
 
     cfg = config(steps=12, ckpt_every=4, log_every=100, eval_every=0)
-    with pytest.raises(FloatingPointError, match="at step 8; last good checkpoint"):
+    with pytest.raises(
+        FloatingPointError, match=r"loss or gradient at step 5 \(logged loss nan\); last good checkpoint"
+    ):  # the first
         train(tiny_model(), exploding, batches, cfg, tmp_path, progress=False)
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_a_nan_gradient_under_a_finite_loss_never_reaches_a_checkpoint(tmp_path):
+    """sqrt at 0 has an infinite derivative: the loss stays finite while the weights become NaN."""
+    calls = {"n": 0}
+
+    def bad_gradient(model, x1, generator):
+        calls["n"] += 1
+        loss = denoise_loss(model, x1, generator)
+        if calls["n"] == 6:
+            w = next(model.parameters())
+            loss = loss + 0.0 * (w - w.detach()).abs().sqrt().sum()  # value 0, gradient inf * 0 = NaN
+        return loss
+
+    cfg = config(steps=12, ckpt_every=4, log_every=100, eval_every=0)
+    with pytest.raises(
+        FloatingPointError, match="non-finite training loss or gradient at step 6 .*; last good"
+    ):
+        train(tiny_model(), bad_gradient, batches, cfg, tmp_path, progress=False)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert all(torch.isfinite(v).all() for v in saved["ema"]["shadow"].values())
 
 
 def test_fit_steps_to_budget_keeps_the_schedule_shape():
