@@ -380,6 +380,8 @@ class DiT(nn.Module):
             ``(B, L, V)`` logits (bf16 under autocast).
         """
         B, L = tokens.shape
+        if L > self.max_len:
+            raise ValueError(f"sequence length {L} exceeds the model's max_len {self.max_len}")
         x = self.embed(tokens)
         if self.pos is not None:
             x = x + self.pos(L)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dfm_core.paths import MixturePath, ProbabilityPath
+from dfm_core.sampler import whole_number
 from dfm_core.schedulers import KineticOptimalScheduler, Scheduler
 from dfm_core.velocities import KineticOptimalVelocity, ProbabilityVelocity
 
@@ -207,6 +208,7 @@ def fair_elbo(
             if not path.scheduler.token_dependent
             else KineticOptimalScheduler(omega=math.pi / 4)
         )
+    n_points = whole_number(n_points, "n_points")
     B, L = x1.shape
     device = x1.device
     eps = torch.rand(n_points, generator=generator, device=device, dtype=torch.float64)

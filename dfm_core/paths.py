@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dfm_core.schedulers import BetaSchedule, Scheduler
-from dfm_core.sources import sample_source
+from dfm_core.sources import pmf_source, sample_source
 
 __all__ = ["ProbabilityPath", "MixturePath", "MetricPath"]
 
@@ -62,7 +62,7 @@ class MixturePath(ProbabilityPath):
         source = torch.as_tensor(source, dtype=torch.float64)
         if source.ndim != 1:
             raise ValueError("the source PMF must have shape (V,)")
-        self.source = source / source.sum()
+        self.source = pmf_source(source)  # finite, non-negative, positive mass; normalised
         self.scheduler = scheduler
         self.vocab_size = int(source.shape[0])
         nz = torch.nonzero(self.source).flatten()
@@ -104,8 +104,9 @@ class MixturePath(ProbabilityPath):
         return self.source.to(xt.device)[xt] == 0
 
     def pin_known_tokens(self, logits: Tensor, xt: Tensor) -> Tensor:
-        """Make the posterior exact where it is known (:meth:`known_tokens`): overwrites ``logits``
-        (..., V) in place there (0 at x_t, -inf elsewhere) and returns it; for sampling and evaluation.
+        """Make the posterior exact where it is known (:meth:`known_tokens`): writes 0 at x_t and -inf
+        elsewhere into those positions of ``logits`` (..., V), in place for contiguous logits (else into a
+        contiguous copy), and returns the result, which callers must use; for sampling and evaluation.
         Training gets the same loss cheaper from ``mixture_elbo_loss(..., pin_known=True)``, which
         zeroes the integrand there instead of rewriting V logits per position.
 
@@ -170,8 +171,9 @@ class MetricPath(ProbabilityPath):
             d = torch.as_tensor(distance)
             if d.ndim != 2 or d.shape[0] != d.shape[1]:
                 raise ValueError("distance must be a square (V, V) matrix")
-            if (d < 0).any() or (d.diagonal() != 0).any():
-                raise ValueError("distance must be non-negative with a zero diagonal")
+            off_diagonal = ~torch.eye(d.shape[0], dtype=torch.bool, device=d.device)
+            if (d < 0).any() or (d.diagonal() != 0).any() or (d[off_diagonal] == 0).any():
+                raise ValueError("distance must be positive off the diagonal and zero on it (eq 27)")
             self._matrix = d
             self._distance_fn = None
             self.vocab_size = int(d.shape[0])
@@ -185,7 +187,9 @@ class MetricPath(ProbabilityPath):
 
         def dist(x1: Tensor) -> Tensor:
             e = emb.to(x1.device)
-            return torch.cdist(e[x1].reshape(-1, e.shape[-1]), e).reshape(*x1.shape, e.shape[0]) ** power
+            # the exact (non-matmul) form: d(x, x) = 0 exactly, also for large, tightly clustered embeddings
+            d = torch.cdist(e[x1].reshape(-1, e.shape[-1]), e, compute_mode="donot_use_mm_for_euclid_dist")
+            return d.reshape(*x1.shape, e.shape[0]) ** power
 
         return cls(dist, beta=beta, vocab_size=int(emb.shape[0]))
 

@@ -14,6 +14,7 @@ Step 2 is a valid PMF for any h. The last step, which ends at t = 1 where every 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,11 +38,33 @@ class SampleResult:
     times: Tensor | None = None
 
 
+def whole_number(value: object, name: str) -> int:
+    """``value`` as an int >= 1 (numpy and torch integers too); 2.5, True or 0 is a ValueError naming it."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or isinstance(value, bool) or n < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return n
+
+
 def uniform_grid(steps: int, device: torch.device | str | None = None, t_max: float = 1.0) -> Tensor:
     """steps + 1 equally spaced times in [0, t_max]."""
-    if steps < 1:
-        raise ValueError(f"need at least one step, got {steps}")
+    steps = whole_number(steps, "steps")
     return torch.linspace(0.0, t_max, steps + 1, device=device, dtype=torch.float64)
+
+
+def _check_tokens(x0: Tensor, V: int) -> Tensor:
+    """``x0`` as a (B, L) long tensor of tokens in [0, V), or a ValueError saying what is wrong."""
+    if x0.dtype == torch.bool or x0.is_floating_point() or x0.is_complex():
+        raise ValueError(f"x0 must hold integer token ids, got dtype {x0.dtype}")
+    if x0.ndim != 2:
+        raise ValueError(f"x0 must have shape (batch, length), got {tuple(x0.shape)}")
+    x0 = x0.long()
+    if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= V):
+        raise ValueError(f"x0 holds tokens outside [0, {V}): min {int(x0.min())}, max {int(x0.max())}")
+    return x0
 
 
 def categorical(
@@ -133,7 +156,10 @@ def sample(
     velocity = velocity or KineticOptimalVelocity()
     work_dtype = torch.float64 if float64 else torch.float32
     V = path.vocab_size
+    x0 = _check_tokens(x0, V)
     if allowed is not None:
+        if allowed.dtype != torch.bool:
+            raise ValueError(f"allowed must be a bool mask (True = allowed), got dtype {allowed.dtype}")
         allowed = allowed.to(x0.device)
         if allowed.ndim == 2:
             allowed = allowed.unsqueeze(0).expand(x0.shape[0], -1, -1)
@@ -158,6 +184,7 @@ def sample(
     times = time_grid.tolist()  # control flow on the host: no device sync per step
     t_dev = time_grid.to(torch.float32)
     n_steps = len(times) - 1
+    finite = torch.ones((), dtype=torch.bool, device=x.device)  # all posteriors finite so far (no sync)
     iterator = range(n_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -168,6 +195,11 @@ def sample(
         t, t_next = times[k], times[k + 1]
         final = k == n_steps - 1 and t_next >= 1.0
         logits = model(x, t_dev[k].expand(B))
+        if k == 0 and logits.shape != (*x.shape, V):
+            raise ValueError(
+                f"the model returned logits of shape {tuple(logits.shape)}; the path needs {(*x.shape, V)} "
+                f"(batch, length, vocabulary {V})"
+            )
         if lazy:
             cand = source_support[x]
             if clamp_mask is not None:
@@ -182,10 +214,12 @@ def sample(
             post = _masked_softmax(
                 logits[jump], temperature, None if banned is None else banned[jump], torch.float32
             )
+            finite &= torch.isfinite(post.sum(-1)).all()
             x = x.clone()
             x[jump] = categorical(post, generator=generator, dtype=work_dtype)
         else:
             post = _masked_softmax(logits, temperature, banned, torch.float32)
+            finite &= torch.isfinite(post.sum(-1)).all()
             x1 = categorical(post, generator=generator, dtype=work_dtype)
             if clamp_mask is not None:
                 x1 = torch.where(clamp_mask, clamp_values, x1)
@@ -202,6 +236,11 @@ def sample(
             x = x_new
         if traj is not None:
             traj.append(x.cpu())
+    if not bool(finite):  # one check at the end: a per-step check would sync the device every step
+        raise FloatingPointError(
+            "the model gave non-finite logits (NaN, or -inf for every allowed token) during sampling: "
+            "the samples are meaningless"
+        )
     return SampleResult(tokens=x, trajectory=traj, times=time_grid.cpu() if return_trajectory else None)
 
 

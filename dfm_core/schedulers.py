@@ -45,7 +45,9 @@ class Scheduler:
 
     def rate(self, t: Tensor, x1: Tensor | None = None) -> Tensor:
         """lambda_t(x1) = kappa'_t / (1 - kappa_t), the jump rate of eq 72 (inf at t = 1)."""
-        return self.d_kappa(t, x1) / (1.0 - self.kappa(t, x1))
+        kappa = self.kappa(t, x1)
+        rate = self.d_kappa(t, x1) / (1.0 - kappa)
+        return rate.masked_fill(kappa >= 1.0, float("inf"))  # 0 / 0 where kappa' vanishes at t = 1 (KO)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -210,5 +212,6 @@ def make_scheduler(name: str, source_pmf: Tensor | None = None, n: float = 1.0) 
     if key in ("ko", "kinetic-optimal"):
         if source_pmf is None or int((torch.as_tensor(source_pmf) > 0).sum()) == 1:
             return KineticOptimalScheduler()
-        return KineticOptimalScheduler(source_pmf=source_pmf)
+        source_pmf = torch.as_tensor(source_pmf, dtype=torch.float64)
+        return KineticOptimalScheduler(source_pmf=source_pmf / source_pmf.sum())  # as MixturePath does
     raise ValueError(f"unknown scheduler {name!r}: choose linear, poly, cosine or ko")

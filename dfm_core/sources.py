@@ -41,7 +41,10 @@ def uniform_source(vocab_size: int, support: Tensor | None = None) -> Tensor:
 
 def token_statistics(tokens: Tensor, vocab_size: int, smoothing: float = 1.0) -> Tensor:
     """Empirical token frequencies p_stats with additive smoothing (keeps log p_stats finite)."""
-    counts = torch.bincount(tokens.reshape(-1).long(), minlength=vocab_size).to(torch.float64)
+    flat = tokens.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
+        raise ValueError(f"tokens outside [0, {vocab_size}): min {int(flat.min())}, max {int(flat.max())}")
+    counts = torch.bincount(flat, minlength=vocab_size).to(torch.float64)
     counts = counts[:vocab_size] + smoothing
     return counts / counts.sum()
 
@@ -61,8 +64,8 @@ def data_statistics_source(p_stats: Tensor, beta0: float) -> Tensor:
 def pmf_source(pmf: Tensor) -> Tensor:
     """Validate and normalise an arbitrary PMF given as a (V,) tensor."""
     pmf = torch.as_tensor(pmf, dtype=torch.float64)
-    if pmf.ndim != 1 or (pmf < 0).any() or pmf.sum() <= 0:
-        raise ValueError("a source PMF must be a non-negative 1-D tensor with positive mass")
+    if pmf.ndim != 1 or not torch.isfinite(pmf).all() or (pmf < 0).any() or pmf.sum() <= 0:
+        raise ValueError("a source PMF must be a finite, non-negative 1-D tensor with positive mass")
     return pmf / pmf.sum()
 
 

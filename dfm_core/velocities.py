@@ -138,7 +138,9 @@ class CorrectedVelocity(ProbabilityVelocity):
     """u = u* + omega_t u_perp: a probability-advancing velocity plus the corrector of eq 35.
 
     ``u_perp(x, z) = |dp(x) tau(z) - dp(z) tau(x)| / (sum tau p(z))`` reuses the f_t of the base
-    velocity; its flux is symmetric, hence divergence-free, so p_t is preserved.
+    velocity; its flux is symmetric, hence divergence-free, so p_t is preserved. The corrector flux is
+    kept to the support of p_t: into a state of zero mass (x1 at t = 0 on the mask path) no velocity
+    can carry the symmetric flux back out, so there it would add mass instead of preserving p_t.
 
     Args:
         base: the probability-advancing velocity (its tau is reused).
@@ -171,16 +173,16 @@ class CorrectedVelocity(ProbabilityVelocity):
         tau = self.tau(p)
         norm = tau.sum(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
         a = dp.unsqueeze(-1) * tau.unsqueeze(-2) - tau.unsqueeze(-1) * dp.unsqueeze(-2)
-        return _zero_diagonal(a.abs() / norm)
+        support = (p.unsqueeze(-1) > 0) & (p.unsqueeze(-2) > 0)
+        return _zero_diagonal(torch.where(support, a.abs() / norm, torch.zeros_like(a)))
 
     def flux(self, p: Tensor, dp: Tensor, t: Tensor | None = None) -> Tensor:
         w = self.omega(t, p).unsqueeze(-1)
         return self.base.flux(p, dp, t) + w * self.corrector_flux(p, dp)
 
     def rates_from(self, p: Tensor, dp: Tensor, z: Tensor, t: Tensor | None = None) -> Tensor:
-        j = self.base._flux_from(p, dp, z, absolute=False) + self.omega(t, p) * self._flux_from(
-            p, dp, z, True
-        )
+        corrector = self._flux_from(p, dp, z, True).masked_fill(p <= 0, 0.0)  # on the support of p_t
+        j = self.base._flux_from(p, dp, z, absolute=False) + self.omega(t, p) * corrector
         return _rates_from_flux(j, p, z)
 
     def __repr__(self) -> str:

@@ -547,7 +547,11 @@ def test_export_metadata_records_the_config_the_checkpoint_ran_with(tmp_path):
     result = train(tiny_model(), denoise_loss, batches, cfg, tmp_path, val_loss, progress=False)
     started_with = {"app_config": {"train": cfg.to_dict(), "other": 1}, "kept": "yes"}
     meta = best_weights_metadata(tmp_path, tiny_model(), started_with, "app_config")
-    assert meta["app_config"]["train"]["steps"] == result.step < 100_000
+    source = load_checkpoint(
+        tmp_path / meta["source_checkpoint"]
+    )  # best.pt: the step count fitted when it was saved
+    assert meta["app_config"]["train"] == source["config"] and source["config"]["steps"] < 100_000
+    assert result.step == load_checkpoint(tmp_path / "last.pt")["config"]["steps"]  # the run ran its fit
     assert meta["app_config"]["other"] == 1 and meta["kept"] == "yes" and "train_config" not in meta
     assert started_with["app_config"]["train"]["steps"] == 100_000  # the caller's dict is not changed
     assert {"step", "best_val_loss", "source_checkpoint"} <= set(meta)
