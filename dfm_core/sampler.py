@@ -133,7 +133,8 @@ def sample(
         model: ``model(x_t (B, L) long, t (B,) float) -> logits (B, L, V)`` of p_{1|t}.
         path: the conditional path (mixture or metric, or any :class:`ProbabilityPath`).
         x0: starting tokens (B, L), usually ``path.sample_source``.
-        steps / time_grid: NFE on a uniform grid, or an explicit increasing grid from 0 to 1.
+        steps / time_grid: NFE on a uniform grid, or an explicit increasing grid in [0, 1]; a grid that
+            starts after 0 continues from ``x0`` taken as a sample of p_t at its first time.
         velocity: the conditional velocity (default: kinetic-optimal eq 26; may include a corrector).
         temperature: softmax temperature of the posterior.
         allowed: bool mask (B, L, V) or (L, V) of tokens each position may take (structured vocabularies).

@@ -30,6 +30,10 @@ class Scheduler:
 
     Subclasses implement :meth:`kappa`, :meth:`d_kappa` and :meth:`t_of_kappa`. ``x1`` is ignored by
     token-independent schedulers; ``token_dependent`` tells callers whether it matters.
+
+    ``t`` and ``x1`` broadcast by torch's rules (trailing dimensions first): a per-sequence time (B,)
+    against tokens (B, L) must be given as (B, 1). The paths (:class:`~dfm_core.paths.MixturePath`) align
+    a (B,) time with the batch dimension themselves before they call a scheduler.
     """
 
     token_dependent: bool = False
