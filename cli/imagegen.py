@@ -1,7 +1,7 @@
 """`imagegen` command-line app: pixel-space discrete flow matching (metric-induced paths, corrector).
 
 Each command is a thin layer over the Python API: ``imagegen.train.train_image_model``,
-``imagegen.generate.ImageGenerator``, ``imagegen.evaluate.evaluate_sweep`` and ``imagegen.paths.path_samples``.
+``imagegen.train_vq.train_vqvae``, ``imagegen.generate.ImageGenerator``, ``imagegen.evaluate.evaluate_sweep`` and ``imagegen.paths.path_samples``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def train(
         None, "--beta-a", help="a of beta_t = c (t/(1-t))^a (eq 108); default 0.9."
     ),
     scheduler: str | None = typer.Option(None, help="kappa_t of the mask path: ko, linear, cosine, poly."),
+    latent: Path | None = typer.Option(
+        None,
+        help="VQ-VAE .safetensors from `imagegen train-vq`: train on its code grids (sec 8.4) instead of pixels.",
+    ),
+    lp: float | None = typer.Option(
+        None,
+        "--lp",
+        help="lp of d = ||emb(x) - emb(y)||^lp on codebook embeddings (eq 107, latent mode); default 4.",
+    ),
     size: str | None = typer.Option(None, help="Model size preset: tiny, small, default or paper (E.3)."),
     class_conditional: bool | None = typer.Option(
         None, "--class-conditional/--unconditional", help="Condition on labels (null class for guidance)."
@@ -96,13 +105,16 @@ def train(
             train_limit=train_limit,
             val_size=val_size,
             data_dir=data_dir,
+            latent=latent,
         )
+        if lp is not None and top.get("latent", cfg.latent) is None:
+            raise ValueError("--lp applies to latent mode (--latent PATH): pixel distances are |x - y|")
         chosen = top.get("dataset", cfg.dataset)
         if chosen != "folder" and (image_size is not None or channels is not None):
             raise ValueError(
                 f"--image-size and --channels apply to --dataset folder; {chosen} has a fixed image shape"
             )
-        p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
+        p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler, lp=lp)
         tr = given(
             steps=steps,
             batch_size=batch_size,
@@ -130,6 +142,87 @@ def train(
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)
+
+
+@app.command("train-vq")
+def train_vq(
+    run_dir: Path = typer.Option(Path("runs/vqvae"), help="Folder for checkpoints and metrics (resumable)."),
+    config: Path | None = typer.Option(None, help="TOML/JSON config with vq and train tables."),
+    dataset: str | None = typer.Option(None, help="cifar10, fashion-mnist or folder."),
+    data_dir: Path | None = typer.Option(
+        None, help="Data root (else $IMAGEGEN_DATA); the image folder for 'folder'."
+    ),
+    image_size: int | None = typer.Option(None, help="Resize/crop size of a 'folder' dataset."),
+    channels: int | None = typer.Option(None, help="1 or 3 channels for a 'folder' dataset."),
+    codebook_size: int | None = typer.Option(None, min=2, help="K, the number of codes (default 512)."),
+    code_dim: int | None = typer.Option(None, min=1, help="D, the dimension of a code (default 64)."),
+    width: int | None = typer.Option(None, min=1, help="Channels of the convolutions (default 128)."),
+    num_down: int | None = typer.Option(
+        None, min=1, help="Stride-2 downsamplings (default 2: a 4x smaller code grid)."
+    ),
+    steps: int | None = typer.Option(None, min=1, help="Optimizer steps (default 20000)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per step (default 128)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    warmup: int | None = TrainFlags.warmup,
+    ema_decay: float | None = TrainFlags.ema_decay,
+    eval_every: int | None = TrainFlags.eval_every,
+    ckpt_every: int | None = TrainFlags.ckpt_every,
+    seed: int | None = TrainFlags.seed,
+    device: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    train_limit: int | None = typer.Option(None, help="Use only N training images."),
+    val_size: int | None = typer.Option(
+        None, help="Training images held out for validation (default 1000; lower it for small folders)."
+    ),
+    export: str | None = TrainFlags.export,
+    no_resume: bool = TrainFlags.no_resume,
+    quiet: bool = TrainFlags.quiet,
+    time_budget: float | None = TrainFlags.time_budget,
+) -> None:
+    """Train the VQ-VAE tokenizer of the discrete-latent variant (sec 8.4); then `imagegen train --latent`."""
+    import math
+
+    from dfm_core.training import load_config
+    from imagegen.train_vq import VQTrainConfig, train_vqvae
+
+    try:
+        cfg = load_config(config, VQTrainConfig) if config else VQTrainConfig()
+        top = given(
+            dataset=dataset,
+            image_size=image_size,
+            channels=channels,
+            train_limit=train_limit,
+            val_size=val_size,
+            data_dir=data_dir,
+        )
+        chosen = top.get("dataset", cfg.dataset)
+        if chosen != "folder" and (image_size is not None or channels is not None):
+            raise ValueError(
+                f"--image-size and --channels apply to --dataset folder; {chosen} has a fixed image shape"
+            )
+        vq = given(codebook_size=codebook_size, code_dim=code_dim, channels=width, num_down=num_down)
+        tr = given(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=warmup,
+            ema_decay=ema_decay,
+            eval_every=eval_every,
+            ckpt_every=ckpt_every,
+            seed=seed,
+            device=device,
+            time_budget_s=budget_seconds(time_budget),
+        )
+        cfg = dataclasses.replace(
+            cfg, **top, vq=dataclasses.replace(cfg.vq, **vq), train=dataclasses.replace(cfg.train, **tr)
+        )
+        options = run_options(no_resume, export, False, quiet, run_dir)
+        del options["export_dtype"]
+        result = train_vqvae(cfg, run_dir, **options)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    best = result.best_val_loss
+    val = f"best val reconstruction MSE {best:.4f}" if math.isfinite(best) else "no validation run"
+    typer.echo(f"trained to step {result.step}; {val}; weights: {run_dir / 'vqvae.safetensors'}")
 
 
 def _sampling(
