@@ -429,10 +429,17 @@ def path_preview(
     dataset: str = typer.Option("cifar10", help="cifar10, fashion-mnist or folder."),
     data_dir: Path | None = typer.Option(None, help="Data root (else $IMAGEGEN_DATA)."),
     image_size: int | None = typer.Option(None, help="Resize/crop size of a 'folder' dataset."),
+    channels: int = typer.Option(3, help="1 or 3 channels for a 'folder' dataset."),
     path: str = typer.Option("metric", help="metric or mask."),
     beta_c: float = typer.Option(3.0, "--beta-c", help="c of beta_t = c (t/(1-t))^a."),
     beta_a: float = typer.Option(0.9, "--beta-a", help="a of beta_t = c (t/(1-t))^a."),
     scheduler: str = typer.Option("ko", help="kappa_t of the mask path."),
+    latent: Path | None = typer.Option(
+        None, help="VQ-VAE .safetensors: preview the metric path on its codes (eq 107), decoded."
+    ),
+    lp: float | None = typer.Option(
+        None, "--lp", help="lp of d = ||emb(x) - emb(y)||^lp (eq 107; with --latent); default 4."
+    ),
     n: int = typer.Option(8, "--n", help="Images (columns), at most 64."),
     times: int = typer.Option(11, help="Times 0..1 (rows), at most 101."),
     scale: int = typer.Option(2, help="Upscale factor of the PNG."),
@@ -440,15 +447,22 @@ def path_preview(
 ) -> None:
     """Draw x_t ~ p_t(. | x_1) along the path for a few test images, to choose c and a (as in E.4).
 
-    A folder without a test/ subfolder is previewed on its training images.
+    A folder without a test/ subfolder is previewed on its training images. With --latent, the metric
+    path runs on the VQ-VAE codes of the images and x_t is shown decoded.
     """
+    import torch
+
     from imagegen.data import MissingSplitError, load_dataset
     from imagegen.grid import check_grid_options, check_image_file, save_grid
     from imagegen.paths import MAX_PREVIEW_IMAGES, MAX_PREVIEW_TIMES, PixelPathConfig, path_preview
 
     note = ""
     try:
-        cfg = PixelPathConfig(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
+        if lp is not None and latent is None:
+            raise ValueError("--lp applies to a latent preview (--latent PATH): pixel distances are |x - y|")
+        cfg = PixelPathConfig(
+            kind=path, c=beta_c, a=beta_a, scheduler=scheduler, lp=4.0 if lp is None else lp
+        )
         if not 1 <= n <= MAX_PREVIEW_IMAGES:
             raise ValueError(f"--n must be in 1..{MAX_PREVIEW_IMAGES} (images shown as columns), got {n}")
         if not 1 <= times <= MAX_PREVIEW_TIMES:
@@ -456,11 +470,21 @@ def path_preview(
         check_grid_options(scale=scale)
         check_image_file(out, "--out")
         try:
-            data = load_dataset(dataset, "test", data_dir, image_size=image_size)
+            data = load_dataset(dataset, "test", data_dir, image_size=image_size, channels=channels)
         except MissingSplitError:
-            data = load_dataset(dataset, "train", data_dir, image_size=image_size)
+            data = load_dataset(dataset, "train", data_dir, image_size=image_size, channels=channels)
             note = " (no test/ subfolder: training images shown)"
-        xt, ts = path_preview(data, cfg, n, times, seed)
+        if latent is None:
+            xt, ts = path_preview(data, cfg, n, times, seed)
+        else:
+            from imagegen.latent import check_vqvae_data, latent_path_samples
+            from imagegen.vqvae import load_vqvae
+
+            vq, vq_meta = load_vqvae(latent)
+            check_vqvae_data(vq_meta, data.shape, str(latent))
+            ts = torch.linspace(0.0, 1.0, times)
+            subset = data.random_subset(n, seed)
+            xt = latent_path_samples(vq, subset.images, cfg, ts, torch.Generator().manual_seed(seed))
         save_grid(xt.reshape(-1, *data.shape), out, nrow=xt.shape[1], scale=scale)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))

@@ -41,6 +41,7 @@ __all__ = [
     "encode_codes",
     "latent_codes",
     "latent_path",
+    "latent_path_samples",
 ]
 
 CODES_DTYPE = torch.int16  # codes travel and are cached as int16 (K <= 32767)
@@ -131,3 +132,28 @@ def latent_codes(
     except OSError as e:  # a read-only cache must not stop training
         warnings.warn(f"could not write latent code cache {path}: {e}", stacklevel=2)
     return codes
+
+
+@torch.no_grad()
+def latent_path_samples(
+    vq: VQVAE, images: Tensor, config: Any, times: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Decoded x_t ~ p_t(. | x1) on the codes x1 of ``images`` for each time: uint8 (T, N, C, H, W).
+
+    The E.4 way to choose c, a and lp: look at the images along the conditional path. Metric path only
+    (a mask token has no image).
+    """
+    if config.kind != "metric":
+        raise ValueError("a latent path preview shows the metric path (mask tokens cannot be decoded)")
+    times = torch.as_tensor(times, dtype=torch.float64).flatten()
+    if not (torch.isfinite(times).all() and (times >= 0).all() and (times <= 1).all()):
+        raise ValueError(f"times must lie in [0, 1], got {times.tolist()}")
+    path = latent_path(config, vq.codebook.cpu())
+    x1 = vq.encode(images).cpu()
+    N, h, w = x1.shape
+    x1 = x1.reshape(N, h * w)
+    out = [
+        vq.decode(path.sample(x1, torch.full((N,), float(t)), generator=generator).reshape(N, h, w)).cpu()
+        for t in times.tolist()
+    ]
+    return torch.stack(out)

@@ -18,7 +18,7 @@ from dfm_core.training import load_safetensors
 from dfm_core.velocities import KineticOptimalVelocity
 from imagegen.generate import ImageGenerator, SamplingConfig
 from imagegen.grid import grid_size
-from imagegen.latent import codebook_distances, distance_scale, encode_codes
+from imagegen.latent import codebook_distances, distance_scale, encode_codes, latent_path_samples
 from imagegen.paths import PixelPathConfig, build_path
 from imagegen.train import train_image_model
 from imagegen.vqvae import load_vqvae
@@ -200,3 +200,34 @@ def test_cli_refuses_a_bad_latent_file_in_one_line(
         assert not (tmp_path / "run" / "last.pt").exists()  # refused before any training
     result = runner.invoke(app, [*base, "--image-size", "16", "--lp", "4", "--quiet"])
     assert result.exit_code == 2 and "--lp applies to latent mode" in result.output
+
+
+def test_latent_path_preview_decodes_x_t(tiny_vq_run: Path, tmp_path: Path) -> None:
+    vq, _ = load_vqvae(tiny_vq_run / "vqvae.safetensors")
+    images = synthetic_images(6).images
+    cfg = PixelPathConfig(kind="metric", lp=2.0)
+    xt = latent_path_samples(vq, images, cfg, torch.tensor([0.0, 0.5, 1.0]), torch.Generator().manual_seed(0))
+    assert xt.shape == (3, 6, 1, 8, 8) and xt.dtype == torch.uint8
+    assert torch.equal(xt[2], vq.decode(vq.encode(images)))  # t = 1: the reconstructions
+    with pytest.raises(ValueError, match="metric path"):
+        latent_path_samples(vq, images, PixelPathConfig(kind="mask"), torch.tensor([0.5]))
+    data = _image_folder(tmp_path / "images")
+    out = tmp_path / "preview.png"
+    args = [
+        "path-preview",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(data),
+        "--image-size",
+        "8",
+        "--channels",
+        "1",
+    ]
+    args += ["--n", "4", "--times", "3", "--scale", "1", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--latent", str(tiny_vq_run / "vqvae.safetensors"), "--lp", "4"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as img:
+        assert img.size == grid_size(12, (8, 8), nrow=4)
+    result = runner.invoke(app, [*args, "--lp", "4"])
+    assert result.exit_code == 2 and "--lp applies to a latent preview" in result.output
