@@ -1,7 +1,7 @@
 """`imagegen` command-line app: pixel-space discrete flow matching (metric-induced paths, corrector).
 
 Each command is a thin layer over the Python API: ``imagegen.train.train_image_model``,
-``imagegen.generate.ImageGenerator``, ``imagegen.evaluate.evaluate_sweep`` and ``imagegen.paths.path_samples``.
+``imagegen.train_vq.train_vqvae``, ``imagegen.generate.ImageGenerator``, ``imagegen.evaluate.evaluate_sweep`` and ``imagegen.paths.path_samples``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def train(
         None, "--beta-a", help="a of beta_t = c (t/(1-t))^a (eq 108); default 0.9."
     ),
     scheduler: str | None = typer.Option(None, help="kappa_t of the mask path: ko, linear, cosine, poly."),
+    latent: Path | None = typer.Option(
+        None,
+        help="VQ-VAE .safetensors from `imagegen train-vq`: train on its code grids (sec 8.4) instead of pixels.",
+    ),
+    lp: float | None = typer.Option(
+        None,
+        "--lp",
+        help="lp of d = ||emb(x) - emb(y)||^lp on codebook embeddings (eq 107, latent mode); default 4.",
+    ),
     size: str | None = typer.Option(None, help="Model size preset: tiny, small, default or paper (E.3)."),
     class_conditional: bool | None = typer.Option(
         None, "--class-conditional/--unconditional", help="Condition on labels (null class for guidance)."
@@ -96,13 +105,16 @@ def train(
             train_limit=train_limit,
             val_size=val_size,
             data_dir=data_dir,
+            latent=latent,
         )
+        if lp is not None and top.get("latent", cfg.latent) is None:
+            raise ValueError("--lp applies to latent mode (--latent PATH): pixel distances are |x - y|")
         chosen = top.get("dataset", cfg.dataset)
         if chosen != "folder" and (image_size is not None or channels is not None):
             raise ValueError(
                 f"--image-size and --channels apply to --dataset folder; {chosen} has a fixed image shape"
             )
-        p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
+        p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler, lp=lp)
         tr = given(
             steps=steps,
             batch_size=batch_size,
@@ -130,6 +142,87 @@ def train(
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     report_training(result, run_dir)
+
+
+@app.command("train-vq")
+def train_vq(
+    run_dir: Path = typer.Option(Path("runs/vqvae"), help="Folder for checkpoints and metrics (resumable)."),
+    config: Path | None = typer.Option(None, help="TOML/JSON config with vq and train tables."),
+    dataset: str | None = typer.Option(None, help="cifar10, fashion-mnist or folder."),
+    data_dir: Path | None = typer.Option(
+        None, help="Data root (else $IMAGEGEN_DATA); the image folder for 'folder'."
+    ),
+    image_size: int | None = typer.Option(None, help="Resize/crop size of a 'folder' dataset."),
+    channels: int | None = typer.Option(None, help="1 or 3 channels for a 'folder' dataset."),
+    codebook_size: int | None = typer.Option(None, min=2, help="K, the number of codes (default 512)."),
+    code_dim: int | None = typer.Option(None, min=1, help="D, the dimension of a code (default 64)."),
+    width: int | None = typer.Option(None, min=1, help="Channels of the convolutions (default 128)."),
+    num_down: int | None = typer.Option(
+        None, min=1, help="Stride-2 downsamplings (default 2: a 4x smaller code grid)."
+    ),
+    steps: int | None = typer.Option(None, min=1, help="Optimizer steps (default 20000)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per step (default 128)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    warmup: int | None = TrainFlags.warmup,
+    ema_decay: float | None = TrainFlags.ema_decay,
+    eval_every: int | None = TrainFlags.eval_every,
+    ckpt_every: int | None = TrainFlags.ckpt_every,
+    seed: int | None = TrainFlags.seed,
+    device: str | None = typer.Option(None, help="auto, cpu or cuda."),
+    train_limit: int | None = typer.Option(None, help="Use only N training images."),
+    val_size: int | None = typer.Option(
+        None, help="Training images held out for validation (default 1000; lower it for small folders)."
+    ),
+    export: str | None = TrainFlags.export,
+    no_resume: bool = TrainFlags.no_resume,
+    quiet: bool = TrainFlags.quiet,
+    time_budget: float | None = TrainFlags.time_budget,
+) -> None:
+    """Train the VQ-VAE tokenizer of the discrete-latent variant (sec 8.4); then `imagegen train --latent`."""
+    import math
+
+    from dfm_core.training import load_config
+    from imagegen.train_vq import VQTrainConfig, train_vqvae
+
+    try:
+        cfg = load_config(config, VQTrainConfig) if config else VQTrainConfig()
+        top = given(
+            dataset=dataset,
+            image_size=image_size,
+            channels=channels,
+            train_limit=train_limit,
+            val_size=val_size,
+            data_dir=data_dir,
+        )
+        chosen = top.get("dataset", cfg.dataset)
+        if chosen != "folder" and (image_size is not None or channels is not None):
+            raise ValueError(
+                f"--image-size and --channels apply to --dataset folder; {chosen} has a fixed image shape"
+            )
+        vq = given(codebook_size=codebook_size, code_dim=code_dim, channels=width, num_down=num_down)
+        tr = given(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=warmup,
+            ema_decay=ema_decay,
+            eval_every=eval_every,
+            ckpt_every=ckpt_every,
+            seed=seed,
+            device=device,
+            time_budget_s=budget_seconds(time_budget),
+        )
+        cfg = dataclasses.replace(
+            cfg, **top, vq=dataclasses.replace(cfg.vq, **vq), train=dataclasses.replace(cfg.train, **tr)
+        )
+        options = run_options(no_resume, export, False, quiet, run_dir)
+        del options["export_dtype"]
+        result = train_vqvae(cfg, run_dir, **options)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    best = result.best_val_loss
+    val = f"best val reconstruction MSE {best:.4f}" if math.isfinite(best) else "no validation run"
+    typer.echo(f"trained to step {result.step}; {val}; weights: {run_dir / 'vqvae.safetensors'}")
 
 
 def _sampling(
@@ -336,10 +429,17 @@ def path_preview(
     dataset: str = typer.Option("cifar10", help="cifar10, fashion-mnist or folder."),
     data_dir: Path | None = typer.Option(None, help="Data root (else $IMAGEGEN_DATA)."),
     image_size: int | None = typer.Option(None, help="Resize/crop size of a 'folder' dataset."),
+    channels: int = typer.Option(3, help="1 or 3 channels for a 'folder' dataset."),
     path: str = typer.Option("metric", help="metric or mask."),
     beta_c: float = typer.Option(3.0, "--beta-c", help="c of beta_t = c (t/(1-t))^a."),
     beta_a: float = typer.Option(0.9, "--beta-a", help="a of beta_t = c (t/(1-t))^a."),
     scheduler: str = typer.Option("ko", help="kappa_t of the mask path."),
+    latent: Path | None = typer.Option(
+        None, help="VQ-VAE .safetensors: preview the metric path on its codes (eq 107), decoded."
+    ),
+    lp: float | None = typer.Option(
+        None, "--lp", help="lp of d = ||emb(x) - emb(y)||^lp (eq 107; with --latent); default 4."
+    ),
     n: int = typer.Option(8, "--n", help="Images (columns), at most 64."),
     times: int = typer.Option(11, help="Times 0..1 (rows), at most 101."),
     scale: int = typer.Option(2, help="Upscale factor of the PNG."),
@@ -347,15 +447,22 @@ def path_preview(
 ) -> None:
     """Draw x_t ~ p_t(. | x_1) along the path for a few test images, to choose c and a (as in E.4).
 
-    A folder without a test/ subfolder is previewed on its training images.
+    A folder without a test/ subfolder is previewed on its training images. With --latent, the metric
+    path runs on the VQ-VAE codes of the images and x_t is shown decoded.
     """
+    import torch
+
     from imagegen.data import MissingSplitError, load_dataset
     from imagegen.grid import check_grid_options, check_image_file, save_grid
     from imagegen.paths import MAX_PREVIEW_IMAGES, MAX_PREVIEW_TIMES, PixelPathConfig, path_preview
 
     note = ""
     try:
-        cfg = PixelPathConfig(kind=path, c=beta_c, a=beta_a, scheduler=scheduler)
+        if lp is not None and latent is None:
+            raise ValueError("--lp applies to a latent preview (--latent PATH): pixel distances are |x - y|")
+        cfg = PixelPathConfig(
+            kind=path, c=beta_c, a=beta_a, scheduler=scheduler, lp=4.0 if lp is None else lp
+        )
         if not 1 <= n <= MAX_PREVIEW_IMAGES:
             raise ValueError(f"--n must be in 1..{MAX_PREVIEW_IMAGES} (images shown as columns), got {n}")
         if not 1 <= times <= MAX_PREVIEW_TIMES:
@@ -363,11 +470,21 @@ def path_preview(
         check_grid_options(scale=scale)
         check_image_file(out, "--out")
         try:
-            data = load_dataset(dataset, "test", data_dir, image_size=image_size)
+            data = load_dataset(dataset, "test", data_dir, image_size=image_size, channels=channels)
         except MissingSplitError:
-            data = load_dataset(dataset, "train", data_dir, image_size=image_size)
+            data = load_dataset(dataset, "train", data_dir, image_size=image_size, channels=channels)
             note = " (no test/ subfolder: training images shown)"
-        xt, ts = path_preview(data, cfg, n, times, seed)
+        if latent is None:
+            xt, ts = path_preview(data, cfg, n, times, seed)
+        else:
+            from imagegen.latent import check_vqvae_data, latent_path_samples
+            from imagegen.vqvae import load_vqvae
+
+            vq, vq_meta = load_vqvae(latent)
+            check_vqvae_data(vq_meta, data.shape, str(latent))
+            ts = torch.linspace(0.0, 1.0, times)
+            subset = data.random_subset(n, seed)
+            xt = latent_path_samples(vq, subset.images, cfg, ts, torch.Generator().manual_seed(seed))
         save_grid(xt.reshape(-1, *data.shape), out, nrow=xt.shape[1], scale=scale)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))

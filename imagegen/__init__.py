@@ -17,6 +17,9 @@ Modules, one idea each:
 * :mod:`imagegen.features`  EfficientNet-Lite0 (ImageNet weights from a local .pth) as feature extractor
 * :mod:`imagegen.frechet`   the Frechet distance of feature Gaussians
 * :mod:`imagegen.evaluate`  scores against the test split, score-vs-NFE sweeps (CSV + plot)
+* :mod:`imagegen.vqvae`     a small VQ-VAE (EMA codebook, dead-code restarts): the tokenizer of the latent variant
+* :mod:`imagegen.train_vq`  training and exporting the VQ-VAE
+* :mod:`imagegen.latent`    the discrete-latent variant (sec 8.4): code grids, the metric path of eq 107
 """
 
 from imagegen.data import ImageDataset, load_dataset
@@ -24,6 +27,8 @@ from imagegen.generate import CorrectorSchedule, ImageGenerator, SamplingConfig
 from imagegen.model import PixelUNet, UNetConfig
 from imagegen.paths import MASK_ID, NUM_LEVELS, PixelPathConfig, build_path
 from imagegen.train import ImagegenTrainConfig, train_image_model
+from imagegen.train_vq import VQTrainConfig, train_vqvae
+from imagegen.vqvae import VQVAE, VQVAEConfig
 
 __all__ = [
     "MASK_ID",
@@ -36,7 +41,11 @@ __all__ = [
     "PixelUNet",
     "SamplingConfig",
     "UNetConfig",
+    "VQTrainConfig",
+    "VQVAE",
+    "VQVAEConfig",
     "build_path",
     "load_dataset",
     "train_image_model",
+    "train_vqvae",
 ]

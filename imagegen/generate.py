@@ -14,10 +14,14 @@ plus, optionally, the probability-preserving corrector of eq 35 with weight
 
 Batch k of a run draws from a generator seeded by (seed, k): the same seed and batch size give the
 same images.
+
+A latent checkpoint (sec 8.4, :mod:`imagegen.latent`) carries its VQ-VAE: the sampler draws code grids
+(1, h, w) over K codes and the VQ-VAE decodes them, so ``image_shape`` is the decoded image shape.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dfm_core.paths import ProbabilityPath
 from dfm_core.sampler import sample
 from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import ProbabilityVelocity, make_velocity
@@ -36,6 +41,7 @@ from imagegen.data import check_count, tokens_to_images
 from imagegen.model import PixelUNet, UNetConfig
 from imagegen.paths import PixelPathConfig, build_path, pad_logits
 from imagegen.train import CHECKPOINT_FORMAT
+from imagegen.vqvae import VQVAE, vqvae_from_state
 
 __all__ = [
     "CheckpointError",
@@ -175,13 +181,14 @@ def resolve_labels(
 
 @dataclass
 class ImageGenerator:
-    """A loaded pixel model with its path and training metadata."""
+    """A loaded pixel (or latent: with its VQ-VAE decoder) model with its path and training metadata."""
 
     model: PixelUNet
     path_config: PixelPathConfig
     metadata: dict[str, Any]
     device: torch.device
     checkpoint: Path | None = None
+    vqvae: VQVAE | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str = "auto") -> ImageGenerator:
@@ -202,6 +209,8 @@ class ImageGenerator:
                 f"{path} is a safetensors file but not an imagegen checkpoint (format={meta.get('format')!r}); "
                 "train one with `imagegen train`"
             )
+        vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
+        state = {k: v for k, v in state.items() if not k.startswith("vq.")}
         model = PixelUNet(UNetConfig.from_dict(meta["model_config"]))
         try:
             model.load_state_dict(state)
@@ -210,18 +219,48 @@ class ImageGenerator:
         path_meta = {k: v for k, v in meta["path"].items() if k != "vocab_size"}
         dev = resolve_device(device)
         model.to(dev).eval()
+        vq = None
+        if meta.get("latent"):
+            if not vq_state:
+                raise CheckpointError(f"{path} is a latent checkpoint without its VQ-VAE weights (vq.*)")
+            try:
+                vq = vqvae_from_state(vq_state, meta["latent"]["vqvae_config"], str(path)).to(dev)
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path}: cannot rebuild its VQ-VAE: {e}") from e
         return cls(
             model=model,
             path_config=PixelPathConfig.from_dict(path_meta),
             metadata=meta,
             device=dev,
             checkpoint=path,
+            vqvae=vq,
         )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images made (decoded by the VQ-VAE in latent mode)."""
+        if self.vqvae is not None:
+            cfg = self.vqvae.config
+            return cfg.image_channels, cfg.image_size, cfg.image_size
+        return self.token_shape
+
+    @property
+    def token_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the token grid the model sees: the image, or (1, h, w) codes in latent mode."""
         cfg = self.model.config
         return cfg.image_channels, cfg.image_size, cfg.image_size
+
+    @functools.cached_property
+    def path(self) -> ProbabilityPath:
+        """The probability path of the checkpoint (over pixel values, or over the VQ-VAE codes)."""
+        return build_path(self.path_config, None if self.vqvae is None else self.vqvae.codebook)
+
+    def tokens_to_images(self, tokens: Tensor) -> Tensor:
+        """Sampled tokens (n, L) -> uint8 images (n, C, H, W) on the CPU (decoded in latent mode)."""
+        if self.vqvae is None:
+            return tokens_to_images(tokens.cpu(), self.image_shape)
+        _, h, w = self.token_shape
+        return self.vqvae.decode(tokens.reshape(-1, h, w)).cpu()
 
     @property
     def num_classes(self) -> int:
@@ -233,7 +272,7 @@ class ImageGenerator:
 
     def model_fn(self, labels: Tensor | None, guidance: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
         """``f(x (B, L), t (B,)) -> logits (B, L, V)`` for the sampler (guided if ``guidance > 0``)."""
-        V = self.path_config.vocab_size
+        V = self.path.vocab_size
         y = None if labels is None else labels.to(self.device)
         use_bf16 = self.device.type == "cuda"
         null = self.num_classes
@@ -265,8 +304,8 @@ class ImageGenerator:
         """One sampler batch of ``n`` sequences; returns :class:`dfm_core.sampler.SampleResult`."""
         if sampling.guidance > 0 and self.num_classes == 0:
             raise ValueError("classifier-free guidance needs a class-conditional model")
-        path = build_path(self.path_config)
-        C, H, W = self.image_shape
+        path = self.path
+        C, H, W = self.token_shape
         x0 = path.sample_source((n, C * H * W), generator=generator, device=self.device)
         return sample(
             self.model_fn(labels, sampling.guidance),
@@ -315,7 +354,7 @@ class ImageGenerator:
             g = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
             yb = None if labels is None else labels[start : start + size]
             tokens = self.sample_tokens(size, sampling, yb, g).tokens
-            images = tokens_to_images(tokens.cpu(), self.image_shape)
+            images = self.tokens_to_images(tokens)
             if on_batch is not None:
                 on_batch(start, images)
             out.append(images)

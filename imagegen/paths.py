@@ -7,6 +7,10 @@
 
 The network always predicts 256 logits (a posterior over pixel values); :func:`pad_logits` adds the
 never-predicted mask token for the 257-token mask path.
+
+In latent mode (sec 8.4) the tokens are the K codes of a VQ-VAE instead: ``build_path(config, codebook)``
+gives the metric path on the codebook embeddings (eq 107, see :mod:`imagegen.latent`) or the mask path
+with mask token K.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class PixelPathConfig:
         c, a: beta_t = c (t / (1 - t))^a of the metric path (eq 108).
         scheduler: kappa_t of the mask path ('ko', 'linear', 'cosine', 'poly').
         scheduler_n: exponent of the 'poly' scheduler (kappa_t = t^n).
+        lp: exponent of d(x, y) = ||emb(x) - emb(y)||^lp on codebook embeddings (eq 107; 4 as in E.4);
+            only used in latent mode (pixel distances are |x - y|).
     """
 
     kind: Literal["metric", "mask"] = "metric"
@@ -59,11 +65,12 @@ class PixelPathConfig:
     a: float = 0.9
     scheduler: str = "ko"
     scheduler_n: float = 1.0
+    lp: float = 4.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("metric", "mask"):
             raise ValueError(f"path kind must be 'metric' or 'mask', got {self.kind!r}")
-        for name in ("c", "a", "scheduler_n"):
+        for name in ("c", "a", "scheduler_n", "lp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"path parameter {name} must be a number, got {value!r}")
@@ -87,8 +94,13 @@ class PixelPathConfig:
         return config_from_dict(cls, data)
 
 
-def build_path(config: PixelPathConfig) -> ProbabilityPath:
-    """The :class:`dfm_core.paths.ProbabilityPath` for ``config``."""
+def build_path(config: PixelPathConfig, codebook: Tensor | None = None) -> ProbabilityPath:
+    """The :class:`dfm_core.paths.ProbabilityPath` for ``config``: over pixel values, or with ``codebook``
+    (K, D) over the K codes of a VQ-VAE (latent mode, :func:`imagegen.latent.latent_path`)."""
+    if codebook is not None:
+        from imagegen.latent import latent_path
+
+        return latent_path(config, codebook)
     if config.kind == "metric":
         return MetricPath.ordinal(NUM_LEVELS, -1.0, 1.0, beta=BetaSchedule(config.c, config.a))
     source = mask_source(NUM_LEVELS + 1, MASK_ID)

@@ -5,6 +5,10 @@ Data flow: images (N, C, H, W) uint8 -> tokens x_1 (B, L = C H W) -> t ~ U[0, 1]
 classifier-free guidance) -> logits (B, L, 256) -> -log p_{1|t}(x_1 | x_t).
 
 Validation uses images held out from the training split; the test split is kept for evaluation.
+
+Latent mode (``latent``: a VQ-VAE file, sec 8.4): the tokens are the VQ-VAE codes of the images, a
+(1, h, w) grid over K codes (see :mod:`imagegen.latent`), and the exported checkpoint carries the VQ-VAE
+(tensors under ``vq.``) so that it samples and decodes images on its own.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import check_writable
+from dfm_core.atomic_io import check_writable, file_sha256
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import ProbabilityPath
 from dfm_core.training import (
@@ -29,12 +33,15 @@ from dfm_core.training import (
     config_from_dict,
     export_safetensors,
     load_config,
+    resolve_device,
     seed_everything,
     train,
 )
 from imagegen.data import ImageDataset, check_count, load_dataset
+from imagegen.latent import check_vqvae_data, distance_scale, latent_codes
 from imagegen.model import PixelUNet, UNetConfig, count_parameters
-from imagegen.paths import PixelPathConfig, build_path
+from imagegen.paths import NUM_LEVELS, PixelPathConfig, build_path
+from imagegen.vqvae import VQVAE, load_vqvae
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -66,6 +73,8 @@ class ImagegenTrainConfig:
         train_limit: use only this many training images (after holding out ``val_size``).
         val_size: images held out from the training split for validation.
         split_seed: seed of the shuffle that picks the held-out images.
+        latent: a VQ-VAE ``.safetensors`` (from ``imagegen train-vq``): train on its code grids (sec 8.4,
+            the metric path of eq 107 with ``path.lp``) instead of pixels.
     """
 
     dataset: str = "cifar10"
@@ -81,8 +90,11 @@ class ImagegenTrainConfig:
     train_limit: int | None = None
     val_size: int = 1000
     split_seed: int = 0
+    latent: str | None = None
 
     def __post_init__(self) -> None:
+        if self.latent is not None and (not isinstance(self.latent, str) or not self.latent.strip()):
+            raise ValueError(f"latent must name a VQ-VAE .safetensors file, got {self.latent!r}")
         if isinstance(self.path, dict):
             self.path = PixelPathConfig.from_dict(self.path)
         if isinstance(self.model, dict):
@@ -116,18 +128,23 @@ def load_train_config(path: str | os.PathLike) -> ImagegenTrainConfig:
     return load_config(path, ImagegenTrainConfig)
 
 
-def model_config_for(config: ImagegenTrainConfig, data: ImageDataset) -> UNetConfig:
-    """The U-Net config with the data's image shape, the path's vocabulary and the class count."""
+def model_config_for(config: ImagegenTrainConfig, data: ImageDataset, vq: VQVAE | None = None) -> UNetConfig:
+    """The U-Net config with the data's image shape, the path's vocabulary and the class count; with a
+    VQ-VAE ``vq`` (latent mode) a (1, h, w) grid over its K codes (input vocabulary K + 1 for the mask path)."""
     C, H, W = data.shape
     if H != W:
         raise ValueError(f"square images only, got {H}x{W}")
     if config.class_conditional and data.num_classes == 0:
         raise ValueError("class_conditional needs labelled data (class subfolders for an image folder)")
+    levels = NUM_LEVELS
+    if vq is not None:
+        C, (H, _), levels = 1, vq.latent_shape, vq.config.codebook_size
     return dataclasses.replace(
         config.model,
         image_channels=C,
         image_size=H,
-        input_vocab=config.path.vocab_size,
+        num_levels=levels,
+        input_vocab=levels + (1 if config.path.kind == "mask" else 0),
         num_classes=data.num_classes if config.class_conditional else 0,
     )
 
@@ -153,6 +170,12 @@ def make_loss(path: ProbabilityPath, num_classes: int = 0, label_dropout: float 
 def _split(
     data: ImageDataset, val_size: int, seed: int, limit: int | None
 ) -> tuple[ImageDataset, ImageDataset]:
+    train_idx, val_idx = _split_indices(data, val_size, seed, limit)
+    return data.take(train_idx, "[train]"), data.take(val_idx, "[val]")
+
+
+def _split_indices(data: ImageDataset, val_size: int, seed: int, limit: int | None) -> tuple[Tensor, Tensor]:
+    """(training indices, validation indices) of ``data``: ``val_size`` held out by a seeded shuffle."""
     if len(data) <= val_size:
         hint = (
             f"; set a smaller val_size (--val-size, e.g. {max(1, len(data) // 10)})"
@@ -166,7 +189,7 @@ def _split(
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if limit is not None:
         train_idx = train_idx[:limit]
-    return data.take(train_idx, "[train]"), data.take(val_idx, "[val]")
+    return train_idx, val_idx
 
 
 class _Batches:
@@ -184,6 +207,22 @@ class _Batches:
             flip = torch.rand(self.batch_size, generator=generator) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return images.reshape(self.batch_size, -1), self.labels[idx]
+
+
+class _CodeBatches(_Batches):
+    """Random batches (int16 codes (B, h w), labels (B,)) of latent mode, drawn like :class:`_Batches`;
+    a flip takes the codes of the flipped image (``codes`` is (N, 2, h w), see ``encode_codes``)."""
+
+    def __init__(self, codes: Tensor, data: ImageDataset, batch_size: int, hflip: bool) -> None:
+        super().__init__(data, batch_size, hflip)
+        self.codes = codes
+
+    def __call__(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(len(self.codes), (self.batch_size,), generator=generator)
+        flip = torch.zeros(self.batch_size, dtype=torch.long)
+        if self.hflip:
+            flip = (torch.rand(self.batch_size, generator=generator) < 0.5).long()
+        return self.codes[idx, flip], self.labels[idx]
 
 
 def train_image_model(
@@ -206,24 +245,53 @@ def train_image_model(
         data: train on these images instead of loading ``config.dataset`` (tests, notebooks).
 
     ``model.safetensors`` holds the EMA weights of the best validation step with the config, the path
-    parameters, the image shape and the class names in its metadata.
+    parameters, the image shape and the class names in its metadata. In latent mode (``config.latent``)
+    the images are encoded once (cached, see :func:`imagegen.latent.latent_codes`) and the export also
+    holds the VQ-VAE: its weights under ``vq.`` and its config under the ``latent`` metadata key.
     """
     run_dir = Path(run_dir)
     if export is not None:
         check_writable(export, "export path")
+    vq = vq_meta = None
+    if config.latent is not None:  # a bad VQ-VAE file fails before the data are loaded
+        vq, vq_meta = load_vqvae(config.latent)
     seed_everything(config.train.seed)
     if data is None:
         data = load_dataset(
             config.dataset, "train", config.data_dir, image_size=config.image_size, channels=config.channels
         )
-    train_data, val_data = _split(data, config.val_size, config.split_seed, config.train_limit)
-    model_cfg = model_config_for(config, data)
+    if vq is not None:
+        check_vqvae_data(vq_meta, data.shape, str(config.latent))
+    train_idx, val_idx = _split_indices(data, config.val_size, config.split_seed, config.train_limit)
+    train_data, val_data = data.take(train_idx, "[train]"), data.take(val_idx, "[val]")
+    images_sha256 = hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest()
+    model_cfg = model_config_for(config, data, vq)
     model = PixelUNet(model_cfg)
-    path = build_path(config.path)
-    loss_fn = make_loss(path, model_cfg.num_classes, config.label_dropout)
     bs = config.train.batch_size
-    train_batches = _Batches(train_data, bs, config.hflip)
-    val_batches = _Batches(val_data, bs, hflip=False)
+    latent_meta = None
+    if vq is None:
+        path = build_path(config.path)
+        train_batches = _Batches(train_data, bs, config.hflip)
+        val_batches = _Batches(val_data, bs, hflip=False)
+    else:
+        vq_sha256 = file_sha256(config.latent)
+        codes = latent_codes(
+            vq.to(resolve_device(config.train.device)), data.images, vq_sha256, images_sha256
+        )
+        vq.cpu()
+        path = build_path(config.path, vq.codebook)
+        train_batches = _CodeBatches(codes[train_idx], train_data, bs, config.hflip)
+        val_batches = _CodeBatches(codes[val_idx], val_data, bs, hflip=False)
+        latent_meta = {
+            "vqvae_file": str(config.latent),
+            "vqvae_sha256": vq_sha256,
+            "vqvae_config": vq.config.to_dict(),
+            "vqvae_recon_mse": vq_meta.get("recon_mse"),
+            "codebook_size": vq.config.codebook_size,
+            "latent_shape": [1, *vq.latent_shape],
+            "distance_scale": distance_scale(vq.codebook),
+        }
+    loss_fn = make_loss(path, model_cfg.num_classes, config.label_dropout)
 
     def val_loss(model: nn.Module, generator: torch.Generator) -> Tensor:
         cpu_gen = torch.Generator().manual_seed(
@@ -233,23 +301,36 @@ def train_image_model(
         device = next(model.parameters()).device
         return loss_fn(model, (tokens.to(device), labels.to(device)), generator)
 
+    path_params = config.path.to_dict()
+    if vq is None:  # lp is a distance on codebook embeddings: pixel runs keep their identity without it
+        del path_params["lp"]
     metadata = {
         "model_config": model_cfg.to_dict(),
         # the run as trained: its model table is the U-Net actually built (image shape, vocabulary, classes)
         "imagegen_config": dataclasses.replace(config, model=model_cfg).to_dict(),
-        "path": {**config.path.to_dict(), "vocab_size": config.path.vocab_size},
+        "path": {**path_params, "vocab_size": model_cfg.input_vocab},
         "image_shape": list(data.shape),
         "class_names": list(data.class_names) if data.class_names else None,
         "class_conditional": model_cfg.num_classes > 0,
         "data": {
             "name": data.name,
-            "images_sha256": hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest(),
+            "images_sha256": images_sha256,
             "n_train": len(train_data),
             "n_val": len(val_data),
             "split_seed": config.split_seed,
         },
         "parameters": count_parameters(model),
     }
+    identity = {
+        "path": metadata["path"],
+        "class_conditional": metadata["class_conditional"],
+        # what the images are, not where they were read from (a path spelled another way resumes)
+        "data": {k: v for k, v in metadata["data"].items() if k != "name"},
+        "train_limit": config.train_limit,
+    }
+    if latent_meta is not None:
+        metadata["latent"] = latent_meta
+        identity["latent_vqvae_sha256"] = latent_meta["vqvae_sha256"]
     result = train(
         model,
         loss_fn,
@@ -260,17 +341,12 @@ def train_image_model(
         resume=resume,
         extra_metadata=metadata,
         progress=progress,
-        identity={
-            "path": metadata["path"],
-            "class_conditional": metadata["class_conditional"],
-            # what the images are, not where they were read from (a path spelled another way resumes)
-            "data": {k: v for k, v in metadata["data"].items() if k != "name"},
-            "train_limit": config.train_limit,
-        },
+        identity=identity,
     )
-    export_checkpoint(run_dir, run_dir / "model.safetensors", metadata)
+    vq_state = vq.state_dict() if vq is not None else None
+    export_checkpoint(run_dir, run_dir / "model.safetensors", metadata, vq_state=vq_state)
     if export is not None:
-        export_checkpoint(run_dir, Path(export), metadata, dtype=export_dtype)
+        export_checkpoint(run_dir, Path(export), metadata, dtype=export_dtype, vq_state=vq_state)
     return result
 
 
@@ -279,8 +355,22 @@ def export_checkpoint(
     out: str | os.PathLike,
     metadata: dict[str, Any],
     dtype: torch.dtype | None = None,
+    vq_state: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with the run metadata."""
+    """Write the EMA weights of ``best.pt`` (else ``last.pt``) as safetensors with the run metadata.
+
+    A latent run (``metadata["latent"]``) needs ``vq_state``, the VQ-VAE's state dict: it is stored in
+    float32 under ``vq.`` whatever ``dtype`` the U-Net weights get, so the checkpoint decodes on its own.
+    """
     model = PixelUNet(UNetConfig.from_dict(metadata["model_config"]))
     meta = {**best_weights_metadata(run_dir, model, metadata, "imagegen_config"), "format": CHECKPOINT_FORMAT}
-    return export_safetensors(model, out, meta, dtype=dtype)
+    if metadata.get("latent") is None:
+        return export_safetensors(model, out, meta, dtype=dtype)
+    if not vq_state:
+        raise ValueError("a latent checkpoint needs the VQ-VAE weights (vq_state)")
+    state = {}
+    for name, value in model.state_dict().items():
+        cast = dtype is not None and value.is_floating_point() and value.dtype != torch.float64
+        state[name] = value.to(dtype) if cast else value
+    state.update({f"vq.{name}": value for name, value in vq_state.items()})
+    return export_safetensors(state, out, meta)

@@ -1,4 +1,4 @@
-"""Helpers of the imagegen tests: a tiny synthetic image set, a tiny training config, metrics."""
+"""Helpers of the imagegen tests: a tiny synthetic image set, tiny training configs (pixel DFM, VQ-VAE), metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from imagegen.data import ImageDataset
 from imagegen.model import UNetConfig
 from imagegen.paths import PixelPathConfig
 from imagegen.train import ImagegenTrainConfig
+from imagegen.train_vq import VQTrainConfig
+from imagegen.vqvae import VQVAEConfig
 
 SIZE = 8
 
@@ -51,6 +53,29 @@ def tiny_config(kind: str = "metric", steps: int = 30, class_conditional: bool =
             seed=0,
         ),
         class_conditional=class_conditional,
+        val_size=16,
+    )
+
+
+def tiny_vq_config(steps: int = 40, hflip: bool = True) -> VQTrainConfig:
+    """A ~10k-parameter VQ-VAE with 16 codes of dimension 8 (8 x 8 images -> 2 x 2 codes)."""
+    return VQTrainConfig(
+        dataset="folder",
+        vq=VQVAEConfig(channels=16, num_res_blocks=1, codebook_size=16, code_dim=8, restart_after=10),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=16,
+            lr=3e-3,
+            eval_every=steps,
+            eval_batches=1,
+            ckpt_every=steps,
+            log_every=10,
+            device="cpu",
+            ema_decay=0.5,
+            bf16=False,
+            seed=0,
+        ),
+        hflip=hflip,
         val_size=16,
     )
 

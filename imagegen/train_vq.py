@@ -1,0 +1,199 @@
+"""Training the VQ-VAE tokenizer of the discrete-latent variant (sec 8.4, App. E.4) and loading it back.
+
+The same data handling as :func:`imagegen.train.train_image_model` (held-out validation images, optional
+horizontal flips) on top of :func:`dfm_core.training.train` (AdamW, EMA of the weights as in E.4,
+resumable checkpoints). The export ``run_dir/vqvae.safetensors`` holds the EMA weights of the best
+validation step (validation loss: the reconstruction MSE on [-1, 1]) with the config, the data facts and
+the reconstruction MSE and code usage on all validation images in its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfm_core.atomic_io import check_writable
+from dfm_core.training import (
+    TrainConfig,
+    TrainResult,
+    best_weights_metadata,
+    config_from_dict,
+    export_safetensors,
+    seed_everything,
+    train,
+)
+from imagegen.data import ImageDataset, check_count, load_dataset
+from imagegen.model import count_parameters
+from imagegen.train import _split
+from imagegen.vqvae import VQVAE, VQVAE_FORMAT, VQVAEConfig
+
+__all__ = ["VQTrainConfig", "export_vqvae", "reconstruction_stats", "train_vqvae"]
+
+
+def _default_vq_train() -> TrainConfig:
+    return TrainConfig(steps=20_000, batch_size=128, lr=2e-4, ema_decay=0.999)
+
+
+@dataclass
+class VQTrainConfig:
+    """A VQ-VAE training run; saved into its export.
+
+    Attributes:
+        dataset, data_dir, image_size, channels: the images, as in :class:`imagegen.train.ImagegenTrainConfig`.
+        vq: the architecture; the image shape is set from the data.
+        train: optimisation settings (default: 20k steps at batch 128, lr 2e-4, weight EMA 0.999 as in E.4).
+        hflip: random horizontal flips of training images.
+        train_limit, val_size, split_seed: as in :class:`imagegen.train.ImagegenTrainConfig` (the same
+            held-out images for the same seed).
+    """
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    image_size: int | None = None
+    channels: int = 3
+    vq: VQVAEConfig = field(default_factory=VQVAEConfig)
+    train: TrainConfig = field(default_factory=_default_vq_train)
+    hflip: bool = True
+    train_limit: int | None = None
+    val_size: int = 1000
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vq, dict):
+            self.vq = VQVAEConfig.from_dict(self.vq)
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        check_count(self.val_size, "val_size (images held out for validation)")
+        if self.train_limit is not None:
+            check_count(self.train_limit, "train_limit (training images to use)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "vq": self.vq.to_dict(), "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VQTrainConfig:
+        return config_from_dict(cls, data)
+
+
+class _ImageBatches:
+    """Random batches of uint8 images (B, C, H, W) drawn with the CPU generator; optional horizontal flips."""
+
+    def __init__(self, data: ImageDataset, batch_size: int, hflip: bool) -> None:
+        self.images, self.batch_size, self.hflip = data.images, batch_size, hflip
+
+    def __call__(self, generator: torch.Generator) -> Tensor:
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=generator)
+        images = self.images[idx]
+        if self.hflip:
+            flip = torch.rand(self.batch_size, generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images
+
+
+@torch.no_grad()
+def reconstruction_stats(vq: VQVAE, images: Tensor, batch_size: int = 256) -> dict[str, float]:
+    """Mean reconstruction MSE (on [-1, 1]) and the fraction of the K codes used, over ``images``."""
+    was_training = vq.training
+    vq.eval()
+    device = vq.codebook.device
+    total, used = 0.0, torch.zeros(vq.config.codebook_size, dtype=torch.bool, device=device)
+    for part in images.split(batch_size):
+        out = vq(part.to(device))
+        total += float(out.recon_mse) * part.shape[0]
+        used[out.codes.flatten()] = True
+    vq.train(was_training)
+    return {"recon_mse": total / max(1, images.shape[0]), "codebook_usage": float(used.float().mean())}
+
+
+def train_vqvae(
+    config: VQTrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = True,
+    export: str | os.PathLike | None = None,
+    progress: bool = True,
+    data: ImageDataset | None = None,
+) -> TrainResult:
+    """Train a VQ-VAE; writes ``run_dir/{last,best}.pt``, ``metrics.jsonl`` and ``vqvae.safetensors``.
+
+    The loss is ||x - x_hat||^2 + beta ||z - sg[e]||^2 on images in [-1, 1]; the codebook follows an EMA
+    of the encoder outputs (see :mod:`imagegen.vqvae`). ``data`` replaces ``config.dataset`` (tests).
+    """
+    run_dir = Path(run_dir)
+    if export is not None:
+        check_writable(export, "export path")
+    seed_everything(config.train.seed)
+    if data is None:
+        data = load_dataset(
+            config.dataset, "train", config.data_dir, image_size=config.image_size, channels=config.channels
+        )
+    C, H, W = data.shape
+    if H != W:
+        raise ValueError(f"square images only, got {H}x{W}")
+    vq_cfg = dataclasses.replace(config.vq, image_channels=C, image_size=H)
+    train_data, val_data = _split(data, config.val_size, config.split_seed, config.train_limit)
+    model = VQVAE(vq_cfg)
+    bs = config.train.batch_size
+    train_batches = _ImageBatches(train_data, bs, config.hflip)
+    val_batches = _ImageBatches(val_data, bs, hflip=False)
+
+    def loss_fn(model: nn.Module, images: Tensor, generator: torch.Generator) -> Tensor:
+        return model(images).loss
+
+    def val_loss(model: nn.Module, generator: torch.Generator) -> Tensor:
+        cpu_gen = torch.Generator().manual_seed(
+            int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        )
+        images = val_batches(cpu_gen).to(next(model.parameters()).device)
+        return model(images).recon_mse
+
+    metadata = {
+        "vqvae_config": vq_cfg.to_dict(),
+        "vq_train_config": dataclasses.replace(config, vq=vq_cfg).to_dict(),
+        "image_shape": [C, H, W],
+        "latent_shape": [1, vq_cfg.latent_size, vq_cfg.latent_size],
+        "class_names": list(data.class_names) if data.class_names else None,
+        "data": {
+            "name": data.name,
+            "images_sha256": hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest(),
+            "n_train": len(train_data),
+            "n_val": len(val_data),
+            "split_seed": config.split_seed,
+        },
+        "parameters": count_parameters(model),
+    }
+    result = train(
+        model,
+        loss_fn,
+        train_batches,
+        config.train,
+        run_dir,
+        val_loss_fn=val_loss,
+        resume=resume,
+        extra_metadata={**metadata, "model_config": metadata["vqvae_config"]},
+        progress=progress,
+        identity={
+            "data": {k: v for k, v in metadata["data"].items() if k != "name"},
+            "train_limit": config.train_limit,
+        },
+    )
+    export_vqvae(run_dir, run_dir / "vqvae.safetensors", metadata, val_data.images)
+    if export is not None:
+        export_vqvae(run_dir, Path(export), metadata, val_data.images)
+    return result
+
+
+def export_vqvae(
+    run_dir: str | os.PathLike, out: str | os.PathLike, metadata: dict[str, Any], val_images: Tensor
+) -> Path:
+    """Write the EMA weights of ``best.pt`` (else ``last.pt``) with the metadata and validation statistics."""
+    model = VQVAE(VQVAEConfig.from_dict(metadata["vqvae_config"]))
+    meta = best_weights_metadata(run_dir, model, metadata, "vq_train_config")
+    meta = {**meta, **reconstruction_stats(model, val_images), "format": VQVAE_FORMAT}
+    return export_safetensors(model, out, meta)
