@@ -56,6 +56,36 @@ def budget_seconds(minutes: float | None) -> float | None:
     return None if minutes is None else 60.0 * minutes
 
 
+def train_overrides(
+    *,
+    steps: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    warmup: int | None,
+    ema_decay: float | None,
+    eval_every: int | None,
+    ckpt_every: int | None,
+    seed: int | None,
+    device: str | None,
+    time_budget: float | None,
+    **more: Any,
+) -> dict[str, Any]:
+    """The :class:`dfm_core.training.TrainConfig` fields the shared train flags set (given ones only)."""
+    return given(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup,
+        ema_decay=ema_decay,
+        eval_every=eval_every,
+        ckpt_every=ckpt_every,
+        seed=seed,
+        device=device,
+        time_budget_s=budget_seconds(time_budget),
+        **more,
+    )
+
+
 def _items(text: str, flag: str, kind: str) -> list[str]:
     """The comma-separated items of a flag; an empty item ('4,,8', '8,' or '') is a ValueError."""
     items = [v.strip() for v in text.split(",")]

@@ -13,7 +13,6 @@ import typer
 
 from cli._common import (
     TrainFlags,
-    budget_seconds,
     check_alpha_flag,
     fail,
     float_list,
@@ -22,6 +21,7 @@ from cli._common import (
     name_list,
     report_training,
     run_options,
+    train_overrides,
     version_option,
 )
 
@@ -36,6 +36,13 @@ app = typer.Typer(
 @app.callback()
 def main(version: bool = version_option("imagegen")) -> None:
     """imagegen: train, sample and evaluate discrete flow matching models."""
+
+
+def _check_folder_flags(dataset: str, image_size: int | None, channels: int | None) -> None:
+    if dataset != "folder" and (image_size is not None or channels is not None):
+        raise ValueError(
+            f"--image-size and --channels apply to --dataset folder; {dataset} has a fixed image shape"
+        )
 
 
 @app.command()
@@ -109,24 +116,20 @@ def train(
         )
         if lp is not None and top.get("latent", cfg.latent) is None:
             raise ValueError("--lp applies to latent mode (--latent PATH): pixel distances are |x - y|")
-        chosen = top.get("dataset", cfg.dataset)
-        if chosen != "folder" and (image_size is not None or channels is not None):
-            raise ValueError(
-                f"--image-size and --channels apply to --dataset folder; {chosen} has a fixed image shape"
-            )
+        _check_folder_flags(top.get("dataset", cfg.dataset), image_size, channels)
         p = given(kind=path, c=beta_c, a=beta_a, scheduler=scheduler, lp=lp)
-        tr = given(
+        tr = train_overrides(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
-            warmup_steps=warmup,
+            warmup=warmup,
             ema_decay=ema_decay,
             eval_every=eval_every,
             ckpt_every=ckpt_every,
             seed=seed,
             device=device,
+            time_budget=time_budget,
             compile=compile,
-            time_budget_s=budget_seconds(time_budget),
         )
         model_cfg = UNetConfig.preset(size) if size is not None else cfg.model
         cfg = dataclasses.replace(
@@ -194,23 +197,19 @@ def train_vq(
             val_size=val_size,
             data_dir=data_dir,
         )
-        chosen = top.get("dataset", cfg.dataset)
-        if chosen != "folder" and (image_size is not None or channels is not None):
-            raise ValueError(
-                f"--image-size and --channels apply to --dataset folder; {chosen} has a fixed image shape"
-            )
+        _check_folder_flags(top.get("dataset", cfg.dataset), image_size, channels)
         vq = given(codebook_size=codebook_size, code_dim=code_dim, channels=width, num_down=num_down)
-        tr = given(
+        tr = train_overrides(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
-            warmup_steps=warmup,
+            warmup=warmup,
             ema_decay=ema_decay,
             eval_every=eval_every,
             ckpt_every=ckpt_every,
             seed=seed,
             device=device,
-            time_budget_s=budget_seconds(time_budget),
+            time_budget=time_budget,
         )
         cfg = dataclasses.replace(
             cfg, **top, vq=dataclasses.replace(cfg.vq, **vq), train=dataclasses.replace(cfg.train, **tr)

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import typer
 
-from cli._common import TrainFlags, budget_seconds, fail, given, report_training, run_options, version_option
+from cli._common import (
+    TrainFlags,
+    fail,
+    given,
+    report_training,
+    run_options,
+    train_overrides,
+    version_option,
+)
 
 app = typer.Typer(
     help="matgen: generate and evaluate crystals with kinetic-optimal discrete flow matching.",
@@ -167,17 +175,17 @@ def train(
             max_atoms=max_atoms,
             data_dir=data_dir,
         )
-        tr = given(
+        tr = train_overrides(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
-            warmup_steps=warmup,
+            warmup=warmup,
             ema_decay=ema_decay,
             eval_every=eval_every,
             ckpt_every=ckpt_every,
             seed=seed,
             device=device,
-            time_budget_s=budget_seconds(time_budget),
+            time_budget=time_budget,
         )
         model_cfg = cfg.model
         if size is not None:

@@ -13,7 +13,6 @@ import typer
 
 from cli._common import (
     TrainFlags,
-    budget_seconds,
     check_alpha_flag,
     fail,
     given,
@@ -21,6 +20,7 @@ from cli._common import (
     name_list,
     report_training,
     run_options,
+    train_overrides,
     version_option,
 )
 
@@ -114,18 +114,18 @@ def train(
         model_cfg = dataclasses.replace(
             model_cfg, **given(hidden=hidden, depth=depth, heads=heads, dropout=dropout)
         )
-        tr = given(
+        tr = train_overrides(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
-            warmup_steps=warmup,
-            lr_schedule=lr_schedule,
+            warmup=warmup,
             ema_decay=ema_decay,
             eval_every=eval_every,
             ckpt_every=ckpt_every,
-            time_budget_s=budget_seconds(time_budget),
             seed=seed,
             device=device,
+            time_budget=time_budget,
+            lr_schedule=lr_schedule,
         )
         if compile:
             tr["compile"] = True

@@ -312,20 +312,13 @@ def train_image_model(
         "image_shape": list(data.shape),
         "class_names": list(data.class_names) if data.class_names else None,
         "class_conditional": model_cfg.num_classes > 0,
-        "data": {
-            "name": data.name,
-            "images_sha256": images_sha256,
-            "n_train": len(train_data),
-            "n_val": len(val_data),
-            "split_seed": config.split_seed,
-        },
+        "data": data_facts(data, images_sha256, len(train_data), len(val_data), config.split_seed),
         "parameters": count_parameters(model),
     }
     identity = {
         "path": metadata["path"],
         "class_conditional": metadata["class_conditional"],
-        # what the images are, not where they were read from (a path spelled another way resumes)
-        "data": {k: v for k, v in metadata["data"].items() if k != "name"},
+        "data": run_data_identity(metadata["data"]),
         "train_limit": config.train_limit,
     }
     if latent_meta is not None:
@@ -348,6 +341,23 @@ def train_image_model(
     if export is not None:
         export_checkpoint(run_dir, Path(export), metadata, dtype=export_dtype, vq_state=vq_state)
     return result
+
+
+def data_facts(data: ImageDataset, images_sha256: str, n_train: int, n_val: int, split_seed: int) -> dict:
+    """What a run records about its images (metadata ``data``)."""
+    return {
+        "name": data.name,
+        "images_sha256": images_sha256,
+        "n_train": n_train,
+        "n_val": n_val,
+        "split_seed": split_seed,
+    }
+
+
+def run_data_identity(facts: dict) -> dict:
+    """The data part of a run's identity: what the images are, not where they were read from (a path
+    spelled another way resumes)."""
+    return {k: v for k, v in facts.items() if k != "name"}
 
 
 def export_checkpoint(

@@ -31,7 +31,7 @@ from dfm_core.training import (
 )
 from imagegen.data import ImageDataset, check_count, load_dataset
 from imagegen.model import count_parameters
-from imagegen.train import _split
+from imagegen.train import _split, data_facts, run_data_identity
 from imagegen.vqvae import VQVAE, VQVAE_FORMAT, VQVAEConfig
 
 __all__ = ["VQTrainConfig", "export_vqvae", "reconstruction_stats", "train_vqvae"]
@@ -159,13 +159,13 @@ def train_vqvae(
         "image_shape": [C, H, W],
         "latent_shape": [1, vq_cfg.latent_size, vq_cfg.latent_size],
         "class_names": list(data.class_names) if data.class_names else None,
-        "data": {
-            "name": data.name,
-            "images_sha256": hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest(),
-            "n_train": len(train_data),
-            "n_val": len(val_data),
-            "split_seed": config.split_seed,
-        },
+        "data": data_facts(
+            data,
+            hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest(),
+            len(train_data),
+            len(val_data),
+            config.split_seed,
+        ),
         "parameters": count_parameters(model),
     }
     result = train(
@@ -179,7 +179,7 @@ def train_vqvae(
         extra_metadata={**metadata, "model_config": metadata["vqvae_config"]},
         progress=progress,
         identity={
-            "data": {k: v for k, v in metadata["data"].items() if k != "name"},
+            "data": run_data_identity(metadata["data"]),
             "train_limit": config.train_limit,
         },
     )

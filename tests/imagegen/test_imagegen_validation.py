@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_assert import one_line_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,16 +21,6 @@ from imagegen.paths import MAX_PREVIEW_IMAGES, PixelPathConfig, path_preview, pa
 from imagegen.train import ImagegenTrainConfig
 
 runner = CliRunner()
-
-
-def one_line_error(result, *words: str) -> str:
-    """The CLI failed with exit code 2 and a single 'error: ...' line holding every word."""
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def gray_folder(root: Path, n: int = 3, size: int = 8) -> Path:
