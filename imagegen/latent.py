@@ -47,25 +47,34 @@ __all__ = [
 CODES_DTYPE = torch.int16  # codes travel and are cached as int16 (K <= 32767)
 
 
-def distance_scale(codebook: Tensor) -> float:
-    """s: the mean Euclidean distance between two distinct codes of ``codebook`` (K, D)."""
+def _euclidean(codebook: Tensor) -> Tensor:
+    """The (K, K) float64 Euclidean distances of the code embeddings (exact form: zero diagonal)."""
     e = codebook.detach().to(torch.float64)
-    K = e.shape[0]
-    if K < 2:
+    if e.shape[0] < 2:
         raise ValueError("a metric path needs a codebook of at least 2 codes")
-    d = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _scale_of(d: Tensor) -> float:
+    K = d.shape[0]
     s = float(d.sum() / (K * (K - 1)))
     if not s > 0:
         raise ValueError("all codebook embeddings are equal: no metric path on them")
     return s
 
 
+def distance_scale(codebook: Tensor) -> float:
+    """s: the mean Euclidean distance between two distinct codes of ``codebook`` (K, D)."""
+    return _scale_of(_euclidean(codebook))
+
+
 def codebook_distances(codebook: Tensor, lp: float) -> Tensor:
     """The (K, K) float64 matrix d[i, j] = (||e_i - e_j||_2 / s)^lp (eq 107 with the scale s of
-    :func:`distance_scale`), exactly zero on the diagonal. Costs 8 K^2 bytes (2 GB at K = 16384)."""
-    e = codebook.detach().to(torch.float64)
-    d = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist") / distance_scale(codebook)
-    return (d**lp).fill_diagonal_(0.0)
+    :func:`distance_scale`), exactly zero on the diagonal. One K x K matrix, computed in place: 8 K^2
+    bytes (2 GB at the paper's K = 16384, plus the cdist's own workspace)."""
+    d = _euclidean(codebook)
+    d.div_(_scale_of(d)).pow_(lp)
+    return d.fill_diagonal_(0.0)
 
 
 def latent_path(config: Any, codebook: Tensor) -> ProbabilityPath:
@@ -81,6 +90,11 @@ def latent_path(config: Any, codebook: Tensor) -> ProbabilityPath:
 def check_vqvae_data(meta: dict[str, Any], shape: tuple[int, int, int], where: str) -> None:
     """Refuse a VQ-VAE trained on images of another shape than the data's (C, H, W)."""
     trained = tuple(meta.get("image_shape") or ())
+    if len(trained) == 3 and trained[1:] == tuple(shape[1:]) and trained[0] != shape[0]:
+        raise ValueError(
+            f"VQ-VAE {where} encodes {trained[0]}-channel images but the data are read with {shape[0]} "
+            f"channel(s): pass --channels {trained[0]} (a folder data set) or use a VQ-VAE trained on these images"
+        )
     if trained != tuple(shape):
         raise ValueError(
             f"VQ-VAE {where} encodes {'x'.join(map(str, trained))} images but the data are "

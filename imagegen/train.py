@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class ImagegenTrainConfig:
     latent: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.latent, os.PathLike):
+            self.latent = os.fspath(self.latent)
         if self.latent is not None and (not isinstance(self.latent, str) or not self.latent.strip()):
             raise ValueError(f"latent must name a VQ-VAE .safetensors file, got {self.latent!r}")
         if isinstance(self.path, dict):
@@ -139,14 +142,24 @@ def model_config_for(config: ImagegenTrainConfig, data: ImageDataset, vq: VQVAE 
     levels = NUM_LEVELS
     if vq is not None:
         C, (H, _), levels = 1, vq.latent_shape, vq.config.codebook_size
-    return dataclasses.replace(
-        config.model,
-        image_channels=C,
-        image_size=H,
-        num_levels=levels,
-        input_vocab=levels + (1 if config.path.kind == "mask" else 0),
-        num_classes=data.num_classes if config.class_conditional else 0,
-    )
+    try:
+        return dataclasses.replace(
+            config.model,
+            image_channels=C,
+            image_size=H,
+            num_levels=levels,
+            input_vocab=levels + (1 if config.path.kind == "mask" else 0),
+            num_classes=data.num_classes if config.class_conditional else 0,
+        )
+    except ValueError as e:
+        if vq is None:
+            raise
+        halvings = len(config.model.channel_mult) - 1
+        raise ValueError(
+            f"the VQ-VAE's {H}x{H} code grid cannot be halved {halvings} time(s) by the U-Net ({e}): train the "
+            f"VQ-VAE with fewer downsamplings (e.g. `imagegen train-vq --num-down 1` for 28x28 images) or give "
+            "the U-Net fewer levels (channel_mult in the [model] table of a --config file)"
+        ) from None
 
 
 def make_loss(path: ProbabilityPath, num_classes: int = 0, label_dropout: float = 0.1):
@@ -262,6 +275,16 @@ def train_image_model(
         )
     if vq is not None:
         check_vqvae_data(vq_meta, data.shape, str(config.latent))
+        trained_on = (vq_meta.get("data") or {}).get("images_sha256")
+        if (
+            trained_on
+            and trained_on != hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest()
+        ):
+            warnings.warn(
+                f"the VQ-VAE {config.latent} was trained on other images ({(vq_meta.get('data') or {}).get('name')}) "
+                f"than these ({data.name}); its codes may describe them poorly",
+                stacklevel=2,
+            )
     train_idx, val_idx = _split_indices(data, config.val_size, config.split_seed, config.train_limit)
     train_data, val_data = data.take(train_idx, "[train]"), data.take(val_idx, "[val]")
     images_sha256 = hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest()
@@ -289,8 +312,10 @@ def train_image_model(
             "vqvae_recon_mse": vq_meta.get("recon_mse"),
             "codebook_size": vq.config.codebook_size,
             "latent_shape": [1, *vq.latent_shape],
-            "distance_scale": distance_scale(vq.codebook),
+            "vqvae_data": vq_meta.get("data"),
         }
+        if config.path.kind == "metric":
+            latent_meta["distance_scale"] = distance_scale(vq.codebook)
     loss_fn = make_loss(path, model_cfg.num_classes, config.label_dropout)
 
     def val_loss(model: nn.Module, generator: torch.Generator) -> Tensor:

@@ -70,6 +70,8 @@ class VQVAEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"VQ-VAE {name} must be a whole number >= 1, got {value!r}")
+        if self.codebook_size > 32767:  # codes travel and are cached as int16
+            raise ValueError(f"VQ-VAE codebook_size must be at most 32767, got {self.codebook_size}")
         if self.num_res_blocks < 0 or self.restart_after < 0:
             raise ValueError("VQ-VAE num_res_blocks and restart_after must be >= 0")
         if self.image_size % 2**self.num_down:

@@ -200,6 +200,28 @@ def test_cli_refuses_a_bad_latent_file_in_one_line(
         assert not (tmp_path / "run" / "last.pt").exists()  # refused before any training
     result = runner.invoke(app, [*base, "--image-size", "16", "--lp", "4", "--quiet"])
     assert result.exit_code == 2 and "--lp applies to latent mode" in result.output
+    rgb = [*base[: base.index("--channels")], *base[base.index("--channels") + 2 :], "--channels", "3"]
+    result = runner.invoke(
+        app, [*rgb, "--image-size", "8", "--latent", str(tiny_vq_run / "vqvae.safetensors")]
+    )
+    assert result.exit_code == 2 and "pass --channels 1" in result.output, result.output
+
+
+def test_latent_settings_that_cannot_work_are_named() -> None:
+    from imagegen.data import ImageDataset
+    from imagegen.train import ImagegenTrainConfig, model_config_for
+    from imagegen.vqvae import VQVAE, VQVAEConfig
+
+    with pytest.raises(ValueError, match="at most 32767"):
+        VQVAEConfig(codebook_size=40_000)
+    assert ImagegenTrainConfig(latent=Path("vq.safetensors")).latent == "vq.safetensors"  # a Path is fine
+    vq = VQVAE(
+        VQVAEConfig(image_channels=1, image_size=28, channels=4, num_down=2, codebook_size=8, code_dim=2)
+    )
+    data = ImageDataset(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), None, None, "fmnist-like")
+    cfg = dataclasses.replace(tiny_config(class_conditional=False), latent="vq.safetensors")
+    with pytest.raises(ValueError, match=r"7x7 code grid cannot be halved.*--num-down 1"):
+        model_config_for(cfg, data, vq)
 
 
 def test_latent_path_preview_decodes_x_t(tiny_vq_run: Path, tmp_path: Path) -> None:
