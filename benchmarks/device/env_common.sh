@@ -1,5 +1,5 @@
-# Sourced by textgen_run.sh and imagegen_run.sh (not by the matgen scripts, which use env.sh): no wheels,
-# the repo on PYTHONPATH, a work folder for unpacked data / caches / runs, a deadline for the whole call,
+# Sourced by textgen_run.sh, imagegen_run.sh and imagegen_latent_run.sh (not by the matgen scripts, which
+# use env.sh): no wheels, the repo on PYTHONPATH, a work folder for unpacked data / caches / runs, a deadline for the whole call,
 # and helpers that put results under $OUT within its limits (8 files, 16 MiB each, 64 MiB together).
 # See benchmarks/device/PLAN_text_images.md.
 #
@@ -92,6 +92,22 @@ unpack_tar_xz() {
     "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" \
         "$src" "$dest" || tar -xJf "$src" -C "$dest" || return 1
     echo "$sha" >"$dest/.archive_sha256"
+}
+
+# unpack_images: CIFAR-10 and the EfficientNet-Lite0 weights from .devimg (prepare_images.sh) into $DEV_WORK,
+# and the IMAGEGEN_* variables that point imagegen at them (imagegen calls).
+unpack_images() {
+    local split f weights
+    for split in train test; do
+        f=cifar10_jpegbytes_$split.npz
+        unpack_xz ".devimg/cifar10_jpeg/$f.xz" "$DEV_WORK/images/cifar10_jpeg/$f" || return 1
+    done
+    weights=$(ls .devimg/effnet/*.pth.xz 2>/dev/null | head -1)
+    [ -n "$weights" ] || { echo "no .devimg/effnet/*.pth.xz: run prepare_images.sh here and carry .devimg" >&2; return 1; }
+    unpack_xz "$weights" "$DEV_WORK/effnet/$(basename "$weights" .xz)" || return 1
+    export IMAGEGEN_DATA=$DEV_WORK/images IMAGEGEN_CACHE=$DEV_WORK/cache/imagegen
+    export IMAGEGEN_FEATURES=$DEV_WORK/effnet/$(basename "$weights" .xz)
+    say "image data and EfficientNet-Lite0 weights ready in $DEV_WORK"
 }
 
 out_bytes() { du -cb "$OUT" 2>/dev/null | tail -1 | cut -f1; }

@@ -40,15 +40,7 @@ REF=()
 {
     say "imagegen_latent_run.sh $vq_minutes $dfm_minutes  (device $DEV_DEVICE, deadline ${DEV_DEADLINE} s)"
     dev_info || exit 1
-    for split in train test; do
-        f=cifar10_jpegbytes_$split.npz
-        unpack_xz ".devimg/cifar10_jpeg/$f.xz" "$DEV_WORK/images/cifar10_jpeg/$f" || exit 1
-    done
-    weights=$(ls .devimg/effnet/*.pth.xz 2>/dev/null | head -1)
-    [ -n "$weights" ] || { echo "no .devimg/effnet/*.pth.xz: run prepare_images.sh here and carry .devimg" >&2; exit 1; }
-    unpack_xz "$weights" "$DEV_WORK/effnet/$(basename "$weights" .xz)" || exit 1
-    export IMAGEGEN_DATA=$DEV_WORK/images IMAGEGEN_CACHE=$DEV_WORK/cache/imagegen
-    export IMAGEGEN_FEATURES=$DEV_WORK/effnet/$(basename "$weights" .xz)
+    unpack_images || exit 1
     rm -rf "$RES" && mkdir -p "$RES/vq" "$RUNS" || exit 1
 
     # shellcheck disable=SC2086
