@@ -19,6 +19,7 @@ sorted subfolder names; ``train/`` and ``test/`` subfolders, if present, are the
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import operator
 import os
@@ -139,6 +140,11 @@ class ImageDataset:
             return self
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         return self.take(perm, f"[random {n}]")
+
+
+def images_sha256(images: Tensor) -> str:
+    """SHA-256 (hex) of uint8 images' bytes: what a run or a cache was made from, wherever it was read."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
 
 
 def check_count(value: object, what: str) -> int:

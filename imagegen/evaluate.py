@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from dfm_core.atomic_io import file_sha256
-from imagegen.data import ImageDataset, check_count, default_cache_dir, load_dataset
+from imagegen.data import ImageDataset, check_count, default_cache_dir, images_sha256, load_dataset
 from imagegen.frechet import FeatureStats, score_name
 from imagegen.generate import ImageGenerator, SamplingConfig
 from imagegen.grid import check_output_folder, save_grid
@@ -75,10 +74,6 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: Tensor) -> Tensor: ...
 
 
-def _images_digest(images: Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def reference_stats(
     data: ImageDataset,
     extractor: FeatureExtractor,
@@ -88,7 +83,7 @@ def reference_stats(
     """Feature statistics of ``data`` (e.g. the test split), cached by extractor and image digest."""
     path = None
     if cache:
-        key = f"{extractor.name}-{len(data)}-{_images_digest(data.images)}"
+        key = f"{extractor.name}-{len(data)}-{images_sha256(data.images)[:16]}"
         path = Path(cache_dir or default_cache_dir()) / "fd_stats" / f"{key}.npz"
         if path.is_file():
             try:

@@ -14,7 +14,6 @@ Latent mode (``latent``: a VQ-VAE file, sec 8.4): the tokens are the VQ-VAE code
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from dfm_core.training import (
     seed_everything,
     train,
 )
-from imagegen.data import ImageDataset, check_count, load_dataset
+from imagegen.data import ImageDataset, check_count, images_sha256, load_dataset
 from imagegen.latent import check_vqvae_data, distance_scale, latent_codes
 from imagegen.model import PixelUNet, UNetConfig, count_parameters
 from imagegen.paths import NUM_LEVELS, PixelPathConfig, build_path
@@ -180,11 +179,19 @@ def make_loss(path: ProbabilityPath, num_classes: int = 0, label_dropout: float 
     return loss_fn
 
 
-def _split(
+def split_train_val(
     data: ImageDataset, val_size: int, seed: int, limit: int | None
 ) -> tuple[ImageDataset, ImageDataset]:
+    """The training and validation images of :func:`_split_indices`."""
     train_idx, val_idx = _split_indices(data, val_size, seed, limit)
     return data.take(train_idx, "[train]"), data.take(val_idx, "[val]")
+
+
+def cpu_generator(generator: torch.Generator) -> torch.Generator:
+    """A CPU generator seeded from ``generator`` (which may live on the GPU): validation batches are drawn
+    on the CPU, the same for every validation because the training loop re-seeds ``generator``."""
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)
 
 
 def _split_indices(data: ImageDataset, val_size: int, seed: int, limit: int | None) -> tuple[Tensor, Tensor]:
@@ -213,12 +220,17 @@ class _Batches:
         self.labels = data.labels if data.labels is not None else torch.zeros(len(data), dtype=torch.long)
         self.batch_size, self.hflip = batch_size, hflip
 
-    def __call__(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(indices (B,), uint8 images (B, C, H, W), each flipped with probability 1/2 if ``hflip``)."""
         idx = torch.randint(len(self.images), (self.batch_size,), generator=generator)
         images = self.images[idx]
         if self.hflip:
             flip = torch.rand(self.batch_size, generator=generator) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return idx, images
+
+    def __call__(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx, images = self.draw(generator)
         return images.reshape(self.batch_size, -1), self.labels[idx]
 
 
@@ -273,13 +285,11 @@ def train_image_model(
         data = load_dataset(
             config.dataset, "train", config.data_dir, image_size=config.image_size, channels=config.channels
         )
+    data_sha256 = images_sha256(data.images)
     if vq is not None:
         check_vqvae_data(vq_meta, data.shape, str(config.latent))
         trained_on = (vq_meta.get("data") or {}).get("images_sha256")
-        if (
-            trained_on
-            and trained_on != hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest()
-        ):
+        if trained_on and trained_on != data_sha256:
             warnings.warn(
                 f"the VQ-VAE {config.latent} was trained on other images ({(vq_meta.get('data') or {}).get('name')}) "
                 f"than these ({data.name}); its codes may describe them poorly",
@@ -287,7 +297,6 @@ def train_image_model(
             )
     train_idx, val_idx = _split_indices(data, config.val_size, config.split_seed, config.train_limit)
     train_data, val_data = data.take(train_idx, "[train]"), data.take(val_idx, "[val]")
-    images_sha256 = hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest()
     model_cfg = model_config_for(config, data, vq)
     model = PixelUNet(model_cfg)
     bs = config.train.batch_size
@@ -298,9 +307,7 @@ def train_image_model(
         val_batches = _Batches(val_data, bs, hflip=False)
     else:
         vq_sha256 = file_sha256(config.latent)
-        codes = latent_codes(
-            vq.to(resolve_device(config.train.device)), data.images, vq_sha256, images_sha256
-        )
+        codes = latent_codes(vq.to(resolve_device(config.train.device)), data.images, vq_sha256, data_sha256)
         vq.cpu()
         path = build_path(config.path, vq.codebook)
         train_batches = _CodeBatches(codes[train_idx], train_data, bs, config.hflip)
@@ -319,10 +326,7 @@ def train_image_model(
     loss_fn = make_loss(path, model_cfg.num_classes, config.label_dropout)
 
     def val_loss(model: nn.Module, generator: torch.Generator) -> Tensor:
-        cpu_gen = torch.Generator().manual_seed(
-            int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-        )
-        tokens, labels = val_batches(cpu_gen)
+        tokens, labels = val_batches(cpu_generator(generator))
         device = next(model.parameters()).device
         return loss_fn(model, (tokens.to(device), labels.to(device)), generator)
 
@@ -337,7 +341,7 @@ def train_image_model(
         "image_shape": list(data.shape),
         "class_names": list(data.class_names) if data.class_names else None,
         "class_conditional": model_cfg.num_classes > 0,
-        "data": data_facts(data, images_sha256, len(train_data), len(val_data), config.split_seed),
+        "data": data_facts(data, data_sha256, len(train_data), len(val_data), config.split_seed),
         "parameters": count_parameters(model),
     }
     identity = {

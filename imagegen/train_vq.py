@@ -10,7 +10,6 @@ the reconstruction MSE and code usage on all validation images in its metadata.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ from dfm_core.training import (
     seed_everything,
     train,
 )
-from imagegen.data import ImageDataset, check_count, load_dataset
+from imagegen.data import ImageDataset, check_count, images_sha256, load_dataset
 from imagegen.model import count_parameters
-from imagegen.train import _split, data_facts, run_data_identity
+from imagegen.train import _Batches, cpu_generator, data_facts, run_data_identity, split_train_val
 from imagegen.vqvae import VQVAE, VQVAE_FORMAT, VQVAEConfig
 
 __all__ = ["VQTrainConfig", "export_vqvae", "reconstruction_stats", "train_vqvae"]
@@ -82,21 +81,6 @@ class VQTrainConfig:
         return config_from_dict(cls, data)
 
 
-class _ImageBatches:
-    """Random batches of uint8 images (B, C, H, W) drawn with the CPU generator; optional horizontal flips."""
-
-    def __init__(self, data: ImageDataset, batch_size: int, hflip: bool) -> None:
-        self.images, self.batch_size, self.hflip = data.images, batch_size, hflip
-
-    def __call__(self, generator: torch.Generator) -> Tensor:
-        idx = torch.randint(len(self.images), (self.batch_size,), generator=generator)
-        images = self.images[idx]
-        if self.hflip:
-            flip = torch.rand(self.batch_size, generator=generator) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images
-
-
 @torch.no_grad()
 def reconstruction_stats(vq: VQVAE, images: Tensor, batch_size: int = 256) -> dict[str, float]:
     """Mean reconstruction MSE (on [-1, 1]) and the fraction of the K codes used, over ``images``."""
@@ -137,20 +121,20 @@ def train_vqvae(
     if H != W:
         raise ValueError(f"square images only, got {H}x{W}")
     vq_cfg = dataclasses.replace(config.vq, image_channels=C, image_size=H)
-    train_data, val_data = _split(data, config.val_size, config.split_seed, config.train_limit)
+    train_data, val_data = split_train_val(data, config.val_size, config.split_seed, config.train_limit)
     model = VQVAE(vq_cfg)
     bs = config.train.batch_size
-    train_batches = _ImageBatches(train_data, bs, config.hflip)
-    val_batches = _ImageBatches(val_data, bs, hflip=False)
+    train_images = _Batches(train_data, bs, config.hflip)
+    val_images = _Batches(val_data, bs, hflip=False)
+
+    def train_batches(generator: torch.Generator) -> Tensor:
+        return train_images.draw(generator)[1]
 
     def loss_fn(model: nn.Module, images: Tensor, generator: torch.Generator) -> Tensor:
         return model(images).loss
 
     def val_loss(model: nn.Module, generator: torch.Generator) -> Tensor:
-        cpu_gen = torch.Generator().manual_seed(
-            int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-        )
-        images = val_batches(cpu_gen).to(next(model.parameters()).device)
+        images = val_images.draw(cpu_generator(generator))[1].to(next(model.parameters()).device)
         return model(images).recon_mse
 
     metadata = {
@@ -160,11 +144,7 @@ def train_vqvae(
         "latent_shape": [1, vq_cfg.latent_size, vq_cfg.latent_size],
         "class_names": list(data.class_names) if data.class_names else None,
         "data": data_facts(
-            data,
-            hashlib.sha256(data.images.contiguous().numpy().tobytes()).hexdigest(),
-            len(train_data),
-            len(val_data),
-            config.split_seed,
+            data, images_sha256(data.images), len(train_data), len(val_data), config.split_seed
         ),
         "parameters": count_parameters(model),
     }

@@ -9,7 +9,7 @@ import torch
 from imagegen_fixtures import read_metrics, synthetic_images, tiny_vq_config
 
 from dfm_core.training import load_safetensors
-from imagegen.train import _split
+from imagegen.train import split_train_val
 from imagegen.train_vq import reconstruction_stats, train_vqvae
 from imagegen.vqvae import VQVAE, VQVAE_FORMAT, VectorQuantizer, VQVAEConfig, load_vqvae
 
@@ -90,7 +90,7 @@ def test_tiny_vqvae_reconstruction_loss_falls_and_export_round_trips(tmp_path: P
     assert not vq.training and meta2["recon_mse"] == meta["recon_mse"]
     assert torch.equal(vq.codebook, state["quantizer.codebook"])
     # the reported MSE is the one of the exported weights on the held-out images
-    _, val = _split(data, 16, 0, None)
+    _, val = split_train_val(data, 16, 0, None)
     assert reconstruction_stats(vq, val.images)["recon_mse"] == pytest.approx(meta["recon_mse"], rel=1e-5)
     codes = vq.encode(data.images[:8])
     assert codes.shape == (8, 2, 2) and int(codes.max()) < 16
