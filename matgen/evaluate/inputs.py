@@ -113,21 +113,28 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8-sig", errors="replace")
 
 
+def _unpacked_text(data: bytes, name: str) -> str:
+    """A file's text from its bytes: gunzipped when ``name`` ends in .gz, then :func:`_decode`."""
+    return _decode(gzip.decompress(data) if name.lower().endswith(".gz") else data)
+
+
 def _read_text(path: Path) -> tuple[str | None, str | None]:
     try:
-        data = path.read_bytes()
-        if path.name.lower().endswith(".gz"):
-            data = gzip.decompress(data)
-        return _decode(data), None
+        return _unpacked_text(path.read_bytes(), path.name), None
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         return None, f"unreadable file: {exc}"
+
+
+def _cif_items(text: str, id_: str) -> list[InputItem]:
+    """One item per crystal block of a CIF's text (id ``id_:block`` when the text holds several)."""
+    return [InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in crystal_blocks(text)]
 
 
 def _file_items(path: Path, id_: str) -> list[InputItem]:
     text, err = _read_text(path)
     if text is None:
         return [InputItem(id=id_, read_error=err)]
-    return [InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in crystal_blocks(text)]
+    return _cif_items(text, id_)
 
 
 def _zip_items(path: Path) -> list[InputItem]:
@@ -153,14 +160,11 @@ def _zip_items(path: Path) -> list[InputItem]:
                 )
                 continue
             try:
-                data = archive.read(m)
-                if m.filename.lower().endswith(".gz"):
-                    data = gzip.decompress(data)
+                text = _unpacked_text(archive.read(m), m.filename)
             except (OSError, EOFError, ValueError, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
                 items.append(InputItem(id=id_, read_error=f"unreadable archive member: {error_text(exc)}"))
                 continue
-            blocks = crystal_blocks(_decode(data))
-            items.extend(InputItem(id=f"{id_}:{name}" if name else id_, cif=block) for name, block in blocks)
+            items.extend(_cif_items(text, id_))
     if not items:
         raise ValueError(f"the archive {path} holds no .cif files")
     return items
@@ -293,9 +297,7 @@ def _table_items(path: Path, frame: pd.DataFrame) -> list[InputItem]:
             if c is None or not c.strip():
                 items.append(InputItem(id=i, read_error="empty CIF"))
             else:  # a cell holding several crystals gives one row each, as a file does
-                items.extend(
-                    InputItem(id=f"{i}:{name}" if name else i, cif=block) for name, block in crystal_blocks(c)
-                )
+                items.extend(_cif_items(c, i))
         return items
     errors = frame["error"] if "error" in frame.columns else [None] * len(frame)
     items = []
