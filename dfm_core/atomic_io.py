@@ -4,6 +4,9 @@ Every app writes its checkpoints, caches, CIFs and tables through :func:`atomic_
 hidden temp file beside the target, is flushed to disk, and is then renamed over the target (``os.replace``
 is atomic on POSIX and Windows). The temp file is created with mode 0666 minus the umask, so the result has
 the permissions of a plain ``open(path, "w")``, whatever mode the writer callback chose.
+
+Beside the writers: the file helpers the apps share (:func:`check_writable`, :func:`file_sha256`,
+:func:`visible_files`, :class:`ResultLog`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ __all__ = [
     "atomic_write_text",
     "check_writable",
     "file_sha256",
+    "hidden_name",
     "remove_stale_temps",
+    "visible_files",
 ]
 
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.\w+)*$")
@@ -157,6 +162,33 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+def hidden_name(name: str) -> bool:
+    """A name the file walkers skip: dot files and folders (macOS ``._x`` resource forks, ``.git``) and
+    ``__MACOSX``."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def visible_files(
+    folder: str | os.PathLike, suffixes: tuple[str, ...], skip_dir: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """Files under ``folder`` whose lower-cased name ends in one of ``suffixes``, sorted per directory;
+    hidden names (:func:`hidden_name`) and folders for which ``skip_dir`` is true are skipped, and a
+    symlinked folder is followed once (a symlink loop, or a folder linked twice, is read once)."""
+    visited: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(
+            d for d in dirs if not hidden_name(d) and not (skip_dir is not None and skip_dir(Path(root) / d))
+        )
+        for name in sorted(names):
+            if not hidden_name(name) and name.lower().endswith(suffixes):
+                yield Path(root) / name
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write, file_sha256
+from dfm_core.atomic_io import atomic_write, file_sha256, visible_files
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -410,14 +410,7 @@ def load_image_folder(
         held_out = root / "test"
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
-        and (held_out is None or held_out not in p.parents)
-        and p.is_file()
-    )
+    files = sorted(visible_files(root, IMAGE_SUFFIXES, skip_dir=lambda d: d == held_out))
     if limit is not None:
         files = files[:limit]
     if not files:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write, atomic_write_text
+from dfm_core.atomic_io import atomic_write, atomic_write_text, visible_files
 from textgen.tokenizer import EOT_ID, TextTokenizer
 
 __all__ = [
@@ -219,27 +219,13 @@ def text_files(folder: str | os.PathLike) -> list[Path]:
     forks, ``__MACOSX``) are skipped, and so are folders that this tool wrote (a ``textgen train`` run
     or an evaluation, recognised by their ``metrics.jsonl`` / ``cells.jsonl``), so that a run folder
     placed inside its data folder never becomes training data."""
-    folder = Path(folder)
-    files, visited = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:  # a symlink loop, or a folder linked twice: read once
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = sorted(
-            d
-            for d in dirs
-            if not d.startswith(".")
-            and d != "__MACOSX"
-            and not any((Path(root) / d / m).exists() for m in _OUTPUT_MARKERS)
-        )
-        files += [
-            Path(root) / n
-            for n in sorted(names)
-            if not n.startswith(".") and Path(n).suffix.lower() in _TEXT_SUFFIXES and n not in _OUTPUT_MARKERS
-        ]
-    return sorted(files)
+
+    def tool_output(d: Path) -> bool:
+        return any((d / m).exists() for m in _OUTPUT_MARKERS)
+
+    return sorted(
+        p for p in visible_files(folder, _TEXT_SUFFIXES, tool_output) if p.name not in _OUTPUT_MARKERS
+    )
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

@@ -30,15 +30,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from pymatgen.core import Structure
 
+from dfm_core.atomic_io import hidden_name, visible_files
 from matgen.cif import DATA_BLOCK, crystal_blocks, parse_cif
 
 __all__ = ["InputItem", "error_text", "parse_cif", "read_inputs"]
@@ -151,7 +151,7 @@ def _zip_items(path: Path) -> list[InputItem]:
             key=lambda m: m.filename,
         )
         for m in members:
-            if any(_hidden(part) for part in m.filename.split("/")):
+            if any(hidden_name(part) for part in m.filename.split("/")):
                 continue
             id_ = f"{path.name}/{m.filename}"
             if m.file_size > MAX_MEMBER_BYTES:
@@ -238,25 +238,6 @@ def _poscar_items(path: Path) -> list[InputItem]:
     return [InputItem(id=path.name, structure=structure)]
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _cif_files(folder: Path) -> Iterator[Path]:
-    """CIF files under ``folder``, sorted per directory, following symlinked folders once each."""
-    visited: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        for name in sorted(files):
-            if not _hidden(name) and name.lower().endswith(CIF_SUFFIXES):
-                yield Path(root) / name
-
-
 def _read_frame(path: Path) -> pd.DataFrame:
     name = path.name.lower()
     try:
@@ -327,7 +308,7 @@ def _folder_items(folder: Path) -> list[InputItem]:
                 (folder / f).resolve().as_posix() for f in frame["file"] if isinstance(f, str) and f.strip()
             }
     extra: list[InputItem] = []
-    for f in _cif_files(folder):
+    for f in visible_files(folder, CIF_SUFFIXES):
         if f.resolve().as_posix() in listed_files:
             continue
         extra.extend(_file_items(f, f.relative_to(folder).as_posix()))

@@ -143,3 +143,15 @@ def test_result_log_survives_reopening_and_drops_a_torn_line(tmp_path: Path) -> 
     assert path.read_text().endswith("\n")  # the torn line is gone, so the next line starts cleanly
     again.add({"a": 3}, 7)
     assert ResultLog(path).get({"a": 3}) == 7
+
+
+def test_visible_files_skip_hidden_names_and_follow_a_symlink_loop_once(tmp_path: Path) -> None:
+    from dfm_core.atomic_io import visible_files
+
+    (tmp_path / "a" / "skip").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    for rel in ("b.CIF", "a/c.cif.gz", "a/skip/d.cif", ".git/e.cif", "a/._f.cif", "a/g.txt"):
+        (tmp_path / rel).write_text("x")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a loop back to the top
+    found = list(visible_files(tmp_path, (".cif", ".cif.gz"), skip_dir=lambda d: d.name == "skip"))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == ["a/c.cif.gz", "b.CIF"]
