@@ -54,6 +54,7 @@ __all__ = [
     "load_config",
     "load_safetensors",
     "resolve_device",
+    "saved_run_facts",
     "seed_everything",
     "train",
 ]
@@ -552,6 +553,23 @@ def load_checkpoint(
                     if name in ckpt["ema"]["shadow"]:
                         p.copy_(ckpt["ema"]["shadow"][name])
     return ckpt
+
+
+def saved_run_facts(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``identity`` and ``metadata`` that :func:`train` saved in ``run_dir/last.pt``, read without
+    loading its tensors (memory-mapped); ``None`` when there is no such checkpoint or it cannot be read
+    (:func:`train` then reports the problem itself). Lets an app refuse a mismatched resume before it
+    spends time preparing data."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(ckpt, dict):
+        return None
+    return {"identity": ckpt.get("identity") or {}, "metadata": ckpt.get("metadata") or {}}
 
 
 # --------------------------------------------------------------------------------------------------

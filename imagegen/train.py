@@ -34,6 +34,7 @@ from dfm_core.training import (
     export_safetensors,
     load_config,
     resolve_device,
+    saved_run_facts,
     seed_everything,
     train,
 )
@@ -277,9 +278,12 @@ def train_image_model(
     run_dir = Path(run_dir)
     if export is not None:
         check_writable(export, "export path")
-    vq = vq_meta = None
+    vq = vq_meta = vq_sha256 = None
     if config.latent is not None:  # a bad VQ-VAE file fails before the data are loaded
         vq, vq_meta = load_vqvae(config.latent)
+        vq_sha256 = file_sha256(config.latent)
+    if resume:  # and so does a resume with another kind of run, before the images are encoded
+        check_latent_resume(run_dir, config.latent, vq_sha256)
     seed_everything(config.train.seed)
     if data is None:
         data = load_dataset(
@@ -306,7 +310,6 @@ def train_image_model(
         train_batches = _Batches(train_data, bs, config.hflip)
         val_batches = _Batches(val_data, bs, hflip=False)
     else:
-        vq_sha256 = file_sha256(config.latent)
         codes = latent_codes(vq.to(resolve_device(config.train.device)), data.images, vq_sha256, data_sha256)
         vq.cpu()
         path = build_path(config.path, vq.codebook)
@@ -370,6 +373,35 @@ def train_image_model(
     if export is not None:
         export_checkpoint(run_dir, Path(export), metadata, dtype=export_dtype, vq_state=vq_state)
     return result
+
+
+_AFRESH = "Or start afresh (--no-resume; resume=False)."
+
+
+def check_latent_resume(run_dir: str | os.PathLike, latent: str | None, vq_sha256: str | None) -> None:
+    """Refuse to resume ``run_dir`` as a pixel run when it holds a latent run, as a latent run when it holds
+    a pixel run, or on the codes of another VQ-VAE than the one it was trained on (``vq_sha256``)."""
+    facts = saved_run_facts(run_dir)
+    if facts is None:
+        return
+    was = facts["identity"].get("latent_vqvae_sha256")
+    was_file = (facts["metadata"].get("latent") or {}).get("vqvae_file", "?")
+    if was is None and latent is not None:
+        raise ValueError(
+            f"cannot resume: {run_dir} holds a pixel run, not a latent one; drop --latent (latent=None) to "
+            f"continue it, or train the latent model in another --run-dir."
+        )
+    if was is not None and latent is None:
+        raise ValueError(
+            f"cannot resume: {run_dir} holds a latent run on the codes of the VQ-VAE {was_file}; pass "
+            f"--latent {was_file} (latent=...) to continue it. {_AFRESH}"
+        )
+    if was is not None and was != vq_sha256:
+        raise ValueError(
+            f"cannot resume: {run_dir} was trained on the codes of another VQ-VAE ({was_file}, sha256 "
+            f"{was[:12]}...) than {latent} ({vq_sha256[:12]}...); pass that VQ-VAE to continue it. "
+            f"{_AFRESH}"
+        )
 
 
 def data_facts(data: ImageDataset, images_sha256: str, n_train: int, n_val: int, split_seed: int) -> dict:

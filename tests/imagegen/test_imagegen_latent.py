@@ -4,6 +4,7 @@ self-contained checkpoints, and the `imagegen train-vq` / `train --latent` / `sa
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -135,6 +136,49 @@ def test_latent_checkpoint_samples_decoded_images_without_the_vqvae_file(
         assert img.size == (8, 8)
 
 
+def test_a_resume_of_another_kind_of_run_is_refused_before_any_image_is_encoded(
+    latent_run: tuple[Path, Path],
+    tiny_vq_run: Path,
+    tiny_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from safetensors.torch import save_file
+
+    import imagegen.train as train_module
+
+    def no_encoding(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the images were encoded before the resume was refused")
+
+    monkeypatch.setattr(train_module, "latent_codes", no_encoding)
+    monkeypatch.setattr(train_module, "load_dataset", no_encoding)
+    vq_file = tmp_path / "vq.safetensors"
+    shutil.copy(tiny_vq_run / "vqvae.safetensors", vq_file)
+    state, meta = load_safetensors(vq_file)  # the same VQ-VAE, other bytes: another file digest
+    other_vq = tmp_path / "other_vq.safetensors"
+    save_file(
+        state, str(other_vq), metadata={k: json.dumps(v) for k, v in {**meta, "note": "retrained"}.items()}
+    )
+    latent_dir, pixel_dir = tmp_path / "latent", tmp_path / "pixel"
+    shutil.copytree(latent_run[0], latent_dir)
+    shutil.copytree(tiny_run, pixel_dir)
+    latent = dataclasses.replace(tiny_config("metric", 40), latent=str(vq_file))
+    cases = [
+        (latent_dir, tiny_config("metric", 40), "holds a latent run on the codes of the VQ-VAE"),
+        (
+            latent_dir,
+            dataclasses.replace(latent, latent=str(other_vq)),
+            "trained on the codes of another VQ-VAE",
+        ),
+        (pixel_dir, latent, "holds a pixel run, not a latent one"),
+    ]
+    for run_dir, config, message in cases:
+        before = (run_dir / "last.pt").read_bytes()
+        with pytest.raises(ValueError, match=message):
+            train_image_model(config, run_dir, resume=True, progress=False)
+        assert (run_dir / "last.pt").read_bytes() == before
+
+
 def _image_folder(root: Path, size: int = 8) -> Path:
     for cls in ("a", "b"):
         folder = root / "train" / cls
@@ -186,7 +230,12 @@ def test_cli_refuses_a_bad_latent_file_in_one_line(
     data = _image_folder(tmp_path / "images", size=16)
     base = ["train", "--run-dir", str(tmp_path / "run"), "--dataset", "folder", "--data-dir", str(data)]
     base += ["--channels", "1", "--val-size", "4", "--steps", "1", "--size", "tiny", "--device", "cpu"]
+    raw = (tiny_vq_run / "vqvae.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    zeroed = tmp_path / "zeroed.safetensors"  # header intact, every weight 0
+    zeroed.write_bytes(raw[:header_end] + bytes(len(raw) - header_end))
     cases = [
+        (zeroed, "all 16 codebook vectors are equal"),
         (tmp_path / "none.safetensors", "not found"),
         (tmp_path, "a folder, not a VQ-VAE file"),
         (tiny_checkpoint, "not an imagegen VQ-VAE"),
