@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +39,22 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 
 
 warnings.formatwarning = _one_line_warning  # the CLIs import this module; the Python API is untouched
+
+
+class CommandGroup(TyperGroup):
+    """The apps' command group: a Ctrl-C that a command does not handle itself ends with a line that says
+    so (typer alone exits 130 without a word)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.secho(
+                "error: interrupted (Ctrl-C); files are written whole or not at all, so none is left half-written",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(130) from None
 
 
 def fail(message: str, code: int = 2) -> None:

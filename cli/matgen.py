@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from cli._common import (
+    CommandGroup,
     TrainFlags,
     fail,
     given,
@@ -26,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CommandGroup,
 )
 
 

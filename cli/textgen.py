@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from cli._common import (
+    CommandGroup,
     TrainFlags,
     check_alpha_flag,
     fail,
@@ -29,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CommandGroup,
 )
 
 _DATA_HELP = "Text data folder (else $TEXTGEN_DATA, else <repo>/../shared/data/text)."

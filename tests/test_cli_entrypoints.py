@@ -66,3 +66,27 @@ def test_every_train_command_documents_the_time_budget(app: str) -> None:
     train = command.commands["train"]  # type: ignore[attr-defined]
     option = next(p for p in train.params if p.name == "time_budget")
     assert "minutes" in (option.help or "")
+
+
+def test_a_ctrl_c_no_command_handles_ends_with_a_line_that_says_so() -> None:
+    from typer.testing import CliRunner
+
+    from cli._common import CommandGroup
+
+    for app in ("matgen", "textgen", "imagegen"):
+        assert isinstance(typer.main.get_command(importlib.import_module(f"cli.{app}").app), CommandGroup), (
+            app
+        )
+    demo = typer.Typer(cls=CommandGroup)
+
+    @demo.command()
+    def slow() -> None:
+        raise KeyboardInterrupt
+
+    @demo.command()
+    def other() -> None:
+        pass
+
+    result = CliRunner().invoke(demo, ["slow"])
+    assert result.exit_code == 130
+    assert result.output.strip().startswith("error: interrupted (Ctrl-C)"), result.output
