@@ -361,6 +361,11 @@ def plot_samples_vs_nfe(samples: Sequence[SampleQuality], path: str | os.PathLik
     return path
 
 
+def _as_list(value: Any) -> list:
+    """``value`` as a list, a lone string or path being one item (not a sequence of characters)."""
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
 def _check_counts(**counts: int) -> None:
     """Each count must be a whole number >= 1 (the message names the first that is not)."""
     for name, value in counts.items():
@@ -442,6 +447,10 @@ def evaluate(
     Raises:
         ValueError: a bad setting (checked before any likelihood pass), checkpoint or data set.
     """
+    # one checkpoint, data set, name or NFE may be given alone (a string would otherwise be iterated)
+    checkpoints, datasets = _as_list(checkpoints), _as_list(datasets)
+    names = None if names is None else _as_list(names)
+    nfe = [nfe] if isinstance(nfe, int) else nfe
     # every setting is checked before the first (slow) likelihood pass, so no work is thrown away
     _check_counts(n_points=n_points, batch_size=batch_size, chunk=chunk)
     _check_limit(limit)

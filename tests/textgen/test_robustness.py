@@ -315,3 +315,22 @@ def test_gap_markers_with_spaces_and_look_alikes(tokenizer) -> None:
     with pytest.warns(UserWarning, match=r"\[\[8 tokens\]\].*kept as text"):
         odd = parse_template("The cat [[8 tokens]] here", tokenizer, 32)
     assert odd.is_prompt and tokenizer.decode(odd.values[odd.mask].tolist()) == "The cat [[8 tokens]] here"
+
+
+def test_evaluate_takes_a_lone_checkpoint_data_set_name_and_nfe(tiny_run: Path, tiny_corpus: Path, tokenizer):
+    """A notebook call with one string per argument means one item, not one item per character."""
+    from textgen.evaluate import evaluate
+
+    report = evaluate(
+        str(tiny_run / "model.safetensors"),
+        datasets=f"tiny={tiny_corpus}",
+        names="m",
+        limit=2,
+        n_points=4,
+        samples=1,
+        nfe=2,
+        tokenizer=tokenizer,
+        device="cpu",
+    )
+    assert report.models() == ["m"] and report.datasets() == ["tiny"]
+    assert [s.nfe for s in report.samples] == [2]
