@@ -183,15 +183,17 @@ class MetricPath(ProbabilityPath):
         cls, embeddings: Tensor, power: float = 1.0, beta: BetaSchedule | None = None
     ) -> MetricPath:
         """d(x, y) = ||emb(x) - emb(y)||_2^power (eq 107), evaluated on demand."""
-        emb = embeddings.detach()
+        held = {"emb": embeddings.detach()}
 
         def dist(x1: Tensor) -> Tensor:
-            e = emb.to(x1.device)
+            if held["emb"].device != x1.device:  # moved once, not at every call
+                held["emb"] = held["emb"].to(x1.device)
+            e = held["emb"]
             # the exact (non-matmul) form: d(x, x) = 0 exactly, also for large, tightly clustered embeddings
             d = torch.cdist(e[x1].reshape(-1, e.shape[-1]), e, compute_mode="donot_use_mm_for_euclid_dist")
             return d.reshape(*x1.shape, e.shape[0]) ** power
 
-        return cls(dist, beta=beta, vocab_size=int(emb.shape[0]))
+        return cls(dist, beta=beta, vocab_size=int(embeddings.shape[0]))
 
     @classmethod
     def ordinal(
@@ -206,7 +208,9 @@ class MetricPath(ProbabilityPath):
         if self._distance_fn is not None:
             d = self._distance_fn(x1)
         else:
-            d = self._matrix.to(x1.device)[x1]
+            if self._matrix.device != x1.device:  # moved once, not at every call
+                self._matrix = self._matrix.to(x1.device)
+            d = self._matrix[x1]
         return d.to(dtype) if dtype is not None else d
 
     def _beta_terms(self, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:

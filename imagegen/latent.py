@@ -35,6 +35,7 @@ from imagegen.vqvae import VQVAE
 
 __all__ = [
     "CODES_DTYPE",
+    "MATRIX_CODES_MAX",
     "check_vqvae_data",
     "codebook_distances",
     "distance_scale",
@@ -47,6 +48,9 @@ __all__ = [
 CODES_DTYPE = torch.int16  # codes travel and are cached as int16 (K <= 32767)
 
 
+MATRIX_CODES_MAX = 4096  # up to this K the metric path keeps a K x K matrix (128 MB); above, rows on demand
+
+
 def _euclidean(codebook: Tensor) -> Tensor:
     """The (K, K) float64 Euclidean distances of the code embeddings (exact form: zero diagonal)."""
     e = codebook.detach().to(torch.float64)
@@ -55,34 +59,46 @@ def _euclidean(codebook: Tensor) -> Tensor:
     return torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def _scale_of(d: Tensor) -> float:
-    K = d.shape[0]
-    s = float(d.sum() / (K * (K - 1)))
+def distance_scale(codebook: Tensor, rows_per_chunk: int = 1024) -> float:
+    """s: the mean Euclidean distance between two distinct codes of ``codebook`` (K, D), summed over
+    blocks of rows so that no K x K matrix is held."""
+    e = codebook.detach().to(torch.float64)
+    K = e.shape[0]
+    if K < 2:
+        raise ValueError("a metric path needs a codebook of at least 2 codes")
+    total = sum(
+        float(torch.cdist(part, e, compute_mode="donot_use_mm_for_euclid_dist").sum())
+        for part in e.split(rows_per_chunk)
+    )
+    s = total / (K * (K - 1))
     if not s > 0:
         raise ValueError("all codebook embeddings are equal: no metric path on them")
     return s
 
 
-def distance_scale(codebook: Tensor) -> float:
-    """s: the mean Euclidean distance between two distinct codes of ``codebook`` (K, D)."""
-    return _scale_of(_euclidean(codebook))
-
-
 def codebook_distances(codebook: Tensor, lp: float) -> Tensor:
     """The (K, K) float64 matrix d[i, j] = (||e_i - e_j||_2 / s)^lp (eq 107 with the scale s of
     :func:`distance_scale`), exactly zero on the diagonal. One K x K matrix, computed in place: 8 K^2
-    bytes (2 GB at the paper's K = 16384, plus the cdist's own workspace)."""
+    bytes (2 GB at the paper's K = 16384, plus the cdist's own workspace; :func:`latent_path` computes
+    rows on demand instead above :data:`MATRIX_CODES_MAX` codes)."""
     d = _euclidean(codebook)
-    d.div_(_scale_of(d)).pow_(lp)
+    d.div_(distance_scale(codebook)).pow_(lp)
     return d.fill_diagonal_(0.0)
 
 
 def latent_path(config: Any, codebook: Tensor) -> ProbabilityPath:
     """The path of a :class:`imagegen.paths.PixelPathConfig` over the K codes of ``codebook`` (K, D):
-    metric (eq 27 with the distances of eq 107, beta_t of eq 108) or mask (eq 2, mask token K)."""
+    metric (eq 27 with the distances of eq 107, beta_t of eq 108) or mask (eq 2, mask token K).
+
+    Above :data:`MATRIX_CODES_MAX` codes the metric path computes the rows d(., x1) it needs from the
+    scaled embeddings (:meth:`MetricPath.from_embeddings`), the same numbers without a K x K matrix."""
     K = int(codebook.shape[0])
     if config.kind == "metric":
-        return MetricPath(codebook_distances(codebook, config.lp), beta=BetaSchedule(config.c, config.a))
+        beta = BetaSchedule(config.c, config.a)
+        if K <= MATRIX_CODES_MAX:
+            return MetricPath(codebook_distances(codebook, config.lp), beta=beta)
+        scaled = codebook.detach().to(torch.float64) / distance_scale(codebook)
+        return MetricPath.from_embeddings(scaled, power=config.lp, beta=beta)
     source = mask_source(K + 1, K)
     return MixturePath(source, make_scheduler(config.scheduler, source, n=config.scheduler_n))
 

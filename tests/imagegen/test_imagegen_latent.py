@@ -53,6 +53,25 @@ def test_latent_metric_path_distances_are_eq_107_over_the_mean_code_distance() -
     assert mask.vocab_size == K + 1 and torch.equal(mask.sample_source((2, 3)), torch.full((2, 3), K))
 
 
+def test_a_large_codebook_gets_the_same_metric_path_without_a_k_by_k_matrix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import imagegen.latent as latent_module
+
+    e = codebook(K=40, D=6, scale=3.0)
+    config = PixelPathConfig(kind="metric", c=C, a=A, lp=LP)
+    matrix = build_path(config, e)
+    monkeypatch.setattr(latent_module, "MATRIX_CODES_MAX", 16)  # K = 40 now counts as large
+    on_demand = build_path(config, e)
+    assert on_demand._distance_fn is not None  # rows on demand, no matrix
+    x1 = torch.randint(40, (3, 7), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(on_demand.distances(x1, torch.float64), matrix.distances(x1, torch.float64))
+    torch.testing.assert_close(on_demand.probs(x1, t), matrix.probs(x1, t))
+    torch.testing.assert_close(on_demand.probs_dt(x1, t), matrix.probs_dt(x1, t))
+    assert distance_scale(e, rows_per_chunk=7) == pytest.approx(distance_scale(e), rel=1e-12)
+
+
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_ko_velocity_on_the_latent_path_satisfies_the_rate_conditions(t: float) -> None:
     """Rates u(x, z) >= 0 off the diagonal, sum_x u(x, z) = 0, d/dt p = sum_z u(., z) p(z) (eq 12),
