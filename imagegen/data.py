@@ -372,6 +372,19 @@ def _to_8bit(img):
     return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
 
 
+def _flatten_alpha(img):
+    """An image with transparency composited over white: the stored colour of a transparent pixel is
+    arbitrary (often black or a leftover), while icons and drawings are meant to be seen on a page."""
+    from PIL import Image
+
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def load_image_folder(
     folder: str | os.PathLike,
     size: int,
@@ -389,8 +402,8 @@ def load_image_folder(
         channels: 3 (RGB) or 1 (grayscale).
         limit: read at most this many images.
 
-    16-bit greyscale images are scaled to 8 bits (value / 257, rounded), and the EXIF orientation of
-    photos is applied. Hidden files and folders (``.x``, macOS ``._x.png`` resource forks, ``__MACOSX``)
+    16-bit greyscale images are scaled to 8 bits (value / 257, rounded), transparent images are
+    composited over white, and the EXIF orientation of photos is applied. Hidden files and folders (``.x``, macOS ``._x.png`` resource forks, ``__MACOSX``)
     are skipped. Labels come from the first-level subfolders (class folders) when every image lies in one.
     """
     from PIL import Image, ImageOps
@@ -421,7 +434,8 @@ def load_image_folder(
         try:
             with Image.open(p) as img:
                 upright = ImageOps.exif_transpose(img)  # phone photos are stored sideways + EXIF
-                arrays.append(np.asarray(_resize_crop(_to_8bit(upright).convert(mode), size)))
+                flat = _flatten_alpha(_to_8bit(upright))
+                arrays.append(np.asarray(_resize_crop(flat.convert(mode), size)))
         except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files (PIL raises all three)
             if str(p) in str(e):
                 raise ValueError(str(e)) from None

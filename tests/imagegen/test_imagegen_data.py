@@ -155,6 +155,29 @@ def test_image_folder_of_unseen_shapes(tmp_path: Path) -> None:
         load_image_folder(photo / "p.jpg", size=4)
 
 
+def test_transparent_pixels_are_composited_over_white(tmp_path: Path) -> None:
+    """A transparent pixel's stored colour is arbitrary: an icon reads as drawn on white, whatever its
+    mode (RGBA, grey + alpha, palette with a transparent index)."""
+    folder = tmp_path / "icons"
+    folder.mkdir()
+    icon = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # invisible red
+    icon.paste((0, 0, 255, 255), (0, 0, 2, 4))  # opaque blue left half
+    icon.putpixel((3, 0), (0, 0, 0, 128))  # half-transparent black
+    icon.save(folder / "a.png")
+    Image.new("LA", (4, 4), (0, 0)).save(folder / "b.png")  # fully transparent black
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 255, 0, 10, 10, 10] + [0] * 762)
+    palette.save(folder / "c.png", transparency=1)  # index 1 (near black) is transparent
+    images = load_image_folder(folder, size=4, channels=3).images
+    a, b, c = images[0], images[1], images[2]
+    assert a[:, :, :2].tolist() == [[[0, 0]] * 4, [[0, 0]] * 4, [[255, 255]] * 4]  # blue stays
+    assert (a[:, 1:, 2:] == 255).all() and a[:, 0, 2].tolist() == [255, 255, 255]  # white, not red
+    assert abs(int(a[0, 0, 3]) - 127) <= 1 and int(a[0, 0, 3]) == int(a[2, 0, 3])  # half black on white
+    assert (b == 255).all() and (c == 255).all()
+    grey = load_image_folder(folder, size=4, channels=1).images
+    assert (grey[1] == 255).all() and (grey[0, 0, 1:, 2:] == 255).all()
+
+
 def test_tokens_round_trip_and_dataset_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     images = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
     tokens = images_to_tokens(images)
