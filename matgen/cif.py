@@ -12,6 +12,7 @@ too long for one CIF line) falls back to pymatgen itself.
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from collections import Counter
@@ -21,11 +22,14 @@ from functools import lru_cache
 import numpy as np
 from pymatgen.core import Composition, Lattice, Structure
 
-__all__ = ["DATA_BLOCK", "crystal_blocks", "formula_fields", "p1_cif", "parse_cif"]
+__all__ = ["DATA_BLOCK", "crystal_blocks", "formula_fields", "normalised_cif_text", "p1_cif", "parse_cif"]
 
 _MAX_LINE = 70  # pymatgen's CifBlock.max_len
 DATA_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
-_ATOM_SITE = re.compile(r"_atom_site_", re.IGNORECASE)
+_ATOM_SITE = re.compile(r"_atom_site[_.]", re.IGNORECASE)
+_CIF2_TAG = re.compile(r"^([ \t]*_[A-Za-z0-9_]+)\.(?=[A-Za-z0-9_])", re.MULTILINE)  # _cell.length_a
+FRAC_TOLERANCE = 1.5e-3  # 0.333 / 0.667 at special positions (3-decimal ICSD files) mean 1/3, 2/3
+FULL_OCCUPANCY = 0.98  # a one-element site refined to 0.998(5) is a full site, not a disordered one
 _HEADER = "# generated using pymatgen"  # kept, so the files are the ones pymatgen would have written
 
 
@@ -104,20 +108,30 @@ def parse_cif(text: str, keep_shared_sites: bool = True) -> Structure:
     evaluation can call it structurally invalid and still count its composition; without it (training
     data) such a CIF is refused.
 
+    Read as meant rather than as written: any line endings and CIF2 dotted names
+    (:func:`normalised_cif_text`); 3-decimal coordinates at special positions, 0.333 and 0.667, as 1/3
+    and 2/3 (:data:`FRAC_TOLERANCE`; otherwise symmetry copies of one atom land 0.003 A apart); and
+    one-element sites refined to an occupancy of at least :data:`FULL_OCCUPANCY` as full sites.
+
     Raises:
-        ValueError: empty text, a cell length <= 0 or a site occupancy <= 0 (pymatgen would take the
-            absolute value or drop the site silently), or nothing pymatgen can read.
+        ValueError: empty text, a cell length <= 0, a cell angle outside (0, 180) or angles that form no
+            cell, a site occupancy <= 0 (pymatgen would take the absolute value or drop the site silently),
+            Cartesian positions only, an empty atom-site loop, or nothing pymatgen can read.
     """
     from pymatgen.io.cif import CifParser
 
     if not text or not text.strip():
         raise ValueError("empty CIF")
+    text = normalised_cif_text(text)
     block = _first_block(text)
     if block is not None:
         _check_values(block)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen warns per CIF about rounding and occupancies
-        parser = CifParser(io.StringIO(text))
+        try:
+            parser = CifParser(io.StringIO(text), frac_tolerance=FRAC_TOLERANCE)
+        except ZeroDivisionError:  # pymatgen's reading of a loop_ that has names but no values
+            raise ValueError("a loop_ of the CIF has no values (an empty atom-site list?)") from None
         try:
             structures = parser.parse_structures(primitive=False, on_error="raise")
         except ValueError as exc:
@@ -128,7 +142,29 @@ def parse_cif(text: str, keep_shared_sites: bool = True) -> Structure:
             structures = [as_written]
     if not structures:
         raise ValueError("no structure in CIF")
-    return structures[0]
+    return _nearly_full_sites_filled(structures[0])
+
+
+def normalised_cif_text(text: str) -> str:
+    """CIF text with any line endings (CRLF, old-Mac CR) as ``\n`` and CIF2 dotted names
+    (``_cell.length_a``, ``_atom_site.fract_x``) in the CIF1 spelling (``_cell_length_a``) that the parser
+    reads; the CIF2 core dictionary maps its names onto CIF1 names this way."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CIF2_TAG.sub(r"\1_", text) if _CIF2_TAG.search(text) else text
+
+
+def _nearly_full_sites_filled(structure: Structure) -> Structure:
+    """``structure`` with its sites made full when every site holds one element at an occupancy of at
+    least :data:`FULL_OCCUPANCY` (refined occupancies such as 0.998(5)); otherwise unchanged."""
+    if structure.is_ordered:
+        return structure
+    species = []
+    for site in structure:
+        occupancies = list(site.species.items())
+        if len(occupancies) != 1 or not FULL_OCCUPANCY <= occupancies[0][1] <= 1.0:
+            return structure
+        species.append(occupancies[0][0])
+    return Structure(structure.lattice, species, structure.frac_coords)
 
 
 def _first_block(text: str):  # -> pymatgen CifBlock | None
@@ -171,6 +207,28 @@ def _check_values(block) -> None:
             number = _number(value)
             if number is not None and number <= 0:
                 raise ValueError(f"cell length {axis} = {value} <= 0")
+    angles = {}
+    for name in ("alpha", "beta", "gamma"):
+        for value in _values(block, f"_cell_angle_{name}"):
+            number = _number(value)
+            if number is not None and not 0 < number < 180:
+                raise ValueError(f"cell angle {name} = {value} is outside (0, 180) degrees")
+            angles[name] = number
+    if len(angles) == 3 and None not in angles.values():
+        ca, cb, cg = (math.cos(math.radians(a)) for a in angles.values())
+        if 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg <= 1e-12:
+            raise ValueError(
+                f"cell angles {', '.join(f'{v:g}' for v in angles.values())} do not form a cell "
+                "(one is at least the sum of the other two, or the three sum to 360 degrees or more)"
+            )
+    keys = {k.lower() for k in block.data}
+    if "_atom_site_cartn_x" in keys and "_atom_site_fract_x" not in keys:
+        raise ValueError(
+            "the CIF gives Cartesian atom positions only (_atom_site_Cartn_x); fractional ones "
+            "(_atom_site_fract_x) are needed"
+        )
+    if "_atom_site_fract_x" in keys and not _values(block, "_atom_site_fract_x"):
+        raise ValueError("the CIF's atom-site loop lists no atoms")
     for value in _values(block, "_atom_site_occupancy"):
         number = _number(value)
         if number is not None and number <= 0:

@@ -131,3 +131,83 @@ def test_a_cif_without_a_cell_angle_names_it() -> None:
     cut = "\n".join(line for line in text.splitlines() if not line.startswith("_cell_angle_gamma"))
     with pytest.raises(ValueError, match="lacks _cell_angle_gamma"):
         parse_cif(cut)
+
+
+_HEADER = """data_x
+_cell_length_a 4
+_cell_length_b 4
+_cell_length_c 4
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma {gamma}
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+"""
+NACL = _HEADER.format(gamma=90) + "Na1 Na 0 0 0 1\nCl1 Cl 0.5 0.5 0.5 1\n"
+
+
+def test_cifs_from_other_writers_are_read_as_they_mean() -> None:
+    from matgen.cif import parse_cif
+
+    # old-Mac line endings and CIF2 dotted names: the same NaCl
+    assert parse_cif(NACL.replace("\n", "\r")).composition.reduced_formula == "NaCl"
+    cif2 = "#\\#CIF_2.0\n" + NACL.replace("_cell_", "_cell.").replace("_atom_site_", "_atom_site.")
+    assert len(parse_cif(cif2)) == 2
+    # a refined occupancy of 0.998(5) is a full site; 0.5 stays a disordered one
+    refined = parse_cif(NACL.replace("0.5 0.5 0.5 1", "0.5 0.5 0.5 0.998(5)"))
+    assert refined.is_ordered and refined.composition.formula == "Na1 Cl1"
+    assert not parse_cif(NACL.replace("0.5 0.5 0.5 1", "0.5 0.5 0.5 0.5")).is_ordered
+    # 2H-MoS2 (P 6_3/m m c) written to three decimals: 6 atoms, not 18 with copies 0.003 A apart
+    mos2 = """data_MoS2
+_cell_length_a 3.1604(2)
+_cell_length_b 3.1604(2)
+_cell_length_c 12.295(1)
+_cell_angle_alpha 90.
+_cell_angle_beta 90.
+_cell_angle_gamma 120.
+_symmetry_space_group_name_H-M 'P 63/m m c'
+_symmetry_Int_Tables_number 194
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+Mo1 Mo 0.333 0.667 0.25 1.
+S1 S 0.333 0.667 0.621(4) 1.
+"""
+    s = parse_cif(mos2)
+    assert len(s) == 6 and s.composition.formula == "Mo2 S4"
+    assert float(np.min(s.distance_matrix[np.triu_indices(6, 1)])) > 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_HEADER.format(gamma=-90) + "Na1 Na 0 0 0 1\n", "gamma = -90 is outside"),
+        (_HEADER.format(gamma=180) + "Na1 Na 0 0 0 1\n", "gamma = 180 is outside"),
+        (
+            _HEADER.format(gamma=130).replace("alpha 90", "alpha 130").replace("beta 90", "beta 130")
+            + "Na1 Na 0 0 0 1\n",
+            "do not form a cell",
+        ),
+        (_HEADER.format(gamma=90), "has no values"),
+        (
+            _HEADER.format(gamma=90).replace("fract_", "Cartn_").replace("_atom_site_occupancy\n", "")
+            + "Na1 Na 0 0 0\n",
+            "Cartesian atom positions only",
+        ),
+    ],
+)
+def test_cifs_that_cannot_mean_a_crystal_say_why(text: str, message: str) -> None:
+    from matgen.cif import parse_cif
+
+    with pytest.raises(ValueError, match=message):
+        parse_cif(text)
