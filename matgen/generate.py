@@ -471,17 +471,28 @@ def normalize_elements(elements: str | Sequence[str]) -> list[str]:
     Case is normalised ("li" and "LI" are Li)."""
     if isinstance(elements, str):
         elements = elements.split(",")
+    given = {e.strip().capitalize(): e.strip() for e in reversed(list(elements)) if e.strip()}
     symbols = list(dict.fromkeys(e.strip().capitalize() for e in elements if e.strip()))
     if not symbols:
         raise ValueError("no element symbols given: use symbols such as Li,Fe,P,O")
-    beyond = [e for e in symbols if e not in tok.ELEMENT_SYMBOLS and _is_element(e)]
+    isotopes = [e for e in symbols if e in ("D", "T")]
+    if isotopes:
+        what = "is an isotope" if len(isotopes) == 1 else "are isotopes"
+        raise ValueError(
+            f"{' and '.join(isotopes)} {what} of hydrogen, which the tokenizer writes as H: use H"
+        )
+    beyond = [given[e] for e in symbols if e not in tok.ELEMENT_SYMBOLS and _is_element(e)]
     if beyond:
         raise ValueError(
             f"element(s) {beyond} are beyond the model's vocabulary, which stops at Pu (Z = {tok.MAX_Z})"
         )
-    unknown = [e for e in symbols if e not in tok.ELEMENT_SYMBOLS]
+    unknown = [given[e] for e in symbols if e not in tok.ELEMENT_SYMBOLS]
     if unknown:
-        raise ValueError(f"unknown element symbol(s) {unknown}: use symbols such as Li,Fe,P,O")
+        separators = any(c in "".join(unknown) for c in ";: /|")
+        hint = (
+            "separate symbols with commas, as in Li,Fe,P,O" if separators else "use symbols such as Li,Fe,P,O"
+        )
+        raise ValueError(f"unknown element symbol(s) {unknown}: {hint}")
     return symbols
 
 

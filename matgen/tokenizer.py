@@ -237,7 +237,8 @@ class CrystalTokenizer:
 
         Raises:
             TokenizationError: disordered sites, unsupported species, zero atoms, or a lattice
-                length / angle that rounds outside the vocabulary (0.0-49.9 A, 0-179 deg).
+                length / angle that rounds outside the vocabulary's cells (0.1-49.9 A, 1-179 deg), so
+                that every encoded sequence decodes.
         """
         if len(structure) == 0:
             raise TokenizationError("structure has zero atoms")
@@ -262,15 +263,22 @@ class CrystalTokenizer:
         if not (np.all(np.isfinite(abc)) and np.all(np.isfinite(angles)) and np.all(np.isfinite(frac))):
             raise TokenizationError("lattice or coordinates contain non-finite values")
 
+        # the 0.0 A and 0 deg tokens exist but never decode to a cell: encoding refuses them too
         length_ids = np.rint(abc * LENGTH_STEPS).astype(np.int64)
-        if length_ids.min() < 0 or length_ids.max() >= NUM_LENGTH_TOKENS:
+        if length_ids.min() < 1 or length_ids.max() >= NUM_LENGTH_TOKENS:
             raise TokenizationError(
-                f"lattice lengths {np.round(abc, 3).tolist()} A fall outside the vocabulary [0.0, 49.9] A"
+                f"lattice lengths {np.round(abc, 3).tolist()} A fall outside the vocabulary's cells [0.1, 49.9] A"
             )
         angle_ids = np.rint(angles).astype(np.int64)
-        if angle_ids.min() < 0 or angle_ids.max() >= NUM_ANGLE_TOKENS:
+        if angle_ids.min() < 1 or angle_ids.max() >= NUM_ANGLE_TOKENS:
             raise TokenizationError(
-                f"lattice angles {np.round(angles, 3).tolist()} deg fall outside the vocabulary [0, 179] deg"
+                f"lattice angles {np.round(angles, 3).tolist()} deg fall outside the vocabulary's cells [1, 179] deg"
+            )
+        volume = _lattice_volume((length_ids / LENGTH_STEPS).tolist(), angle_ids.astype(float).tolist())
+        if not volume > MIN_VOLUME:
+            raise TokenizationError(
+                f"the cell rounded to the vocabulary ({np.round(abc, 1).tolist()} A, {angle_ids.tolist()} deg) "
+                f"is degenerate (volume {volume:.3g} A^3)"
             )
 
         # Wrap into [0, 1), round, and fold 1.00 back onto 0.00 (same point under periodicity).

@@ -446,7 +446,14 @@ def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_pat
     from matgen.generate import normalize_elements
 
     assert normalize_elements("li, FE ,o") == ["Li", "Fe", "O"]
-    for bad, message in (("", "no element symbols"), ("Am,Fe", "stops at Pu"), ("Li,Xx", "unknown element")):
+    cases = (
+        ("", "no element symbols"),
+        ("Am,Fe", "stops at Pu"),
+        ("Li,Xx", "unknown element"),
+        ("D,O", "D is an isotope of hydrogen"),
+        ("Fe;O", r"\['Fe;O'\]: separate symbols with commas"),  # as typed, not 'Fe;o'
+    )
+    for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             normalize_elements(bad)
     result = runner.invoke(app, ["generate", "--n", "1", "--out", str(tmp_path / "z"), "--elements", ""])

@@ -100,6 +100,10 @@ def test_encode_rejects_unrepresentable_structures():
         TOK.encode(Structure(Lattice.from_parameters(20, 20, 20, 90, 90, 179.6), ["Fe"], [[0, 0, 0]]))
     with pytest.raises(TokenizationError, match="zero atoms"):
         TOK.encode(Structure(lattice, [], []))
+    # cells that round to a token which never decodes: every encoded sequence must decode
+    for cell in ((0.04, 5, 5, 90, 90, 90), (5, 5, 5, 90, 90, 0.4), (5, 5, 5, 120.2, 120.2, 119.6)):
+        with pytest.raises(TokenizationError, match="vocabulary's cells|degenerate"):
+            TOK.encode(Structure(Lattice.from_parameters(*cell), ["Na"], [[0, 0, 0]]))
     # the edges of the vocabulary are fine, and oxidation states are dropped
     ok = Structure(Lattice.tetragonal(4.0, 49.94), ["Pu", "Fe2+"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     assert ids_to_strings(TOK.encode(ok))[:3] == ["4.0", "4.0", "49.9"]
