@@ -44,6 +44,7 @@ __all__ = [
     "TokenizedSplit",
     "atom_count_distribution",
     "collate_tokens",
+    "data_set_name",
     "default_token_cache_dir",
     "ensure_split_file",
     "load_split",
@@ -80,14 +81,34 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """Directory holding the MP-20 split files.
 
     Precedence: the explicit ``data_dir``, then ``$MATGEN_DATA``, then ``$XDG_CACHE_HOME/matgen/mp_20``
-    (``~/.cache/matgen/mp_20`` when ``XDG_CACHE_HOME`` is unset). The directory need not exist yet.
+    (``~/.cache/matgen/mp_20`` when ``XDG_CACHE_HOME`` is unset). The directory need not exist yet. A
+    folder without split files of its own but with an ``mp_20/`` folder that has them (a data root such as
+    ``../shared/data``) means that ``mp_20/``.
     """
     if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get("MATGEN_DATA")
-    if env:
-        return Path(env).expanduser()
-    return _user_cache_root() / "mp_20"
+        chosen = Path(data_dir).expanduser()
+    elif env := os.environ.get("MATGEN_DATA"):
+        chosen = Path(env).expanduser()
+    else:
+        return _user_cache_root() / "mp_20"
+    if not _has_split_files(chosen) and _has_split_files(chosen / "mp_20"):
+        return chosen / "mp_20"
+    return chosen
+
+
+def _has_split_files(directory: Path) -> bool:
+    return any(_find_split_file(split, directory) is not None for split in SPLITS)
+
+
+def data_set_name(data_dir: str | Path | None = None) -> str:
+    """ "MP-20" for an MP-20 folder (named ``mp_20`` or downloaded here), else the data folder's name."""
+    directory = resolve_data_dir(data_dir)
+    if (
+        directory.name.lower().replace("-", "_") in ("mp_20", "mp20")
+        or (directory / DOWNLOAD_MARKER).is_file()
+    ):
+        return "MP-20"
+    return f"'{directory.resolve().name}'"
 
 
 def default_token_cache_dir() -> Path:

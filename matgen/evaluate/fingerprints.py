@@ -170,20 +170,25 @@ class ReferenceSet:
 
 
 def _reference_row(item: tuple[str, str]) -> dict[str, Any]:
-    from matgen.evaluate.inputs import parse_cif
+    """The reference fields of one data-set row, or ``{"ids", "error"}`` when the row cannot be read or
+    described (a data set of one's own may hold a dummy species, a broken CIF ...)."""
+    from matgen.evaluate.inputs import error_text, parse_cif
 
     material_id, cif = item
-    s = parse_cif(cif)
-    fp = structure_fingerprint(s)
-    return {
-        "ids": material_id,
-        "struct_fp": fp if fp is not None else np.full(STRUCT_FP_DIM, np.nan),
-        "comp_fp": composition_fingerprint(s),
-        "density": float(s.density),
-        "n_elements": len(s.composition.elements),
-        "n_atoms": len(s),
-        "formulas": s.composition.formula,
-    }
+    try:
+        s = parse_cif(cif if isinstance(cif, str) else "")
+        fp = structure_fingerprint(s)
+        return {
+            "ids": material_id,
+            "struct_fp": fp if fp is not None else np.full(STRUCT_FP_DIM, np.nan),
+            "comp_fp": composition_fingerprint(s),
+            "density": float(s.density),
+            "n_elements": len(s.composition.elements),
+            "n_atoms": len(s),
+            "formulas": s.composition.formula,
+        }
+    except Exception as exc:  # one bad reference row must not stop an evaluation
+        return {"ids": material_id, "error": f"{type(exc).__name__}: {error_text(exc, 120)}"}
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -201,9 +206,11 @@ def _fingerprint_into_cache(
     split: str,
     workers: int,
     progress: bool,
+    failed: dict[str, str],
 ) -> dict[str, np.ndarray]:
     """Fingerprint ``todo`` rows and merge them into ``stored``, rewriting the cache file atomically every
-    minute, at the end, and when interrupted (Ctrl-C), so that a long first build is never lost whole."""
+    minute, at the end, and when interrupted (Ctrl-C), so that a long first build is never lost whole.
+    Rows that cannot be read go to ``failed`` (id -> reason), not to the cache."""
     pending: list[dict[str, Any]] = []
 
     def flush() -> None:
@@ -223,8 +230,11 @@ def _fingerprint_into_cache(
     last_save = time.monotonic()
     try:
         for row in parallel_map(
-            _reference_row, todo, workers, desc=f"fingerprinting MP-20 {split}", progress=progress
+            _reference_row, todo, workers, desc=f"fingerprinting the {split} split", progress=progress
         ):
+            if "error" in row:
+                failed[str(row["ids"])] = row["error"]
+                continue
             pending.append(row)
             if time.monotonic() - last_save > _SAVE_EVERY_S:
                 flush()
@@ -269,10 +279,21 @@ def load_test_reference(
             stored = {}
     have = {str(i): k for k, i in enumerate(stored.get("ids", np.array([], dtype=str)))}
     todo = [(m, c) for m, c in zip(frame["material_id"], frame["cif"], strict=True) if m not in have]
+    failed: dict[str, str] = {}
     if todo:
-        stored = _fingerprint_into_cache(todo, stored, path, split, workers, progress)
-        have = {str(i): k for k, i in enumerate(stored["ids"])}
-    idx = np.array([have[m] for m in frame["material_id"]], dtype=np.int64)
+        stored = _fingerprint_into_cache(todo, stored, path, split, workers, progress, failed)
+        have = {str(i): k for k, i in enumerate(stored.get("ids", np.array([], dtype=str)))}
+    if failed:
+        examples = "; ".join(f"{m}: {why}" for m, why in list(failed.items())[:3])
+        warnings.warn(
+            f"{len(failed)} row(s) of {split_file} could not be read and are left out of the reference "
+            f"set (e.g. {examples})",
+            stacklevel=2,
+        )
+    kept = [m for m in frame["material_id"] if m in have]
+    if not kept:
+        raise ValueError(f"no row of {split_file} could be read as a crystal: no reference set")
+    idx = np.array([have[m] for m in kept], dtype=np.int64)
     return ReferenceSet(
         ids=stored["ids"][idx],
         struct_fp=stored["struct_fp"][idx].astype(float),

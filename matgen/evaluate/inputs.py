@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from pymatgen.core import Structure
+from pymatgen.core import IStructure, Structure
 
 from dfm_core.atomic_io import hidden_name, visible_files
 from matgen.cif import DATA_BLOCK, crystal_blocks, parse_cif
@@ -108,19 +108,23 @@ def _unique(ids: list[str]) -> list[str]:
 
 
 def _decode(data: bytes) -> str:
+    """Text from bytes: UTF-16 after its byte-order mark, else UTF-8; every line ending as ``\n``."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16", errors="replace")
-    return data.decode("utf-8-sig", errors="replace")
+        text = data.decode("utf-16", errors="replace")
+    else:
+        text = data.decode("utf-8-sig", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _unpacked_text(data: bytes, name: str) -> str:
-    """A file's text from its bytes: gunzipped when ``name`` ends in .gz, then :func:`_decode`."""
-    return _decode(gzip.decompress(data) if name.lower().endswith(".gz") else data)
+def _unpacked_text(data: bytes) -> str:
+    """A file's text from its bytes: gunzipped when it is gzip data (whatever its name), then
+    :func:`_decode`."""
+    return _decode(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
 
 
 def _read_text(path: Path) -> tuple[str | None, str | None]:
     try:
-        return _unpacked_text(path.read_bytes(), path.name), None
+        return _unpacked_text(path.read_bytes()), None
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         return None, f"unreadable file: {exc}"
 
@@ -160,7 +164,7 @@ def _zip_items(path: Path) -> list[InputItem]:
                 )
                 continue
             try:
-                text = _unpacked_text(archive.read(m), m.filename)
+                text = _unpacked_text(archive.read(m))
             except (OSError, EOFError, ValueError, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
                 items.append(InputItem(id=id_, read_error=f"unreadable archive member: {error_text(exc)}"))
                 continue
@@ -201,7 +205,6 @@ def _extxyz_items(path: Path) -> list[InputItem]:
 
 def _extxyz_frame(id_: str, lines: list[str], count: int) -> InputItem:
     from ase.io import read as ase_read
-    from pymatgen.io.ase import AseAtomsAdaptor
 
     if count == 0:
         return InputItem(id=id_, read_error="extxyz frame with no atoms")
@@ -211,13 +214,22 @@ def _extxyz_frame(id_: str, lines: list[str], count: int) -> InputItem:
         atoms = ase_read(io.StringIO("\n".join(lines) + "\n"), format="extxyz")
     except Exception as exc:  # ase raises many types for a malformed frame
         return InputItem(id=id_, read_error=f"unreadable extxyz frame: {error_text(exc)}")
+    return _atoms_item(id_, atoms, "extxyz frame")
+
+
+def _atoms_item(id_: str, atoms, what: str) -> InputItem:  # atoms: ase.Atoms
+    """The crystal of an ASE ``Atoms`` (species and positions only: per-site extras such as forces or
+    magnetic moments are not part of the crystal)."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if len(atoms) == 0:
+        return InputItem(id=id_, read_error=f"{what} with no atoms")
     if not atoms.pbc.all() or atoms.cell.rank < 3:
-        return InputItem(id=id_, read_error="extxyz frame without a periodic 3D cell (Lattice/pbc)")
+        return InputItem(id=id_, read_error=f"{what} without a periodic 3D cell (Lattice/pbc)")
     try:
         structure = AseAtomsAdaptor.get_structure(atoms)
     except Exception as exc:
-        return InputItem(id=id_, read_error=f"extxyz frame not convertible: {error_text(exc)}")
-    # species and positions only: per-site extras (forces, magmoms) are not part of the crystal
+        return InputItem(id=id_, read_error=f"{what} not convertible: {error_text(exc)}")
     return InputItem(id=id_, structure=Structure(structure.lattice, structure.species, structure.frac_coords))
 
 
@@ -274,8 +286,13 @@ def _table_items(path: Path, frame: pd.DataFrame) -> list[InputItem]:
     )
     if "cif" in frame.columns:
         items = []
-        for i, c in zip(ids, (_cell_text(c) for c in frame["cif"]), strict=True):
-            if c is None or not c.strip():
+        for i, cell in zip(ids, frame["cif"], strict=True):
+            c = _cell_text(cell)
+            missing = cell is None or (pd.api.types.is_scalar(cell) and pd.isna(cell))
+            if c is None and not missing:
+                what = f"{str(cell)[:40]!r} ({type(cell).__name__})"
+                items.append(InputItem(id=i, read_error=f"the cif cell holds {what}, not CIF text"))
+            elif c is None or not c.strip():
                 items.append(InputItem(id=i, read_error="empty CIF"))
             else:  # a cell holding several crystals gives one row each, as a file does
                 items.extend(_cif_items(c, i))
@@ -328,30 +345,62 @@ def _with_unique_ids(items: list[InputItem]) -> list[InputItem]:
     ]
 
 
-def read_inputs(inputs: str | Path | Structure | Sequence[Structure]) -> list[InputItem]:
+Inputs = str | Path | Structure | pd.DataFrame | Sequence[Structure | str]
+
+
+def read_inputs(inputs: Inputs) -> list[InputItem]:
     """Collect the crystals to evaluate (see module docstring for the accepted forms and ids).
+
+    Besides paths, a notebook may pass CIF text, a pandas DataFrame with a ``cif`` (or ``file``) column,
+    a pymatgen (I)Structure or ASE ``Atoms``, or a list mixing those and CIF strings (ids ``s{i}``).
 
     Raises:
         FileNotFoundError: the path does not exist.
         ValueError: a table that cannot be read or lacks a ``cif``/``file`` column, or a file of an
             unknown kind.
+        TypeError: a list item that is none of the above.
     """
     return _with_unique_ids(_read_items(inputs))
 
 
-def _read_items(inputs: str | Path | Structure | Sequence[Structure]) -> list[InputItem]:
-    if isinstance(inputs, Structure):
-        inputs = [inputs]
+def _is_cif_text(value: object) -> bool:
+    """CIF text rather than a path: several lines, one of them opening a data block."""
+    return isinstance(value, str) and "\n" in value.strip() and DATA_BLOCK.search(value) is not None
+
+
+def _is_atoms(value: object) -> bool:
+    return type(value).__name__ == "Atoms" and type(value).__module__.startswith("ase")
+
+
+def _object_items(value: object, id_: str) -> list[InputItem]:
+    """The items of one in-memory input: a structure, ASE atoms, or CIF text."""
+    if isinstance(value, IStructure):
+        if not len(value):
+            return [InputItem(id=id_, read_error="structure with no atoms")]
+        structure = value if isinstance(value, Structure) else Structure.from_sites(value)
+        return [InputItem(id=id_, structure=structure)]
+    if _is_atoms(value):
+        return [_atoms_item(id_, value, "ASE Atoms")]
+    if _is_cif_text(value):
+        return _cif_items(_decode(value.encode()), id_)
+    raise TypeError(
+        f"input {id_} is of type {type(value).__name__}; give pymatgen Structures, ASE Atoms or CIF text "
+        "(or a path, or a table with a cif column)"
+    )
+
+
+def _read_items(inputs: Inputs) -> list[InputItem]:
+    if isinstance(inputs, pd.DataFrame):
+        if "cif" not in inputs.columns and "file" not in inputs.columns:
+            raise ValueError(
+                f"the DataFrame has neither a 'cif' nor a 'file' column (columns: {list(inputs.columns)})"
+            )
+        return _table_items(Path.cwd() / "DataFrame", inputs)  # a file column is relative to the cwd
+    if _is_cif_text(inputs):
+        return _cif_items(_decode(inputs.encode()), "cif")
     if not isinstance(inputs, str | Path):
-        items = list(inputs)
-        if not all(isinstance(s, Structure) for s in items):
-            raise TypeError("a list input must contain pymatgen Structures")
-        return [
-            InputItem(id=f"s{i}", structure=s)
-            if len(s)
-            else InputItem(id=f"s{i}", read_error="structure with no atoms")
-            for i, s in enumerate(items)
-        ]
+        values = [inputs] if isinstance(inputs, IStructure) or _is_atoms(inputs) else list(inputs)
+        return [item for i, value in enumerate(values) for item in _object_items(value, f"s{i}")]
     path = Path(inputs).expanduser()
     if path.is_dir():
         return _folder_items(path)

@@ -20,7 +20,6 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from dfm_core.training import resolve_device
+from matgen.data import data_set_name
 from matgen.evaluate.coverage import coverage_metrics, wasserstein_metrics
 from matgen.evaluate.fingerprints import (
     composition_fingerprint,
@@ -39,9 +39,14 @@ from matgen.evaluate.fingerprints import (
     structure_fingerprint,
 )
 from matgen.evaluate.hull import hull_compounds, load_hull
-from matgen.evaluate.inputs import InputItem, error_text, parse_cif, read_inputs
+from matgen.evaluate.inputs import InputItem, Inputs, error_text, parse_cif, read_inputs
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
-from matgen.evaluate.validity import check_sanity, composition_validity, structure_validity
+from matgen.evaluate.validity import (
+    check_sanity,
+    composition_validity,
+    in_reduced_cell,
+    structure_validity,
+)
 
 __all__ = ["STABILITY_NOTE", "evaluate"]
 
@@ -56,12 +61,13 @@ STABILITY_NOTE = (
 
 # ------------------------------------------------------------------------------------ per-crystal work
 def _parse_item(item: InputItem) -> tuple[Structure | None, str | None]:
+    """The crystal of an input (in its LLL-reduced cell if the cell as written is too narrow), or why not."""
     if item.read_error:
         return None, item.read_error
     if item.structure is not None:
-        return item.structure, None
+        return in_reduced_cell(item.structure), None
     try:
-        return parse_cif(item.cif or ""), None
+        return in_reduced_cell(parse_cif(item.cif or "")), None
     except Exception as exc:
         msg = error_text(exc)
         return None, f"unparsable CIF: {msg}"
@@ -164,8 +170,16 @@ def _check_settings(**values: Any) -> None:
         raise ValueError(f"workers must be >= 0 (0 = no extra processes), got {values['workers']}")
 
 
+def _described(inputs: Inputs, n: int | None = None) -> str:
+    """The inputs in a few words for messages and the summary: the path, or what was passed in memory."""
+    if isinstance(inputs, Path) or (isinstance(inputs, str) and "\n" not in inputs):
+        return str(inputs)
+    what = "CIF text" if isinstance(inputs, str) else f"in-memory {type(inputs).__name__}"
+    return what if n is None else f"{what} ({n} crystals)"
+
+
 def evaluate(
-    inputs: str | Path | Sequence[Structure],
+    inputs: Inputs,
     out_dir: str | Path,
     *,
     data_dir: str | Path | None = None,
@@ -188,7 +202,9 @@ def evaluate(
 
     Args:
         inputs: a folder of ``.cif`` files (searched recursively), one CIF, a CSV/parquet with a ``cif``
-            column (optional id column ``material_id``/``id``/``name``/``file``), or a list of Structures.
+            column (optional id column ``material_id``/``id``/``name``/``file``), a zip, extxyz or POSCAR
+            file; or in memory: CIF text, a DataFrame with a ``cif`` column, a pymatgen Structure, ASE
+            Atoms, or a list of those (see :func:`matgen.evaluate.inputs.read_inputs`).
         out_dir: output folder: ``results.csv`` (+ ``.parquet``), ``summary.json``, ``relaxed.csv.gz``,
             plots, ``report.md`` and the resume journal ``journal.jsonl``. Re-running with the same folder
             resumes; only crystals without a journal record are computed.
@@ -239,7 +255,7 @@ def evaluate(
     t0 = time.perf_counter()
     items = read_inputs(inputs)
     if not items:
-        where = str(inputs) if isinstance(inputs, str | Path) else "the input list"
+        where = _described(inputs)
         raise ValueError(
             f"no crystals found in {where} (expected .cif[.gz] files, a table with a 'cif' column, a .zip of CIFs, an .extxyz or a POSCAR)"
         )
@@ -441,10 +457,18 @@ def evaluate(
     # 6. outputs ------------------------------------------------------------------------------------------
     results = pd.DataFrame(rows)
     summary = _summarize(
-        results, basic, reference, skip_stability, hull_ref, test_limit, train_limit, training
+        results,
+        basic,
+        reference,
+        skip_stability,
+        hull_ref,
+        test_limit,
+        train_limit,
+        training,
+        data_set_name(data_dir),  # "MP-20", or the name of a data folder of one's own
     )
     summary["settings"] = {
-        "inputs": str(inputs) if isinstance(inputs, str | Path) else f"{len(items)} in-memory structures",
+        "inputs": _described(inputs, len(items)),
         "data_dir": str(data_dir) if data_dir is not None else None,
         "device": device,
         "relax_steps": relax_steps,
@@ -472,10 +496,11 @@ def _summarize(
     test_limit: int | None,
     train_limit: int | None,
     training: Any,
+    data_name: str = "MP-20",
 ) -> dict[str, Any]:
     n = len(results)
     frac = (lambda x: float(np.sum(x)) / n) if n else (lambda x: float("nan"))
-    s: dict[str, Any] = {"n_inputs": n}
+    s: dict[str, Any] = {"n_inputs": n, "data_set": data_name}
     parsed = results["parsed"].astype(bool)
     sane = results["sane"].astype(bool)
     s["n_parsed"] = int(parsed.sum())
@@ -497,7 +522,7 @@ def _summarize(
     subset = (
         test_limit is not None and len(reference) >= test_limit
     )  # a limit above the set's size: all of it
-    s["reference"] = f"MP-20 test ({len(reference)} crystals{', seeded subset' if subset else ''})"
+    s["reference"] = f"{data_name} test ({len(reference)} crystals{', seeded subset' if subset else ''})"
     s["n_reference"] = len(reference)
     if have:
         gs = np.stack([h[0] for h in have])
@@ -535,7 +560,7 @@ def _summarize(
     s["unique_rate"] = frac(uniq)
     s["novel_rate"] = frac(nov)
     s["unique_novel_rate"] = frac(uniq & nov)
-    s["novelty_reference"] = f"MP-20 train ({training.size} rows{', limited' if train_limit else ''})"
+    s["novelty_reference"] = f"{data_name} train ({training.size} rows{', limited' if train_limit else ''})"
 
     if not skip_stability:
         eh = results["e_hull"].to_numpy(float)

@@ -97,7 +97,12 @@ def _plots(
         fig, ax = plt.subplots(figsize=(11, 3.5))
         x = np.arange(len(top))
         ax.bar(x - 0.2, [gen[e] / n_gen for e in top], width=0.4, label="generated")
-        ax.bar(x + 0.2, [ref[e] / n_ref for e in top], width=0.4, label="MP-20 test")
+        ax.bar(
+            x + 0.2,
+            [ref[e] / n_ref for e in top],
+            width=0.4,
+            label=f"{summary.get('data_set', 'MP-20')} test",
+        )
         ax.set_xticks(x, top, fontsize=8)
         ax.set_ylabel("fraction of crystals containing")
         ax.legend()
@@ -120,7 +125,13 @@ def _plots(
         else:
             lo, hi = float(np.nanmin(both)), float(np.nanmax(both))
             bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 50)
-        ax.hist(r, bins=bins, density=True, alpha=0.5, label=f"MP-20 test (n={len(r)})")
+        ax.hist(
+            r,
+            bins=bins,
+            density=True,
+            alpha=0.5,
+            label=f"{summary.get('data_set', 'MP-20')} test (n={len(r)})",
+        )
         if len(g):
             ax.hist(g, bins=bins, density=True, alpha=0.5, label=f"generated, valid (n={len(g)})")
         ax.set_xlabel(label)

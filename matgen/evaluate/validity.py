@@ -5,7 +5,9 @@ Sanity bounds (:class:`SanityBounds`, checked right after parsing, before any ne
     cell-list bins: a CIF with a 1e12 A lattice makes pymatgen ask for ~100 TB. A crystal outside the bounds
     (non-finite numbers, lattice lengths outside [0.5, 500] A, a cell narrower than 0.5 A between opposite
     faces, volume per atom outside [0.1, 5000] A^3, more than 1000 atoms, disordered sites) is recorded
-    with the reason, counted structurally invalid, and never touched by the later stages.
+    with the reason, counted structurally invalid, and never touched by the later stages. A crystal written
+    in a needlessly skewed cell is first moved to its LLL-reduced cell (:func:`in_reduced_cell`), so that
+    the bounds judge the crystal, not the basis it was written in.
 
 Structural validity (CDVAE, Xie et al. 2021, ``scripts/eval_utils.py::structure_validity``)
     Valid when every interatomic distance, periodic images included, is >= 0.5 A and the cell volume is
@@ -45,6 +47,7 @@ __all__ = [
     "SanityBounds",
     "check_sanity",
     "composition_validity",
+    "in_reduced_cell",
     "min_interatomic_distance",
     "structure_validity",
 ]
@@ -94,14 +97,36 @@ def check_sanity(structure: Structure, bounds: SanityBounds | None = None) -> st
     volume = abs(float(np.linalg.det(matrix)))
     if not math.isfinite(volume) or volume <= 0:
         return "degenerate lattice (zero volume)"
-    # width between opposite faces = V / |a_j x a_k|
-    areas = np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)
-    if volume / areas.max() < b.min_width:
+    if _cell_width(matrix, volume) < b.min_width:
         return f"cell narrower than {b.min_width} A"
     vpa = volume / n
     if not (b.min_volume_per_atom <= vpa <= b.max_volume_per_atom):
         return f"volume per atom {vpa:.3g} A^3 outside [{b.min_volume_per_atom}, {b.max_volume_per_atom}]"
     return None
+
+
+def _cell_width(matrix: np.ndarray, volume: float) -> float:
+    """The smallest width between opposite faces of a cell: V / max |a_j x a_k|."""
+    areas = np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)
+    return volume / areas.max()
+
+
+def in_reduced_cell(structure: Structure, bounds: SanityBounds | None = None) -> Structure:
+    """``structure`` itself, or, when its cell as written is narrower than the sanity bound, the same
+    crystal in its LLL-reduced cell. A generator (or a file) may write a crystal in a needlessly skewed
+    basis (lengths near 50 A, an angle of a few degrees); judged on that basis it would fail the width
+    bound and its neighbour searches would scan many images, though the crystal itself is ordinary."""
+    b = bounds or SanityBounds()
+    matrix = np.asarray(structure.lattice.matrix, dtype=float)
+    if len(structure) == 0 or not np.isfinite(matrix).all():
+        return structure
+    volume = abs(float(np.linalg.det(matrix)))
+    if not volume > 0 or _cell_width(matrix, volume) >= b.min_width:
+        return structure
+    try:
+        return structure.get_reduced_structure(reduction_algo="LLL")
+    except Exception:  # a degenerate cell: check_sanity names it
+        return structure
 
 
 def _shortest_lattice_vector(structure: Structure) -> float:

@@ -62,6 +62,21 @@ def test_resolve_data_dir_precedence(monkeypatch, tmp_path):
     assert resolve_data_dir() == Path.home() / ".cache" / "matgen" / "mp_20"
 
 
+def test_a_data_root_holding_mp_20_means_that_folder(monkeypatch, tmp_path):
+    from matgen.data import data_set_name
+
+    (tmp_path / "root" / "mp_20").mkdir(parents=True)
+    (tmp_path / "root" / "mp_20" / "test.csv").write_text("material_id,cif\n")
+    assert resolve_data_dir(tmp_path / "root") == tmp_path / "root" / "mp_20"
+    monkeypatch.setenv("MATGEN_DATA", str(tmp_path / "root"))
+    assert resolve_data_dir() == tmp_path / "root" / "mp_20" and data_set_name() == "MP-20"
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "test.csv").write_text("material_id,cif\n")
+    assert (
+        resolve_data_dir(tmp_path / "own") == tmp_path / "own" and data_set_name(tmp_path / "own") == "'own'"
+    )
+
+
 def test_env_var_is_used_by_loaders(monkeypatch, mp20_dir):
     monkeypatch.setenv("MATGEN_DATA", str(mp20_dir))
     assert ensure_split_file("val", download=False) == mp20_dir / "val.csv.gz"

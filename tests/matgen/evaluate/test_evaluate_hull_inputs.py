@@ -370,3 +370,43 @@ def test_inputs_that_other_sources_write(tmp_path):
     assert [i.id for i in read_inputs(salt)] == ["s0"]
     (nothing,) = read_inputs([Structure(Lattice.cubic(4.0), [], [])])
     assert nothing.structure is None and "no atoms" in nothing.read_error
+
+
+def test_notebook_inputs_cif_text_dataframes_istructures_and_ase_atoms(tmp_path):
+    """What a notebook holds: CIF text, a DataFrame with a cif column, an IStructure, ASE Atoms, or a list
+    mixing them; anything else is named by its position and type."""
+    from ase import Atoms
+    from ase.build import bulk
+    from pymatgen.core import IStructure
+
+    salt = rock_salt()
+    text = write_cif(tmp_path / "salt.cif", salt).read_text()
+    (item,) = read_inputs(text)
+    assert item.id == "cif" and parse_cif(item.cif).composition.reduced_formula == "NaCl"
+    items = read_inputs(pd.DataFrame({"material_id": ["a", "b"], "cif": [text, None]}))
+    assert [i.id for i in items] == ["a", "b"] and items[1].read_error == "empty CIF"
+    molecule = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])  # no cell: not a crystal
+    items = read_inputs([IStructure.from_sites(salt), text, bulk("Cu"), molecule])
+    assert [i.id for i in items] == ["s0", "s1", "s2", "s3"]
+    assert items[0].structure.composition.reduced_formula == "NaCl"
+    assert items[2].structure.composition.reduced_formula == "Cu" and len(items[2].structure) == 1
+    assert "without a periodic 3D cell" in items[3].read_error
+    assert [i.id for i in read_inputs(bulk("Si"))] == ["s0"]
+    with pytest.raises(TypeError, match="input s1 is of type int"):
+        read_inputs([salt, 3])
+    with pytest.raises(ValueError, match="DataFrame has neither a 'cif' nor a 'file' column"):
+        read_inputs(pd.DataFrame({"x": [1]}))
+
+
+def test_files_other_tools_write_line_endings_gzip_and_non_text_cells(tmp_path):
+    text = write_cif(tmp_path / "salt.cif", rock_salt()).read_text()
+    (tmp_path / "mac.cif").write_text(text.replace("\n", "\r"), newline="")  # old-Mac line endings
+    (tmp_path / "packed.cif").write_bytes(gzip.compress(text.encode()))  # gzip data without .gz
+    for name in ("mac.cif", "packed.cif"):
+        (item,) = read_inputs(tmp_path / name)
+        assert parse_cif(item.cif).composition.reduced_formula == "NaCl", name
+    pd.DataFrame({"cif": [1, 2]}).to_csv(tmp_path / "numbers.csv", index=False)
+    assert [i.read_error for i in read_inputs(tmp_path / "numbers.csv")] == [
+        "the cif cell holds '1' (int), not CIF text",
+        "the cif cell holds '2' (int), not CIF text",
+    ]

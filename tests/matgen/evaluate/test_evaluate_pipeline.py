@@ -241,3 +241,45 @@ def test_a_cheap_rerun_after_a_stability_run_with_other_settings(mp20_dir, hull_
     )
     recs = Journal(out / "journal.jsonl").records
     assert recs[("relax", "nacl.cif")]["step_cap"] == 60
+
+
+def test_a_data_set_of_ones_own_with_bad_rows_and_a_crystal_in_a_skewed_cell(mp20_dir, fp_cache, tmp_path):
+    """A custom --data-dir whose test split holds a dummy species and a broken CIF: those rows are left out
+    of the reference with a warning, the summary names the data set, and a training crystal written in a
+    needlessly skewed cell (lengths near 50 A, an angle of 5 deg) is valid and not novel."""
+    from pymatgen.core import Structure
+
+    from matgen.evaluate.validity import check_sanity
+
+    good = pd.read_csv(mp20_dir / "test.csv.gz", nrows=4)[["material_id", "cif"]]
+    data = tmp_path / "mydata"
+    data.mkdir()
+    for split in ("train", "val"):
+        good.to_csv(data / f"{split}.csv", index=False)
+    dummy = write_cif(tmp_path / "x.cif", rock_salt()).read_text().replace("Cl", "X")
+    bad_rows = pd.DataFrame(
+        {"material_id": ["dummy", "broken"], "cif": [dummy, "data_x\n_cell_length_a 4\n"]}
+    )
+    pd.concat([good, bad_rows]).to_csv(data / "test.csv", index=False)
+
+    crystal = Structure.from_str(good["cif"][0], fmt="cif")
+    shear = np.array([[1, 0, 0], [12, 1, 0], [0, 0, 1]])  # det 1: the same lattice in another basis
+    frac = crystal.frac_coords @ np.linalg.inv(shear) % 1.0
+    skewed = Structure(shear @ crystal.lattice.matrix, crystal.species, frac)
+    np.testing.assert_allclose(skewed.volume, crystal.volume)
+    assert check_sanity(skewed) is not None  # too narrow as written
+    with pytest.warns(UserWarning, match=r"2 row\(s\) of .*test.csv could not be read"):
+        summary = evaluate(
+            [skewed],
+            tmp_path / "out",
+            data_dir=data,
+            skip_stability=True,
+            cache_dir=fp_cache,
+            device="cpu",
+            progress=False,
+            console=False,
+        )
+    assert summary["data_set"] == "'mydata'" and summary["n_reference"] == 4
+    assert summary["reference"].startswith("'mydata' test (4 crystals")
+    row = pd.read_csv(tmp_path / "out" / "results.csv").iloc[0]
+    assert bool(row["valid"]) and not bool(row["novel"]), row.to_dict()
