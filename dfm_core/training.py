@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import struct
 import sys
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import atomic_write, check_writable, remove_stale_temps
+from dfm_core.atomic_io import atomic_write, atomic_write_text, check_writable, remove_stale_temps
 
 __all__ = [
     "EMA",
@@ -537,9 +538,8 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:160]
         raise ValueError(
-            f"{path} is not a readable training checkpoint ({type(e).__name__}: {first}); delete it or start "
+            f"{path} is not a readable training checkpoint ({type(e).__name__}: {_first_line(e)}); delete it or start "
             "afresh (resume=False; --no-resume on the command line)"
         ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
@@ -655,7 +655,7 @@ def load_safetensors(
     Raises:
         FileNotFoundError: no file.
         ValueError: the file is not a safetensors checkpoint (e.g. a torch ``.pt`` zip, truncated or
-            corrupt data).
+            corrupt data), or its weights are not all finite.
     """
     from safetensors import safe_open
 
@@ -667,8 +667,8 @@ def load_safetensors(
         head = f.read(8)
         if head[:2] == b"PK":
             raise ValueError(
-                f"{path} is not a safetensors checkpoint: it looks like a torch .pt (zip) file; "
-                "use dfm_core.training.load_checkpoint for those"
+                f"{path} is not a safetensors checkpoint but a torch .pt training checkpoint (last.pt / best.pt): "
+                "pass the run folder's model.safetensors (from Python, dfm_core.training.load_checkpoint reads .pt)"
             )
         if len(head) < 8:
             raise ValueError(f"{path} is not a safetensors checkpoint: file too short ({size} bytes)")
@@ -688,6 +688,12 @@ def load_safetensors(
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # SafetensorError and friends: truncated or inconsistent data
         raise ValueError(f"{path} is not a valid safetensors checkpoint ({type(e).__name__}: {e})") from e
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(
+            f"{path} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: "
+            "a damaged file or the export of a diverged run"
+        )
     meta: dict[str, Any] = {}
     for key, value in raw_meta.items():
         try:
@@ -750,14 +756,30 @@ def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's first non-empty message line (torch's C++ errors run to many lines)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written by a run killed after its last checkpoint)."""
+    """Drop records past ``step`` (written by a run killed after its last checkpoint), and lines that are
+    not records (a torn last line of a killed append, or text that is not JSON), with a warning."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            record_step = record["step"] if isinstance(record, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            record_step = None
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line)
+        elif line.strip() and not isinstance(record_step, int):
+            dropped += 1
+    if dropped:
+        warnings.warn(f"dropped {dropped} unreadable line(s) of {path} (a torn write?)", stacklevel=3)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 _START_AFRESH = "Use a new run folder, or start afresh (resume=False; --no-resume on the command line)."
@@ -795,6 +817,38 @@ class _DeferredInterrupt:
         print(f"\nstopping after this step ({name} again to stop at once)", file=sys.stderr)
 
 
+_PER_INVOCATION = ("device", "compile", "time_budget_s", "bf16")  # may differ between sessions of a run
+
+
+def _resumed_config(config: TrainConfig, ckpt: Mapping[str, Any]) -> TrainConfig:
+    """The config a resumed run trains with: ``config``, except that the seed stays the run's (the data
+    and loss generators continue from the checkpoint's RNG state, so another seed would only mislabel the
+    weights), and that a run whose time budget fitted its step count keeps that count and its LR schedule
+    when the same command (same ``steps`` ceiling, a budget again) is re-issued: a re-fit from the ceiling
+    would restart the cosine decay near the peak LR and train about twice the budget."""
+    saved = ckpt["config"]
+    config = dataclasses.replace(config, seed=int(saved.get("seed", config.seed)))
+    ceiling = (ckpt.get("budget") or {}).get("requested_steps")
+    if (
+        config.time_budget_s is None
+        or ceiling is None
+        or config.steps != ceiling
+        or saved["steps"] >= ceiling
+    ):
+        return config
+    print(
+        f"resuming a run that its time budget fitted to {saved['steps']} of {ceiling} steps: keeping that step "
+        "count and its LR schedule (to train longer, resume without --time-budget and with a larger --steps)",
+        file=sys.stderr,
+    )
+    return dataclasses.replace(
+        config,
+        steps=int(saved["steps"]),
+        warmup_steps=int(saved["warmup_steps"]),
+        decay_start=saved.get("decay_start"),
+    )
+
+
 def _check_resumable(
     ckpt: Mapping[str, Any],
     model: nn.Module,
@@ -826,7 +880,11 @@ def _check_resumable(
             f"{_START_AFRESH}"
         )
     old = ckpt["config"]
-    changed = {k: (old.get(k), v) for k, v in config.to_dict().items() if old.get(k) != v}
+    changed = {
+        k: (old.get(k), v)
+        for k, v in config.to_dict().items()
+        if old.get(k) != v and k not in _PER_INVOCATION and k != "seed"
+    }
     if changed:
         warnings.warn(
             f"resuming with a changed TrainConfig (saved -> now): {changed}; the new settings apply from "
@@ -913,9 +971,17 @@ def train(
     loss_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
 
     step, best_val, resumed_from = 0, math.inf, None
+    requested_steps = config.steps  # the ceiling a time budget fits the step count under
     resumed_window = {"loss_sum": 0.0, "steps": 0}  # a partly filled logging window, for identical logs
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path, map_location=device)
+        if config.seed != ckpt["config"].get("seed", config.seed):
+            warnings.warn(
+                f"resuming with seed {config.seed}: the run keeps its seed {ckpt['config']['seed']}, as its "
+                "random state comes from the checkpoint",
+                stacklevel=2,
+            )
+        config = _resumed_config(config, ckpt)
         _check_resumable(ckpt, model, config, metadata, identity)
         _unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moments; the hyperparameters come from config:
@@ -974,10 +1040,18 @@ def train(
             "config": config.to_dict(),
             "metadata": metadata,
             "identity": identity,
+            "budget": {"requested_steps": requested_steps},
             "architecture": _architecture(model),
             "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
         }
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        try:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except (RuntimeError, OSError) as e:  # torch reports a full disk as "unexpected pos ..."
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = "the previous one is kept" if path.exists() else "none was written before"
+            raise OSError(
+                f"could not write the checkpoint {path} ({_first_line(e)}; {free:.0f} MiB free on its disk); {kept}"
+            ) from e
 
     def validate() -> float:
         val_gen = torch.Generator(device=device).manual_seed(config.seed + 2)

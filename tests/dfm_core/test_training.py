@@ -1,5 +1,6 @@
 """The shared training loop: learning, exact resume, checkpoints, configs, safetensors export."""
 
+import dataclasses
 import json
 import math
 
@@ -405,7 +406,10 @@ def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path, capsys):
         stopped = train(tiny_model(), denoise_loss, batches, config(steps=5, eval_every=0), tmp_path / "stop")
     after = load_checkpoint(tmp_path / "stop" / "last.pt")["model"]
     assert stopped.step == 5 and all(torch.equal(before[k], after[k]) for k in before)
-    resumed = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "cut", progress=False)
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # a foreign line and a torn append
+        f.write('{"loss": 3}\n{"step": 6, "lo')
+    with pytest.warns(UserWarning, match=r"dropped 2 unreadable line\(s\) of .*metrics.jsonl"):
+        resumed = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "cut", progress=False)
     whole = train(tiny_model(), denoise_loss, batches, cfg, tmp_path / "whole", progress=False)
     assert resumed.step == whole.step == 12
     a, b = (load_checkpoint(p / "last.pt")["model"] for p in (tmp_path / "cut", tmp_path / "whole"))
@@ -418,6 +422,25 @@ def test_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(tmp_path, capsys):
     assert (
         times == sorted(times) and load_checkpoint(tmp_path / "cut" / "last.pt")["log_window"]["time_s"] > 0
     )
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = config(steps=12, ckpt_every=6, eval_every=0)
+    real_save = torch.save
+    saves = [0]
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        saves[0] += 1
+        if saves[0] > 1:  # what torch raises when a write runs out of space
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 1174016 vs 1173908"
+            )
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*last.pt \(\[enforce fail.*MiB free"):
+        train(tiny_model(), denoise_loss, batches, cfg, tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 6  # the previous checkpoint survives
 
 
 def test_sigterm_stops_training_like_ctrl_c(tmp_path):
@@ -526,6 +549,53 @@ def test_a_time_budget_ends_the_run_in_time_with_the_schedule_finished(tmp_path)
     assert last_lr == pytest.approx(0.1 * cfg.lr, rel=1e-3)  # the cosine decay reached its floor
 
 
+def test_a_budgeted_run_reissued_after_a_kill_keeps_its_fitted_schedule(tmp_path):
+    """The same command re-issued after a kill goes on with the step count and LR decay its budget fitted;
+    it neither restarts the cosine near the peak nor trains the budget twice. A new ceiling is obeyed."""
+    import time
+
+    steps_run = [0]
+
+    def loss_killed_at_step_60(model, x1, generator):
+        steps_run[0] += 1
+        if steps_run[0] == 60:
+            raise KeyboardInterrupt  # as a kill would, mid-step
+        time.sleep(0.01)
+        return denoise_loss(model, x1, generator)
+
+    cfg = config(
+        steps=100_000, time_budget_s=2.0, lr_schedule="cosine", min_lr_ratio=0.1, log_every=1, ckpt_every=10
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), loss_killed_at_step_60, batches, cfg, tmp_path, val_loss, progress=False)
+    killed = load_checkpoint(tmp_path / "last.pt")
+    fitted = killed["config"]["steps"]
+    assert killed["step"] < fitted < 100_000 and killed["budget"] == {"requested_steps": 100_000}
+    lr_at_kill = next(
+        r["lr"] for r in read_metrics(tmp_path) if r.get("step") == killed["step"] and "lr" in r
+    )
+
+    result = train(
+        tiny_model(),
+        denoise_loss,
+        batches,
+        dataclasses.replace(cfg, seed=5),
+        tmp_path,
+        val_loss,
+        progress=False,
+    )
+    assert result.step == fitted  # the fitted count, not a new fit from 100,000
+    lrs = [r["lr"] for r in read_metrics(tmp_path) if "lr" in r and r["step"] > killed["step"]]
+    assert max(lrs) <= lr_at_kill * (1 + 1e-6) and lrs[-1] == pytest.approx(0.1 * cfg.lr, rel=1e-3)
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["seed"] == cfg.seed  # the run's seed, not 5
+
+    longer = dataclasses.replace(cfg, steps=fitted + 5, time_budget_s=None)  # asked for more: trains more
+    assert (
+        train(tiny_model(), denoise_loss, batches, longer, tmp_path, val_loss, progress=False).step
+        == fitted + 5
+    )
+
+
 def test_budget_clock_times_then_keeps_reporting_the_running_average(monkeypatch):
     from dfm_core import training
 
@@ -555,3 +625,23 @@ def test_export_metadata_records_the_config_the_checkpoint_ran_with(tmp_path):
     assert meta["app_config"]["other"] == 1 and meta["kept"] == "yes" and "train_config" not in meta
     assert started_with["app_config"]["train"]["steps"] == 100_000  # the caller's dict is not changed
     assert {"step", "best_val_loss", "source_checkpoint"} <= set(meta)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(tmp_path):
+    state = {k: v.clone() for k, v in tiny_model().state_dict().items()}
+    export_safetensors(state, tmp_path / "ok.safetensors", {"kind": "toy"})
+    assert load_safetensors(tmp_path / "ok.safetensors")[1]["kind"] == "toy"
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name][0] = float("nan")
+    export_safetensors(state, tmp_path / "nan.safetensors", {"kind": "toy"})
+    with pytest.raises(
+        ValueError, match=rf"nan.safetensors holds non-finite weights .* in 1 tensor\(s\), e.g. {name}"
+    ):
+        load_safetensors(tmp_path / "nan.safetensors")
+    train(
+        tiny_model(), denoise_loss, batches, config(steps=2, eval_every=0), tmp_path / "run", progress=False
+    )
+    with pytest.raises(
+        ValueError, match="torch .pt training checkpoint .* pass the run folder's model.safetensors"
+    ):
+        load_safetensors(tmp_path / "run" / "last.pt")
