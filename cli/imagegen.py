@@ -144,7 +144,7 @@ def train(
         result = train_image_model(
             cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet, run_dir)
         )
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:  # FloatingPointError: diverged
         fail(str(e))
     report_training(result, run_dir)
 
@@ -219,7 +219,7 @@ def train_vq(
         options = run_options(no_resume, export, False, quiet, run_dir)
         del options["export_dtype"]
         result = train_vqvae(cfg, run_dir, **options)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
         fail(str(e))
     best = result.best_val_loss
     val = f"best val reconstruction MSE {best:.4f}" if math.isfinite(best) else "no validation run"
@@ -312,7 +312,7 @@ def sample(
         )
         save_grid(images, out, nrow=nrow, scale=scale)
         stale = remove_images_beyond(images_dir, n) if images_dir is not None else 0
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
     extra = f" and {n} PNGs to {images_dir}" if images_dir is not None else ""
     if stale:
@@ -408,7 +408,7 @@ def evaluate(
             progress=not quiet,
             log=typer.echo,
         )
-    except (CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail(

@@ -113,7 +113,7 @@ def generate(
             resample_collisions=resample_collisions,
             length_buckets=length_buckets,
         )
-    except (CheckpointError, FileExistsError, ValueError) as e:
+    except (CheckpointError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
     except OSError as e:  # an --out that cannot be created or written
         where = f" {e.filename}" if e.filename else ""
@@ -203,7 +203,7 @@ def train(
         result = train_crystal_model(
             cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet, run_dir)
         )
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:  # FloatingPointError: diverged
         fail(str(e))
     report_training(result, run_dir)
 

@@ -208,7 +208,7 @@ def sample(
         )
         if out is not None:
             write_texts(result, out)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
         fail(str(e))
     if out is not None:
         typer.echo(f"wrote {len(result.texts)} texts ({model.label}, NFE {steps}) to {out}")
@@ -305,7 +305,7 @@ def evaluate(
             resume_dir=out,
             log=console.print,
         )
-    except (JudgeUnavailable, ValueError, OSError) as e:  # CheckpointError is a ValueError
+    except (JudgeUnavailable, ValueError, OSError, FloatingPointError) as e:  # CheckpointError: a ValueError
         fail(str(e))
     except KeyboardInterrupt:
         kept = (
