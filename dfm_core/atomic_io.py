@@ -6,29 +6,38 @@ is atomic on POSIX and Windows). The temp file is created with mode 0666 minus t
 the permissions of a plain ``open(path, "w")``, whatever mode the writer callback chose.
 
 Beside the writers: the file helpers the apps share (:func:`check_writable`, :func:`file_sha256`,
-:func:`visible_files`, :class:`ResultLog`).
+:func:`visible_files`, :class:`ResultLog`), and :func:`folder_lock` / :func:`holds_folder_lock`, which keep
+two runs from writing into one folder at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LOCK_NAME",
+    "FolderInUse",
     "ResultLog",
     "atomic_write",
     "atomic_write_text",
     "check_writable",
     "file_sha256",
+    "folder_lock",
     "hidden_name",
+    "holds_folder_lock",
     "remove_stale_temps",
     "visible_files",
 ]
@@ -162,6 +171,90 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+LOCK_NAME = ".lock"  # in a folder a run writes into: holds the pid, host and start time of the holder
+
+
+class FolderInUse(ValueError):
+    """Another run (another process) is writing into the folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) while a run writes into it.
+
+    A second run into the same folder fails at once with :class:`FolderInUse`, naming the holder,
+    instead of interleaving its files with the first one's (duplicate rows, a mismatched export). The
+    lock is an ``flock`` on ``folder/.lock``, so the operating system releases it when its process dies,
+    even by SIGKILL: a stale lock never blocks a resume. The file is removed on release (and a folder
+    the lock created that nothing else wrote to, too). On systems without ``fcntl`` (Windows) no lock is
+    taken.
+    """
+    path = check_writable(folder, what, folder=True)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock_path = path / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield path
+        return
+    while True:  # a holder may remove the file between our open and our lock: lock the file that is there
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FolderInUse(
+                f"{what} {path} is in use by another run ({holder}); wait for it to finish, or use another folder"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
+        handle.flush()
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()  # while still locked, so no one locks the file we are about to drop
+        handle.close()
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty: a run that was refused before writing anything
+
+
+def holds_folder_lock(parameter: str, what: str = "folder") -> Callable:
+    """Decorate a function so that it runs under :func:`folder_lock` of its argument ``parameter`` (no
+    lock when that argument is ``None``)."""
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            folder = bound.arguments.get(parameter)
+            if folder is None:
+                return fn(*args, **kwargs)
+            with folder_lock(folder, what):
+                return fn(*args, **kwargs)
+
+        return locked
+
+    return decorate
 
 
 def hidden_name(name: str) -> bool:

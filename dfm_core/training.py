@@ -39,7 +39,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import atomic_write, atomic_write_text, check_writable, remove_stale_temps
+from dfm_core.atomic_io import (
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    holds_folder_lock,
+    remove_stale_temps,
+)
 
 __all__ = [
     "EMA",
@@ -893,6 +899,7 @@ def _check_resumable(
         )
 
 
+@holds_folder_lock("run_dir", "run folder")
 def train(
     model: nn.Module,
     loss_fn: LossFn,

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from dfm_core.atomic_io import file_sha256
+from dfm_core.atomic_io import file_sha256, holds_folder_lock
 from imagegen.data import ImageDataset, check_count, default_cache_dir, images_sha256, load_dataset
 from imagegen.frechet import FeatureStats, score_name
 from imagegen.generate import ImageGenerator, SamplingConfig
@@ -275,6 +275,7 @@ def load_evaluation_data(
     return data.random_subset(n, seed) if n is not None else data
 
 
+@holds_folder_lock("out_dir", "evaluation folder")
 def evaluate_sweep(
     generator: ImageGenerator,
     settings: Sequence[SamplingConfig],

@@ -29,7 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write_text, file_sha256, remove_stale_temps
+from dfm_core.atomic_io import (
+    LOCK_NAME,
+    atomic_write_text,
+    file_sha256,
+    holds_folder_lock,
+    remove_stale_temps,
+)
 from dfm_core.sampler import check_temperature, sample
 from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import make_velocity
@@ -555,6 +561,7 @@ def _rows_to_csv(rows: list[dict[str, Any]], header: bool) -> str:
     return buf.getvalue()
 
 
+@holds_folder_lock("out_dir", "output folder")
 def generate(
     n: int,
     out_dir: str | os.PathLike,
@@ -682,7 +689,7 @@ def generate(
         return min(batch_size, n - b * batch_size) if 0 <= b < n_batches else -1
 
     done_rows: list[dict[str, str]] = []
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if resume:
             if not settings_path.exists():
                 raise FileExistsError(f"{out} holds no generation.json: nothing to resume there")

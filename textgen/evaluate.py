@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import ResultLog, atomic_write, atomic_write_text, check_writable, file_sha256
+from dfm_core.atomic_io import (
+    ResultLog,
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    file_sha256,
+    holds_folder_lock,
+)
 from dfm_core.objectives import fair_elbo
 from dfm_core.velocities import make_velocity
 from textgen.checkpoint import TextModel
@@ -405,6 +412,7 @@ def _model_names(models: Sequence[TextModel], names: Sequence[str] | None) -> li
     ]
 
 
+@holds_folder_lock("resume_dir", "output folder")
 def evaluate(
     checkpoints: Sequence[str | os.PathLike],
     datasets: Sequence[str] = DEFAULT_EVAL_SETS,

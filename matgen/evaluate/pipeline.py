@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from pymatgen.core import Structure
 
+from dfm_core.atomic_io import holds_folder_lock
 from dfm_core.training import resolve_device
 from matgen.data import data_set_name
 from matgen.evaluate.coverage import coverage_metrics, wasserstein_metrics
@@ -178,6 +179,7 @@ def _described(inputs: Inputs, n: int | None = None) -> str:
     return what if n is None else f"{what} ({n} crystals)"
 
 
+@holds_folder_lock("out_dir", "output folder")
 def evaluate(
     inputs: Inputs,
     out_dir: str | Path,
@@ -239,9 +241,7 @@ def evaluate(
         train_limit=train_limit,
         chunk_size=chunk_size,
     )
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output folder {out} exists and is not a folder")
+    out = Path(out_dir)  # a file there was refused by the folder lock
     hull_ref = None
     if not skip_stability:  # a bad --device or --hull fails now, not after the cheap stages
         resolve_device(device)

@@ -155,3 +155,53 @@ def test_visible_files_skip_hidden_names_and_follow_a_symlink_loop_once(tmp_path
     (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a loop back to the top
     found = list(visible_files(tmp_path, (".cif", ".cif.gz"), skip_dir=lambda d: d.name == "skip"))
     assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == ["a/c.cif.gz", "b.CIF"]
+
+
+def test_a_folder_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
+    """Two runs into one folder: the second is refused with the holder's pid; a SIGKILLed holder leaves no
+    stale lock; the lock file goes with the run, and a folder made only for a refused run is removed."""
+    import signal
+    import subprocess
+    import sys
+
+    from dfm_core.atomic_io import LOCK_NAME, FolderInUse, folder_lock, holds_folder_lock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom dfm_core.atomic_io import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(
+            FolderInUse, match=rf"folder {run} is in use by another run \(pid {holder.pid} on"
+        ):
+            with folder_lock(run):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with folder_lock(run) as locked:  # the kernel dropped the dead holder's lock
+        assert (locked / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} ")
+        with pytest.raises(FolderInUse):  # also a second lock inside one process
+            with folder_lock(run):
+                pass
+    assert not (run / LOCK_NAME).exists()
+
+    @holds_folder_lock("out", "output folder")
+    def refuse(out, n):
+        raise ValueError("a bad flag, found before anything is written")
+
+    with pytest.raises(ValueError, match="a bad flag"):
+        refuse(tmp_path / "new", n=1)
+    assert not (tmp_path / "new").exists()  # no empty folder left behind
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        refuse(tmp_path / "f.txt", n=1)

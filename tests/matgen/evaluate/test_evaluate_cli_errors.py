@@ -76,7 +76,7 @@ def test_a_bad_device_or_hull_fails_before_any_work(
         (["--train-limit", "-5"], "train_limit must be at least 1"),
         (["--batch-atoms", "0"], "batch_atoms must be at least 1"),
         (["--workers", "-1"], "workers must be >= 0"),
-        (["--out", "{tmp}/a_file"], "exists and is not a folder"),
+        (["--out", "{tmp}/a_file"], "is a file, not a folder"),
     ],
 )
 def test_impossible_settings_are_refused_before_any_work(
