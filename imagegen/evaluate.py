@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from dfm_core.atomic_io import file_sha256, holds_folder_lock
+from dfm_core.atomic_io import atomic_write_text, file_sha256, holds_folder_lock
 from imagegen.data import ImageDataset, check_count, default_cache_dir, images_sha256, load_dataset
 from imagegen.frechet import FeatureStats, score_name
 from imagegen.generate import ImageGenerator, SamplingConfig
@@ -201,6 +202,27 @@ def _set_aside_other_format(path: Path) -> Path | None:
     return target
 
 
+def _drop_damaged_rows(path: Path) -> int:
+    """Rewrite ``results.csv`` with only its readable rows when it holds others (a torn last line of a
+    killed append, an edited or corrupted line), so that new rows never glue onto a broken one and a
+    broken point is computed once, not on every run. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    text = path.read_text(errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
+    with open(path, newline="") as f:
+        rows = [r for r in (_row_from_csv(d) for d in csv.DictReader(f)) if r is not None]
+    dropped = len(lines) - 1 - len(rows)
+    if dropped == 0 and text.endswith("\n"):
+        return 0
+    with io.StringIO(newline="") as buffer:
+        w = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(r.as_csv() for r in rows)
+        atomic_write_text(path, buffer.getvalue())
+    return max(dropped, 0)
+
+
 def _append_row(path: Path, row: EvalRow) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -321,6 +343,8 @@ def evaluate_sweep(
     csv_path = out / "results.csv"
     if (old := _set_aside_other_format(csv_path)) is not None and log:
         log(f"{csv_path} had other columns (an older version): kept as {old.name}; its points are redone")
+    if (dropped := _drop_damaged_rows(csv_path)) and log:
+        log(f"{csv_path}: dropped {dropped} damaged line(s) (a torn write?); their points are redone")
     name = score_name(extractor.name)
     ck = str(generator.checkpoint or "")
     model = file_sha256(generator.checkpoint)[:16] if generator.checkpoint else ""

@@ -217,6 +217,14 @@ def sample_quality(
     )
 
 
+REPORT_FILES = (
+    "likelihood.csv",
+    "samples.csv",
+    "report.json",
+    "samples_vs_nfe.png",
+)  # EvaluationReport.write
+
+
 @dataclass
 class EvaluationReport:
     """Likelihood cells (rows = models, columns = data sets), sample-quality rows, and the settings."""
@@ -523,6 +531,11 @@ def evaluate(
             except (ValueError, OSError) as e:
                 raise ValueError(f"data set {name!r}: {e}") from None
             cache[(target, L)] = seqs, hashlib.sha256(seqs.numpy().tobytes()).hexdigest()
+    if (
+        resume_dir is not None
+    ):  # the tables of an earlier run go now: a killed run must not leave them looking current
+        for name in REPORT_FILES:
+            (Path(resume_dir) / name).unlink(missing_ok=True)
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
         model_digest = file_sha256(model.checkpoint) if cells is not None else ""

@@ -42,6 +42,7 @@ from matgen.evaluate.fingerprints import (
 from matgen.evaluate.hull import hull_compounds, load_hull
 from matgen.evaluate.inputs import InputItem, Inputs, error_text, parse_cif, read_inputs
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
+from matgen.evaluate.report import remove_outputs
 from matgen.evaluate.validity import (
     check_sanity,
     composition_validity,
@@ -264,6 +265,7 @@ def evaluate(
     relax_settings = {"step_cap": relax_steps, "fmax_target": fmax}  # kept in each relax record
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / "journal.jsonl", {"format": JOURNAL_FORMAT})
+    remove_outputs(out)  # written again at the end: a killed run leaves no earlier run's tables behind
 
     def current(stage: str, id_: str) -> bool:
         """A journal record for ``id_`` made from the same input (and, for relaxations, the same settings)."""

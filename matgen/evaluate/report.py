@@ -21,7 +21,30 @@ import numpy as np
 import pandas as pd
 from pymatgen.core import Composition
 
-__all__ = ["print_summary", "write_outputs"]
+from dfm_core.atomic_io import atomic_write, atomic_write_text
+
+__all__ = ["OUTPUT_FILES", "print_summary", "remove_outputs", "write_outputs"]
+
+OUTPUT_FILES = (
+    "results.csv",
+    "results.parquet",
+    "summary.json",
+    "relaxed.csv.gz",
+    "e_hull_hist.png",
+    "element_frequency.png",
+    "density.png",
+    "n_atoms.png",
+    "report.md",
+)
+
+
+def remove_outputs(out: Path) -> None:
+    """Remove the tables, plots and report of an earlier run from ``out`` (the journal stays): they are
+    written again when this run completes, and a run killed before that must not leave the earlier
+    run's numbers looking current."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+
 
 RESULT_COLUMNS = [
     "id",
@@ -252,19 +275,20 @@ def write_outputs(
         c for c in results.columns if c not in RESULT_COLUMNS
     ]
     results = results[cols]
-    results.to_csv(out / "results.csv", index=False)
+    atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     try:
         results.to_parquet(out / "results.parquet", index=False)
     except Exception:  # pyarrow missing or a mixed-type column
         pass
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
     relaxed_rows = []
     for i, rec in relax_records.items():
         s = structure_from_json(rec.get("relaxed"))
         if s is not None:
             relaxed_rows.append({"id": i, "cif": str(CifWriter(s))})
-    pd.DataFrame(relaxed_rows, columns=["id", "cif"]).to_csv(out / "relaxed.csv.gz", index=False)
+    relaxed = pd.DataFrame(relaxed_rows, columns=["id", "cif"])
+    atomic_write(out / "relaxed.csv.gz", lambda tmp: relaxed.to_csv(tmp, index=False, compression="gzip"))
     plots = _plots(out, results, summary, reference)
-    (out / "report.md").write_text(_report_md(summary, plots))
+    atomic_write_text(out / "report.md", _report_md(summary, plots))
     if console:
         print_summary(summary)

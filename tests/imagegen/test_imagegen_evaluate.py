@@ -111,6 +111,34 @@ def test_results_of_an_older_format_are_set_aside(tiny_checkpoint: Path, tmp_pat
         assert list(next(csv.reader(f))) == RESULT_COLUMNS
 
 
+def test_a_torn_or_damaged_results_line_is_dropped_and_its_point_redone_once(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    gen = ImageGenerator.from_checkpoint(tiny_checkpoint, "cpu")
+    extractor = PixelHistogram()
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    reference = reference_stats(ImageDataset(images, None, None, "ref"), extractor, cache=False)
+    out = tmp_path / "eval"
+
+    def sweep(nfes: list[int]) -> list[str]:
+        lines: list[str] = []
+        evaluate_sweep(gen, [SamplingConfig()], nfes, extractor, reference, out, n=4, log=lines.append)
+        return lines
+
+    sweep([2, 3])
+    results = out / "results.csv"
+    whole = results.read_text()
+    with results.open("a") as f:  # a killed append: a row cut short, no newline; and a corrupted line
+        f.write('zz,"unclosed\n' + whole.splitlines()[1][:30])
+    lines = sweep([2, 3, 4])
+    assert any("dropped 2 damaged line(s)" in line for line in lines), lines
+    assert sum("kept from an earlier run" in line for line in lines) == 2  # 2 and 3 are not redone
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["nfe"] for r in rows] == ["2", "3", "4"] and results.read_text().endswith("\n")
+    assert all("kept from an earlier run" in line for line in sweep([2, 3, 4]))  # nothing redone again
+
+
 @pytest.fixture()
 def image_folder(tmp_path: Path) -> Path:
     """train/ and test/ folders of 8 x 8 grayscale PNGs in two class folders."""

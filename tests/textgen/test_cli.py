@@ -315,6 +315,9 @@ def test_evaluate_resumes_from_finished_cells(
     # other settings (here the number of kappa points) are not answered from the log
     more_points = [*args[: args.index("--points") + 1], "8", *args[args.index("--points") + 2 :]]
     assert "computed a cell" in str(runner.invoke(app, more_points).exception)
+    # and that run, stopped, left no table of the earlier run looking current
+    assert not any((out / name).exists() for name in ("likelihood.csv", "samples.csv", "report.json"))
+    assert (out / "cells.jsonl").is_file()
 
 
 def test_evaluate_reads_every_data_set_before_any_work(

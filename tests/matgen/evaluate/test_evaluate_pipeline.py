@@ -283,3 +283,26 @@ def test_a_data_set_of_ones_own_with_bad_rows_and_a_crystal_in_a_skewed_cell(mp2
     assert summary["reference"].startswith("'mydata' test (4 crystals")
     row = pd.read_csv(tmp_path / "out" / "results.csv").iloc[0]
     assert bool(row["valid"]) and not bool(row["novel"]), row.to_dict()
+
+
+def test_a_killed_rerun_leaves_no_earlier_tables_looking_current(
+    reference_folder, mp20_dir, hull_dir, fp_cache, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    _run(reference_folder, out, mp20_dir, hull_dir, fp_cache)
+    assert (out / "results.csv").is_file() and (out / "summary.json").is_file()
+
+    def killed(payload):
+        raise KeyboardInterrupt("simulated kill")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    write_cif(other / "salt.cif", rock_salt())
+    monkeypatch.setattr(pipeline, "analyze_crystal", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(other, out, mp20_dir, hull_dir, fp_cache)
+    left = {p.name for p in out.iterdir()}
+    assert left == {"journal.jsonl"}, left  # the journal keeps the work; no table of the earlier inputs
+    monkeypatch.undo()
+    _run(other, out, mp20_dir, hull_dir, fp_cache)
+    assert list(_rows(out)["id"]) == ["salt.cif"]
