@@ -7,9 +7,11 @@ task pipe forever.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -21,7 +23,9 @@ PARENT_POLL_S = 1.0
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
-    """Pool initializer: a daemon thread that ends the worker once its parent is gone."""
+    """Pool initializer: a daemon thread that ends the worker once its parent is gone; Ctrl-C is left to
+    the parent (which stops the pool), so a worker prints no traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while True:
@@ -50,6 +54,20 @@ def process_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecut
         initargs=(os.getpid(),),
     )
     if preload:
-        for _ in range(workers):  # each submit while no worker is idle spawns another process
-            pool.submit(_import_modules, tuple(preload))
+        with _sigint_ignored():  # the spawned interpreters start with Ctrl-C ignored (it is the parent's)
+            for _ in range(workers):  # each submit while no worker is idle spawns another process
+                pool.submit(_import_modules, tuple(preload))
     return pool
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while processes are spawned from the main thread (they inherit it through exec)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

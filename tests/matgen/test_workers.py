@@ -26,3 +26,22 @@ def test_a_plain_pool_starts_workers_on_demand() -> None:
 
 def _pid(_: int) -> int:
     return os.getpid()
+
+
+def _ignores_ctrl_c(_: int) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_workers_leave_ctrl_c_to_the_parent() -> None:
+    """A Ctrl-C reaches the whole process group: the parent stops the pool, workers print nothing."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    pool = process_pool(2, preload=("json",))
+    try:
+        assert signal.getsignal(signal.SIGINT) is before  # the parent's handler is back
+        assert all(pool.map(_ignores_ctrl_c, range(4)))
+    finally:
+        pool.shutdown(wait=True)
