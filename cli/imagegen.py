@@ -300,8 +300,10 @@ def sample(
         if images_dir is not None:
             check_output_folder(images_dir, "--images-dir")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
-        on_batch = None
+        on_batch, stale = None, 0
         if images_dir is not None:
+            # an earlier run's images go first: a run stopped half way must not leave a mix of two runs
+            stale = remove_images_beyond(images_dir, 0) if images_dir.is_dir() else 0
 
             def on_batch(start, images):
                 save_images(images, images_dir, start=start)
@@ -311,12 +313,11 @@ def sample(
             n, cfg, seed=seed, batch_size=batch_size, label=label, progress=not quiet, on_batch=on_batch
         )
         save_grid(images, out, nrow=nrow, scale=scale)
-        stale = remove_images_beyond(images_dir, n) if images_dir is not None else 0
     except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
     extra = f" and {n} PNGs to {images_dir}" if images_dir is not None else ""
     if stale:
-        extra += f" (removed {stale} older image_*.png numbered beyond --n)"
+        extra += f" (first removed the {stale} image_*.png of an earlier run there)"
     typer.echo(
         f"wrote a grid of {n} images ({cfg.label()}, {steps} steps) to {out}{extra} "
         f"in {time.perf_counter() - start:.1f} s"

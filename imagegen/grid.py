@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from dfm_core.atomic_io import check_writable
+from dfm_core.atomic_io import atomic_write, check_writable
 from imagegen.data import check_count
 
 __all__ = [
@@ -119,8 +119,15 @@ def save_grid(
     img = Image.fromarray(make_grid(images, nrow, padding))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
-    return path
+    return _save_atomically(img, path)
+
+
+def _save_atomically(img, path: Path, durable: bool = True) -> Path:  # img: PIL.Image.Image
+    """``img.save(path)`` through a temp file and a rename: a kill never leaves half an image."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: img.save(tmp, format=image_format), durable=durable)
 
 
 def save_images(
@@ -135,7 +142,8 @@ def save_images(
     paths = []
     for i, a in enumerate(arr):
         p = folder / f"{prefix}_{start + i:06d}.png"
-        Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(p)
+        # renamed into place, not fsynced one by one (thousands of files; a power cut may lose the last few)
+        _save_atomically(Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)), p, durable=False)
         paths.append(p)
     return paths
 

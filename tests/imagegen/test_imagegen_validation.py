@@ -297,9 +297,29 @@ def test_images_dir_keeps_only_the_images_of_this_run(tiny_checkpoint: Path, tmp
     assert sorted(p.name for p in folder.glob("image_0*.png")) == [f"image_{i:06d}.png" for i in range(4)]
     args = ["sample", "--checkpoint", str(tiny_checkpoint), "--n", "2", "--out", str(tmp_path / "b.png")]
     result = runner.invoke(app, [*args, "--steps", "2", "--quiet", "--images-dir", str(folder)])
-    assert result.exit_code == 0 and "removed 2 older" in result.output, result.output
+    assert result.exit_code == 0 and "removed the 4 image_*.png of an earlier run" in result.output, (
+        result.output
+    )
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["image_000000.png", "image_000001.png", "image_x.png", "notes.txt"]
+    # a run stopped half way leaves only its own images, never a mix of two runs
+    import imagegen.generate as generate_module
+
+    real_sample = generate_module.ImageGenerator.sample
+
+    def stopped_after_one_batch(self, n, cfg, on_batch=None, **kw):
+        real_sample(self, 1, cfg, on_batch=on_batch, **kw)
+        raise KeyboardInterrupt
+
+    generate_module.ImageGenerator.sample = stopped_after_one_batch
+    try:
+        result = runner.invoke(
+            app, [*args[:4], "3", *args[5:], "--steps", "2", "--quiet", "--images-dir", str(folder)]
+        )
+    finally:
+        generate_module.ImageGenerator.sample = real_sample
+    assert result.exit_code == 130
+    assert sorted(p.name for p in folder.glob("image_0*.png")) == ["image_000000.png"]
     ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "e"), "--quiet"]
     one_line_error(runner.invoke(app, [*ev, "--nfe", "4,,8"]), "--nfe", "empty item")
     one_line_error(runner.invoke(app, [*ev, "--corrector", "0,,1"]), "--corrector", "empty item")
