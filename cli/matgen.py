@@ -7,6 +7,7 @@ Each command is a thin layer over the Python API: ``matgen.generate.generate``,
 from __future__ import annotations
 
 import dataclasses
+import errno
 from pathlib import Path
 
 import typer
@@ -115,9 +116,10 @@ def generate(
         )
     except (CheckpointError, FileExistsError, ValueError, FloatingPointError) as e:
         fail(str(e))
-    except OSError as e:  # an --out that cannot be created or written
-        where = f" {e.filename}" if e.filename else ""
-        fail(f"cannot write{where}: {e.strerror or e}")
+    except OSError as e:  # an --out that cannot be created or written, a full disk
+        where = f" {e.filename}" if e.filename else f" into {out}"
+        full = "; the finished batches are kept: free some space, then run again with --resume"
+        fail(f"cannot write{where}: {e.strerror or e}{full if e.errno == errno.ENOSPC else ''}")
     except KeyboardInterrupt:
         fail(
             f"interrupted; the crystals of finished batches are kept in {out} (listed in samples.csv); "
