@@ -182,16 +182,22 @@ class MetricPath(ProbabilityPath):
     def from_embeddings(
         cls, embeddings: Tensor, power: float = 1.0, beta: BetaSchedule | None = None
     ) -> MetricPath:
-        """d(x, y) = ||emb(x) - emb(y)||_2^power (eq 107), evaluated on demand."""
-        held = {"emb": embeddings.detach()}
+        """d(x, y) = ||emb(x) - emb(y)||_2^power (eq 107), evaluated on demand: the rows d(., x1) come
+        from one float64 matrix product of the centred embeddings (|a|^2 + |b|^2 - 2 a.b, the fast form;
+        centring keeps it accurate for large, tightly clustered embeddings), with d(x, x) = 0 exactly."""
+        emb = embeddings.detach().to(torch.float64)
+        emb = emb - emb.mean(0)
+        held = {"emb": emb, "norms": emb.pow(2).sum(-1)}
 
         def dist(x1: Tensor) -> Tensor:
             if held["emb"].device != x1.device:  # moved once, not at every call
-                held["emb"] = held["emb"].to(x1.device)
-            e = held["emb"]
-            # the exact (non-matmul) form: d(x, x) = 0 exactly, also for large, tightly clustered embeddings
-            d = torch.cdist(e[x1].reshape(-1, e.shape[-1]), e, compute_mode="donot_use_mm_for_euclid_dist")
-            return d.reshape(*x1.shape, e.shape[0]) ** power
+                held.update({k: v.to(x1.device) for k, v in held.items()})
+            e, norms = held["emb"], held["norms"]
+            index = x1.reshape(-1, 1)
+            # one (N, V) buffer, updated in place: |b|^2 - 2 a.b, + |a|^2, clamped, d(x, x) = 0, ^(power/2)
+            squared = torch.addmm(norms.unsqueeze(0), e[index[:, 0]], e.T, alpha=-2.0)
+            squared.add_(norms[index]).clamp_(min=0.0).scatter_(1, index, 0.0)
+            return squared.pow_(power / 2.0).reshape(*x1.shape, e.shape[0])
 
         return cls(dist, beta=beta, vocab_size=int(embeddings.shape[0]))
 

@@ -48,7 +48,7 @@ __all__ = [
 CODES_DTYPE = torch.int16  # codes travel and are cached as int16 (K <= 32767)
 
 
-MATRIX_CODES_MAX = 4096  # up to this K the metric path keeps a K x K matrix (128 MB); above, rows on demand
+MATRIX_CODES_MAX = 2048  # up to this K the metric path keeps a K x K matrix (32 MB); above, rows on demand
 
 
 def _euclidean(codebook: Tensor) -> Tensor:
