@@ -300,12 +300,13 @@ def sample(
         if images_dir is not None:
             check_output_folder(images_dir, "--images-dir")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
-        on_batch, stale = None, 0
+        on_batch, removed = None, []
         if images_dir is not None:
-            # an earlier run's images go first: a run stopped half way must not leave a mix of two runs
-            stale = remove_images_beyond(images_dir, 0) if images_dir.is_dir() else 0
 
             def on_batch(start, images):
+                if start == 0:  # an earlier run's images go when the first batch is ready (every option
+                    # was accepted by then): a run stopped half way must not leave a mix of two runs
+                    removed.append(remove_images_beyond(images_dir, 0) if images_dir.is_dir() else 0)
                 save_images(images, images_dir, start=start)
 
         start = time.perf_counter()
@@ -316,8 +317,8 @@ def sample(
     except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
     extra = f" and {n} PNGs to {images_dir}" if images_dir is not None else ""
-    if stale:
-        extra += f" (first removed the {stale} image_*.png of an earlier run there)"
+    if sum(removed):
+        extra += f" (first removed the {sum(removed)} image_*.png of an earlier run there)"
     typer.echo(
         f"wrote a grid of {n} images ({cfg.label()}, {steps} steps) to {out}{extra} "
         f"in {time.perf_counter() - start:.1f} s"

@@ -6,6 +6,7 @@ Each command is a thin layer over the Python API: ``textgen.train.train_text_mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -263,66 +264,72 @@ def evaluate(
     """Perplexity table (ELBO bound for DFM, exact for AR) over the evaluation sets, plus sample quality."""
     from rich.console import Console
 
-    from dfm_core.atomic_io import check_writable
+    from dfm_core.atomic_io import folder_lock
     from textgen.evaluate import evaluate as run
     from textgen.judge import JudgeUnavailable, load_judge
     from textgen.tokenizer import TextTokenizer
 
     console = Console()
-    try:
-        check_writable(out, "--out", folder=True)  # before the (slow) evaluation
-        nfe_list = int_list(nfe, "--nfe")
-        dataset_specs = name_list(datasets, "--datasets")
-        check_alpha_flag(velocity, alpha)
-        tok = TextTokenizer(tokenizer)
-        the_judge = load_judge(judge, device, tok) if judge is not None else None
-        if the_judge is not None:
-            console.print(f"judge: {the_judge.name}")
-        elif samples > 0:
-            console.print("judge: none (pass --judge for generative perplexity)")
-        report = run(
-            checkpoint,
-            dataset_specs,
-            names=name,
-            limit=limit,
-            n_points=points,
-            batch_size=batch_size,
-            chunk=chunk,
-            seq_len=seq_len,
-            samples=samples,
-            nfe=nfe_list,
-            temperature=temperature,
-            judge=the_judge,
-            tokenizer=tok,
-            data_dir=data_dir,
-            cache_dir=cache_dir,
-            device=device,
-            seed=seed,
-            progress=not quiet,
-            velocity=velocity,
-            corrector=corrector,
-            alpha=alpha,
-            resume_dir=out,
-            log=console.print,
-        )
-    except (JudgeUnavailable, ValueError, OSError, FloatingPointError) as e:  # CheckpointError: a ValueError
-        fail(str(e))
-    except KeyboardInterrupt:
-        kept = (
-            f"the finished cells are kept in {out / 'cells.jsonl'}: run the same command again to continue"
-            if (out / "cells.jsonl").is_file()
-            else "no cell had finished"
-        )
-        fail(f"interrupted; {kept}", code=130)
-    if report.likelihood:
-        console.print(report.likelihood_table())
-    if report.samples:
-        console.print(report.samples_table())
-    try:
-        paths = report.write(out)
-    except (ValueError, OSError) as e:
-        fail(str(e))
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(out, "--out"))  # checked now; held until the tables are written
+            nfe_list = int_list(nfe, "--nfe")
+            dataset_specs = name_list(datasets, "--datasets")
+            check_alpha_flag(velocity, alpha)
+            tok = TextTokenizer(tokenizer)
+            the_judge = load_judge(judge, device, tok) if judge is not None else None
+            if the_judge is not None:
+                console.print(f"judge: {the_judge.name}")
+            elif samples > 0:
+                console.print("judge: none (pass --judge for generative perplexity)")
+            report = run(
+                checkpoint,
+                dataset_specs,
+                names=name,
+                limit=limit,
+                n_points=points,
+                batch_size=batch_size,
+                chunk=chunk,
+                seq_len=seq_len,
+                samples=samples,
+                nfe=nfe_list,
+                temperature=temperature,
+                judge=the_judge,
+                tokenizer=tok,
+                data_dir=data_dir,
+                cache_dir=cache_dir,
+                device=device,
+                seed=seed,
+                progress=not quiet,
+                velocity=velocity,
+                corrector=corrector,
+                alpha=alpha,
+                resume_dir=out,
+                log=console.print,
+            )
+        except (
+            JudgeUnavailable,
+            ValueError,
+            OSError,
+            FloatingPointError,
+        ) as e:  # CheckpointError: a ValueError
+            fail(str(e))
+        except KeyboardInterrupt:
+            kept = (
+                f"the finished cells are kept in {out / 'cells.jsonl'}: run the same command again to continue"
+                if (out / "cells.jsonl").is_file()
+                else "no cell had finished"
+            )
+            fail(f"interrupted; {kept}", code=130)
+        if report.likelihood:
+            console.print(report.likelihood_table())
+        if report.samples:
+            console.print(report.samples_table())
+        try:
+            paths = report.write(out)
+        except (ValueError, OSError) as e:
+            fail(str(e))
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @app.command()

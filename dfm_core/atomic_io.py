@@ -13,6 +13,7 @@ two runs from writing into one folder at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
@@ -21,8 +22,10 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -180,6 +183,11 @@ class FolderInUse(ValueError):
     """Another run (another process) is writing into the folder."""
 
 
+_HELD: dict[str, int] = {}  # folders this process holds locked -> nesting depth (the lock is re-entrant)
+_HELD_LOCK = threading.Lock()
+_NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if needed) while a run writes into it.
@@ -188,18 +196,59 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Pat
     instead of interleaving its files with the first one's (duplicate rows, a mismatched export). The
     lock is an ``flock`` on ``folder/.lock``, so the operating system releases it when its process dies,
     even by SIGKILL: a stale lock never blocks a resume. The file is removed on release (and a folder
-    the lock created that nothing else wrote to, too). On systems without ``fcntl`` (Windows) no lock is
-    taken.
+    the lock created that nothing else wrote to, too). The lock is re-entrant within one process (an
+    app's training holds it around the library loop it calls). Where there is no ``flock`` (Windows, or a file
+    system mounted without it, as some cluster scratch spaces are) the run goes on unlocked, with a
+    warning in the second case.
     """
     path = check_writable(folder, what, folder=True)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(path)
+    with _HELD_LOCK:
+        depth = _HELD.get(key, 0)
+        if depth:  # this process holds it already (an app's run around the library call it makes)
+            _HELD[key] = depth + 1
+    if depth:
+        try:
+            yield path
+        finally:
+            with _HELD_LOCK:
+                _HELD[key] -= 1
+        return
     lock_path = path / LOCK_NAME
+    handle = None
+    try:
+        handle = _locked_handle(path, lock_path, what)
+        if handle is not None:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(
+                f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            )
+            handle.flush()
+        with _HELD_LOCK:
+            _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            with _HELD_LOCK:
+                del _HELD[key]
+    finally:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()  # while still locked, so no one locks the file we are about to drop
+            handle.close()
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty: a run that was refused before writing anything
+
+
+def _locked_handle(path: Path, lock_path: Path, what: str):  # -> an open file holding the flock, or None
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield path
-        return
+        return None
     while True:  # a holder may remove the file between our open and our lock: lock the file that is there
         handle = open(lock_path, "a+")
         try:
@@ -211,28 +260,25 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Pat
             raise FolderInUse(
                 f"{what} {path} is in use by another run ({holder}); wait for it to finish, or use another folder"
             ) from None
+        except OSError as e:
+            handle.close()
+            if e.errno not in _NO_FLOCK:
+                raise
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            warnings.warn(
+                f"the file system of {path} has no file locks ({e.strerror}): nothing stops two runs from "
+                "writing into it at once",
+                stacklevel=4,
+            )
+            return None
         try:
             same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return handle
         handle.close()
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(
-            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-        )
-        handle.flush()
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()  # while still locked, so no one locks the file we are about to drop
-        handle.close()
-        if created:
-            with contextlib.suppress(OSError):
-                path.rmdir()  # only if empty: a run that was refused before writing anything
 
 
 def holds_folder_lock(parameter: str, what: str = "folder") -> Callable:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import check_writable, file_sha256
+from dfm_core.atomic_io import check_writable, file_sha256, holds_folder_lock
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import ProbabilityPath
 from dfm_core.training import (
@@ -251,6 +251,7 @@ class _CodeBatches(_Batches):
         return self.codes[idx, flip], self.labels[idx]
 
 
+@holds_folder_lock("run_dir", "run folder")
 def train_image_model(
     config: ImagegenTrainConfig,
     run_dir: str | os.PathLike,

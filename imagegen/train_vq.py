@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import check_writable
+from dfm_core.atomic_io import check_writable, holds_folder_lock
 from dfm_core.training import (
     TrainConfig,
     TrainResult,
@@ -96,6 +96,7 @@ def reconstruction_stats(vq: VQVAE, images: Tensor, batch_size: int = 256) -> di
     return {"recon_mse": total / max(1, images.shape[0]), "codebook_usage": float(used.float().mean())}
 
 
+@holds_folder_lock("run_dir", "run folder")
 def train_vqvae(
     config: VQTrainConfig,
     run_dir: str | os.PathLike,

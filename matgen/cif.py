@@ -227,7 +227,8 @@ def _check_values(block) -> None:
             "the CIF gives Cartesian atom positions only (_atom_site_Cartn_x); fractional ones "
             "(_atom_site_fract_x) are needed"
         )
-    if "_atom_site_fract_x" in keys and not _values(block, "_atom_site_fract_x"):
+    fract_x = next((k for k in block.data if k.lower() == "_atom_site_fract_x"), None)
+    if fract_x is not None and not _values(block, fract_x):
         raise ValueError("the CIF's atom-site loop lists no atoms")
     for value in _values(block, "_atom_site_occupancy"):
         number = _number(value)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import atomic_write_text, check_writable
+from dfm_core.atomic_io import atomic_write_text, check_writable, holds_folder_lock
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import MixturePath
 from dfm_core.schedulers import make_scheduler
@@ -163,6 +163,7 @@ def _ar_loss(model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Ge
     return model.loss(tokens, num_atoms)
 
 
+@holds_folder_lock("run_dir", "run folder")
 def train_crystal_model(
     config: MatgenTrainConfig,
     run_dir: str | os.PathLike,

@@ -486,7 +486,7 @@ def evaluate(
     tokenizer = tokenizer or TextTokenizer()
     if not datasets:
         raise ValueError("give at least one data set to evaluate on")
-    specs = [_dataset_spec(spec) for spec in datasets]
+    specs = [_dataset_spec(os.fspath(spec)) for spec in datasets]
     columns = list(
         zip(_unique_names([name for name, _ in specs]), [target for _, target in specs], strict=True)
     )

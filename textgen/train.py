@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import check_writable
+from dfm_core.atomic_io import check_writable, holds_folder_lock
 from dfm_core.objectives import cross_entropy_loss, mixture_elbo_loss, sample_training_time
 from dfm_core.paths import MixturePath
 from dfm_core.training import (
@@ -220,6 +220,7 @@ def make_loss(config: TextgenTrainConfig, path: MixturePath | None):
     return dfm_loss
 
 
+@holds_folder_lock("run_dir", "run folder")
 def train_text_model(
     config: TextgenTrainConfig,
     run_dir: str | os.PathLike,

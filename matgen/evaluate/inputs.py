@@ -60,6 +60,11 @@ POSCAR_SUFFIXES = (".vasp", ".poscar")
 POSCAR_NAMES = ("POSCAR", "CONTCAR")
 MAX_MEMBER_BYTES = 64 * 2**20  # an archive member larger than this is not unpacked (zip bombs)
 MANIFEST_NAME = "samples.csv"  # written by ``matgen generate`` next to its CIFs
+# The version of the rules that read and judge a crystal (CIF reading, cell reduction, sanity bounds).
+# Raise it when they change what a crystal's verdict can be: journal records of an older version are redone.
+# 2: CIF2 names, CR line endings, 3-decimal special positions, refined full occupancies, LLL cell for the
+#    width bound (session 7).
+READ_RULES = 2
 
 
 @dataclass
@@ -73,11 +78,12 @@ class InputItem:
 
     @property
     def digest(self) -> str:
-        """A short hash of the content: a resumed run recomputes a crystal whose digest changed."""
+        """A short hash of the content and of :data:`READ_RULES`: a resumed run recomputes a crystal whose
+        input changed, or that an earlier version of the reading and judging rules evaluated."""
         if self.structure is not None:
-            payload = repr(self.structure.as_dict()).encode()
+            payload = f"{READ_RULES}|{self.structure.as_dict()!r}".encode()
         else:
-            payload = f"{self.cif!r}|{self.read_error!r}".encode()
+            payload = f"{READ_RULES}|{self.cif!r}|{self.read_error!r}".encode()
         return hashlib.sha1(payload).hexdigest()[:16]
 
 

@@ -279,8 +279,8 @@ def evaluate(
         n_changed = sum(journal.has("basic", it.id) for it in todo)
         if n_changed:
             warnings.warn(
-                f"{n_changed} crystal(s) in {out} were evaluated from other input under the same id; "
-                "they are evaluated again",
+                f"{n_changed} crystal(s) in {out} were evaluated from other input under the same id, or by "
+                "earlier reading rules; they are evaluated again",
                 stacklevel=2,
             )
         buffer: list[dict[str, Any]] = []

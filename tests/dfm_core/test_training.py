@@ -554,20 +554,21 @@ def test_a_budgeted_run_reissued_after_a_kill_keeps_its_fitted_schedule(tmp_path
     it neither restarts the cosine near the peak nor trains the budget twice. A new ceiling is obeyed."""
     import time
 
-    steps_run = [0]
+    steps_after_fit = [0]
 
-    def loss_killed_at_step_60(model, x1, generator):
-        steps_run[0] += 1
-        if steps_run[0] == 60:
-            raise KeyboardInterrupt  # as a kill would, mid-step
+    def loss_killed_soon_after_the_fit(model, x1, generator):
         time.sleep(0.01)
+        if json.loads((tmp_path / "config.json").read_text())["train"]["steps"] < 100_000:  # fitted
+            steps_after_fit[0] += 1
+            if steps_after_fit[0] == 3:
+                raise KeyboardInterrupt  # as a kill would, mid-step
         return denoise_loss(model, x1, generator)
 
     cfg = config(
-        steps=100_000, time_budget_s=2.0, lr_schedule="cosine", min_lr_ratio=0.1, log_every=1, ckpt_every=10
+        steps=100_000, time_budget_s=2.0, lr_schedule="cosine", min_lr_ratio=0.1, log_every=1, ckpt_every=1
     )
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), loss_killed_at_step_60, batches, cfg, tmp_path, val_loss, progress=False)
+        train(tiny_model(), loss_killed_soon_after_the_fit, batches, cfg, tmp_path, val_loss, progress=False)
     killed = load_checkpoint(tmp_path / "last.pt")
     fitted = killed["config"]["steps"]
     assert killed["step"] < fitted < 100_000 and killed["budget"] == {"requested_steps": 100_000}

@@ -311,6 +311,11 @@ def test_images_dir_keeps_only_the_images_of_this_run(tiny_checkpoint: Path, tmp
         real_sample(self, 1, cfg, on_batch=on_batch, **kw)
         raise KeyboardInterrupt
 
+    # an option refused (here an unknown class) removes nothing
+    refused = runner.invoke(
+        app, [*args, "--steps", "2", "--quiet", "--images-dir", str(folder), "--label", "nope"]
+    )
+    assert refused.exit_code == 2 and len(list(folder.glob("image_0*.png"))) == 2, refused.output
     generate_module.ImageGenerator.sample = stopped_after_one_batch
     try:
         result = runner.invoke(

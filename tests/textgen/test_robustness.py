@@ -334,3 +334,7 @@ def test_evaluate_takes_a_lone_checkpoint_data_set_name_and_nfe(tiny_run: Path, 
     )
     assert report.models() == ["m"] and report.datasets() == ["tiny"]
     assert [s.nfe for s in report.samples] == [2]
+    as_path = evaluate(
+        tiny_run / "model.safetensors", tiny_corpus, limit=2, n_points=4, tokenizer=tokenizer, device="cpu"
+    )
+    assert as_path.datasets() == [tiny_corpus.stem]  # a lone Path is one data set, named by its stem

@@ -306,3 +306,22 @@ def test_a_killed_rerun_leaves_no_earlier_tables_looking_current(
     monkeypatch.undo()
     _run(other, out, mp20_dir, hull_dir, fp_cache)
     assert list(_rows(out)["id"]) == ["salt.cif"]
+
+
+def test_records_of_earlier_reading_rules_are_redone(mp20_dir, hull_dir, fp_cache, tmp_path, monkeypatch):
+    """A folder evaluated before the reading rules changed (READ_RULES) gets the new verdicts on a rerun."""
+    import matgen.evaluate.inputs as inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_cif(folder / "salt.cif", rock_salt())
+    _run(folder, tmp_path / "out", mp20_dir, hull_dir, fp_cache)
+    analysed = []
+    real = pipeline.analyze_crystal
+    monkeypatch.setattr(pipeline, "analyze_crystal", lambda p: analysed.append(p[0]) or real(p))
+    _run(folder, tmp_path / "out", mp20_dir, hull_dir, fp_cache)
+    assert analysed == []  # same rules, same input: nothing redone
+    monkeypatch.setattr(inputs, "READ_RULES", inputs.READ_RULES + 1)
+    with pytest.warns(UserWarning, match="or by earlier reading rules; they are evaluated again"):
+        _run(folder, tmp_path / "out", mp20_dir, hull_dir, fp_cache)
+    assert analysed == ["salt.cif"]
