@@ -25,7 +25,10 @@ def evaluate_command(
         Path("eval_out"), "--out", "-o", help="Output folder (re-running with the same folder resumes)."
     ),
     data_dir: Path | None = typer.Option(
-        None, "--data-dir", help="MP-20 folder with {train,test}.csv[.gz] (default: $MATGEN_DATA)."
+        None,
+        "--data-dir",
+        help="MP-20 folder with {train,test}.csv[.gz], or a data root holding mp_20/ (default: $MATGEN_DATA, else "
+        "the download cache, filled on first use).",
     ),
     skip_stability: bool = typer.Option(
         False, "--skip-stability", help="Skip CHGNet relaxation, E_hull, S.U.N."

@@ -311,11 +311,22 @@ def train_image_model(
         train_batches = _Batches(train_data, bs, config.hflip)
         val_batches = _Batches(val_data, bs, hflip=False)
     else:
-        codes = latent_codes(vq.to(resolve_device(config.train.device)), data.images, vq_sha256, data_sha256)
+        used = torch.cat([train_idx, val_idx])
+        if len(used) < len(data):  # --train-limit: encode (and cache) only the images the run uses
+            images = data.images[used]
+            codes = latent_codes(
+                vq.to(resolve_device(config.train.device)), images, vq_sha256, images_sha256(images)
+            )
+            train_codes, val_codes = codes[: len(train_idx)], codes[len(train_idx) :]
+        else:
+            codes = latent_codes(
+                vq.to(resolve_device(config.train.device)), data.images, vq_sha256, data_sha256
+            )
+            train_codes, val_codes = codes[train_idx], codes[val_idx]
         vq.cpu()
         path = build_path(config.path, vq.codebook)
-        train_batches = _CodeBatches(codes[train_idx], train_data, bs, config.hflip)
-        val_batches = _CodeBatches(codes[val_idx], val_data, bs, hflip=False)
+        train_batches = _CodeBatches(train_codes, train_data, bs, config.hflip)
+        val_batches = _CodeBatches(val_codes, val_data, bs, hflip=False)
         latent_meta = {
             "vqvae_file": str(config.latent),
             "vqvae_sha256": vq_sha256,

@@ -724,7 +724,8 @@ def generate(
                 f.unlink(missing_ok=True)
         else:
             raise FileExistsError(
-                f"{out} is not empty: pass --overwrite to replace its crystals or --resume to continue the run"
+                f"{out} is not empty: pass --overwrite to replace its crystals or --resume to continue the run "
+                "(overwrite=True / resume=True in Python)"
             )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")

@@ -69,9 +69,13 @@ def default_data_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``$TEXTGEN_CACHE`` if set, else ``~/.cache/textgen``."""
+    """``$TEXTGEN_CACHE`` if set, else ``$XDG_CACHE_HOME/textgen`` (``~/.cache/textgen``), as matgen and
+    imagegen place theirs."""
     env = os.environ.get("TEXTGEN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "textgen"
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "textgen"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -227,6 +228,12 @@ def _fingerprint_into_cache(
             warnings.warn(f"could not write the reference cache {path}: {exc}", stacklevel=3)
         stored, pending = merged, []
 
+    if progress and len(todo) >= 1000:
+        print(
+            f"fingerprinting {len(todo)} reference crystals of the {split} split once (cached in {path.parent} for "
+            f"later runs), with {max(workers, 1)} process(es); --workers N or --test-limit makes this shorter",
+            file=sys.stderr,
+        )
     last_save = time.monotonic()
     try:
         for row in parallel_map(

@@ -131,6 +131,24 @@ def test_latent_training_trains_on_cached_codes_and_stores_the_vqvae(
     assert torch.equal(codes[:, 1].long(), vq.encode(images.flip(-1)).reshape(len(images), -1))
 
 
+def test_a_train_limit_encodes_only_the_images_the_run_uses(
+    tiny_vq_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    vq_file = tiny_vq_run / "vqvae.safetensors"
+    config = dataclasses.replace(tiny_config("metric", 2), latent=str(vq_file), train_limit=10)
+    data = synthetic_images()  # 96 images; 16 held out for validation, 10 of the rest trained on
+    train_image_model(config, tmp_path / "run", resume=False, progress=False, data=data)
+    (cached,) = (tmp_path / "cache").glob("latent-codes-*.npz")
+    codes = torch.from_numpy(np.load(cached)["codes"])
+    assert codes.shape[0] == 26  # not all 96
+    vq, _ = load_vqvae(vq_file)
+    encoded = encode_codes(vq, data.images)  # the codes of the images at the run's indices
+    assert all(any(torch.equal(row, other) for other in encoded) for row in codes)
+
+
 def test_latent_checkpoint_samples_decoded_images_without_the_vqvae_file(
     latent_run: tuple[Path, Path], tiny_vq_run: Path, tmp_path: Path
 ) -> None:
