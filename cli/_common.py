@@ -42,15 +42,20 @@ warnings.formatwarning = _one_line_warning  # the CLIs import this module; the P
 
 
 class CommandGroup(TyperGroup):
-    """The apps' command group: a Ctrl-C that a command does not handle itself ends with a line that says
-    so (typer alone exits 130 without a word)."""
+    """The apps' command group: a Ctrl-C (or SIGTERM) that a command does not handle itself ends with a
+    line that says so (typer alone exits 130 without a word); a training that stopped cleanly has said so
+    itself and exits 130 quietly."""
 
     def invoke(self, ctx: Any) -> Any:
+        from dfm_core.training import TrainingStopped
+
         try:
             return super().invoke(ctx)
+        except TrainingStopped:  # a clean stop: the training loop has said where its checkpoint is
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
             typer.secho(
-                "error: interrupted (Ctrl-C); files are written whole or not at all, so none is left half-written",
+                "error: interrupted; files are written whole or not at all, so none is left half-written",
                 fg=typer.colors.RED,
                 err=True,
             )

@@ -59,6 +59,7 @@ def evaluate_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Evaluate generated crystals: validity, coverage, distributions, CHGNet stability, S.U.N."""
+    from dfm_core.atomic_io import FolderInUse
     from matgen.data import DownloadError
     from matgen.evaluate import evaluate
     from matgen.evaluate.journal import JournalMismatch
@@ -91,6 +92,8 @@ def evaluate_command(
             f"{e}\nthe MP-20 reference (test set for coverage, train set for novelty) is needed: pass --data-dir or "
             f"set MATGEN_DATA to a folder with train/val/test.csv[.gz]{kept()}"
         )
+    except FolderInUse as e:  # refused before any work: nothing of this run to keep
+        fail(str(e))
     except (ValueError, FileNotFoundError, JournalMismatch) as e:
         fail(f"{e}{kept()}")
     except OSError as e:  # an output folder that cannot be written, a disk that is full, ...

@@ -183,7 +183,7 @@ class FolderInUse(ValueError):
     """Another run (another process) is writing into the folder."""
 
 
-_HELD: dict[str, int] = {}  # folders this process holds locked -> nesting depth (the lock is re-entrant)
+_HELD: dict[tuple[str, int], int] = {}  # (folder, thread) holding its lock -> nesting depth (re-entrant)
 _HELD_LOCK = threading.Lock()
 _NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
@@ -196,15 +196,15 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Pat
     instead of interleaving its files with the first one's (duplicate rows, a mismatched export). The
     lock is an ``flock`` on ``folder/.lock``, so the operating system releases it when its process dies,
     even by SIGKILL: a stale lock never blocks a resume. The file is removed on release (and a folder
-    the lock created that nothing else wrote to, too). The lock is re-entrant within one process (an
-    app's training holds it around the library loop it calls). Where there is no ``flock`` (Windows, or a file
+    the lock created that nothing else wrote to, and its new parents, too). The lock is re-entrant within
+    one thread (an app's training holds it around the library loop it calls); another thread is refused. Where there is no ``flock`` (Windows, or a file
     system mounted without it, as some cluster scratch spaces are) the run goes on unlocked, with a
     warning in the second case.
     """
     path = check_writable(folder, what, folder=True)
-    created = not path.exists()
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     path.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(path)
+    key = (os.path.realpath(path), threading.get_ident())  # another thread is refused like another process
     with _HELD_LOCK:
         depth = _HELD.get(key, 0)
         if depth:  # this process holds it already (an app's run around the library call it makes)
@@ -239,9 +239,11 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Pat
             with contextlib.suppress(OSError):
                 lock_path.unlink()  # while still locked, so no one locks the file we are about to drop
             handle.close()
-        if created:
-            with contextlib.suppress(OSError):
-                path.rmdir()  # only if empty: a run that was refused before writing anything
+        for folder_made in created:  # only while empty: a run refused before writing leaves no folders
+            try:
+                folder_made.rmdir()
+            except OSError:
+                break
 
 
 def _locked_handle(path: Path, lock_path: Path, what: str):  # -> an open file holding the flock, or None
@@ -283,7 +285,8 @@ def _locked_handle(path: Path, lock_path: Path, what: str):  # -> an open file h
 
 def holds_folder_lock(parameter: str, what: str = "folder") -> Callable:
     """Decorate a function so that it runs under :func:`folder_lock` of its argument ``parameter`` (no
-    lock when that argument is ``None``)."""
+    lock when that argument is ``None``). The wrapper adds one frame: a warning raised in the decorated
+    function names its caller with a ``stacklevel`` one higher than without the decorator."""
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)

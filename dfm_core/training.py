@@ -52,6 +52,7 @@ __all__ = [
     "TrainConfig",
     "fit_steps_to_budget",
     "TrainResult",
+    "TrainingStopped",
     "WarmupSchedule",
     "config_from_dict",
     "export_safetensors",
@@ -762,6 +763,11 @@ def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """A Ctrl-C or SIGTERM that :func:`train` honoured: the step finished, ``last.pt`` holds it, and the
+    way to go on was printed."""
+
+
 def _first_line(exc: BaseException) -> str:
     """An exception's first non-empty message line (torch's C++ errors run to many lines)."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
@@ -784,7 +790,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         elif line.strip() and not isinstance(record_step, int):
             dropped += 1
     if dropped:
-        warnings.warn(f"dropped {dropped} unreadable line(s) of {path} (a torn write?)", stacklevel=3)
+        warnings.warn(f"dropped {dropped} unreadable line(s) of {path} (a torn write?)", stacklevel=4)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -895,7 +901,7 @@ def _check_resumable(
         warnings.warn(
             f"resuming with a changed TrainConfig (saved -> now): {changed}; the new settings apply from "
             f"step {ckpt['step']} on",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -986,7 +992,7 @@ def train(
             warnings.warn(
                 f"resuming with seed {config.seed}: the run keeps its seed {ckpt['config']['seed']}, as its "
                 "random state comes from the checkpoint",
-                stacklevel=2,
+                stacklevel=3,
             )
         config = _resumed_config(config, ckpt)
         _check_resumable(ckpt, model, config, metadata, identity)
@@ -1007,7 +1013,7 @@ def train(
         _truncate_metrics(metrics_path, step)
         if not callable(train_batches):
             warnings.warn(
-                "train_batches is an iterable: resuming restarts it from its beginning", stacklevel=2
+                "train_batches is an iterable: resuming restarts it from its beginning", stacklevel=3
             )
         del ckpt
     else:
@@ -1179,6 +1185,7 @@ def train(
                 f"folder to continue, or with steps = {step} to only export the weights trained so far.",
                 file=sys.stderr,
             )
+            raise TrainingStopped(f"stopped at step {step}; checkpoint saved to {last_path}") from None
         raise
     finally:
         interrupt.uninstall()

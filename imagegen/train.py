@@ -298,7 +298,7 @@ def train_image_model(
             warnings.warn(
                 f"the VQ-VAE {config.latent} was trained on other images ({(vq_meta.get('data') or {}).get('name')}) "
                 f"than these ({data.name}); its codes may describe them poorly",
-                stacklevel=2,
+                stacklevel=3,
             )
     train_idx, val_idx = _split_indices(data, config.val_size, config.split_seed, config.train_limit)
     train_data, val_data = data.take(train_idx, "[train]"), data.take(val_idx, "[val]")

@@ -197,7 +197,7 @@ def train_crystal_model(
         warnings.warn(
             f"left out {too_large['train']} train and {too_large['val']} val crystals with more than "
             f"max_atoms={config.max_atoms} atoms (the largest has {largest}); raise max_atoms to keep them",
-            stacklevel=2,
+            stacklevel=3,
         )
     if len(train_data) == 0 or len(val_data) == 0:
         raise ValueError(
@@ -271,7 +271,7 @@ def _record_skipped_rows(run_dir: Path, skipped: dict[str, dict[str, str]]) -> N
     path = run_dir / "skipped_rows.csv"
     atomic_write_text(path, buf.getvalue())
     counts = ", ".join(f"{len(reasons)} {split}" for split, reasons in skipped.items() if reasons)
-    warnings.warn(f"left out {counts} rows that did not parse or tokenize; listed in {path}", stacklevel=3)
+    warnings.warn(f"left out {counts} rows that did not parse or tokenize; listed in {path}", stacklevel=4)
 
 
 def export_checkpoint(

@@ -87,6 +87,15 @@ def test_a_ctrl_c_no_command_handles_ends_with_a_line_that_says_so() -> None:
     def other() -> None:
         pass
 
+    @demo.command()
+    def stopped() -> None:
+        from dfm_core.training import TrainingStopped
+
+        print("interrupted at step 8; checkpoint saved")  # what the training loop prints itself
+        raise TrainingStopped("stopped at step 8")
+
     result = CliRunner().invoke(demo, ["slow"])
     assert result.exit_code == 130
-    assert result.output.strip().startswith("error: interrupted (Ctrl-C)"), result.output
+    assert result.output.strip().startswith("error: interrupted;"), result.output
+    result = CliRunner().invoke(demo, ["stopped"])
+    assert result.exit_code == 130 and "error" not in result.output, result.output  # no second message

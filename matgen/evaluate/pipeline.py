@@ -281,7 +281,7 @@ def evaluate(
             warnings.warn(
                 f"{n_changed} crystal(s) in {out} were evaluated from other input under the same id, or by "
                 "earlier reading rules; they are evaluated again",
-                stacklevel=2,
+                stacklevel=3,
             )
         buffer: list[dict[str, Any]] = []
         for rec in parallel_map(

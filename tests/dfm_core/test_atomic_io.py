@@ -200,8 +200,25 @@ def test_a_folder_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
         raise ValueError("a bad flag, found before anything is written")
 
     with pytest.raises(ValueError, match="a bad flag"):
-        refuse(tmp_path / "new", n=1)
-    assert not (tmp_path / "new").exists()  # no empty folder left behind
+        refuse(tmp_path / "new" / "sub" / "out", n=1)
+    assert not (tmp_path / "new").exists()  # no empty folder left behind, parents included
+
+    import threading
+
+    refused = []
+
+    def other_thread() -> None:
+        try:
+            with folder_lock(run):
+                pass
+        except FolderInUse as e:
+            refused.append(str(e))
+
+    with folder_lock(run):  # another thread of this process is refused like another process
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert len(refused) == 1 and "in use by another run" in refused[0]
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         refuse(tmp_path / "f.txt", n=1)
