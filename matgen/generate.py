@@ -520,9 +520,11 @@ def _read_done_rows(samples: Path, size_of: Callable[[int], int]) -> list[dict[s
     rows = list(csv.DictReader(io.StringIO(text)))
     by_batch: dict[int, list[dict[str, str]]] = {}
     for r in rows:
+        if any("\x00" in str(v) for v in r.values()):  # zeroed blocks of a crash: the batch is redone
+            continue
         try:
             by_batch.setdefault(int(r["batch"]), []).append(r)
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
             continue
     done = []
     for b, rs in sorted(by_batch.items()):
@@ -539,7 +541,7 @@ def _whole_cif(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             text = f.read(1 << 20)
-    except OSError:  # missing, a folder, unreadable
+    except (OSError, ValueError):  # missing, a folder, unreadable, a name with a NUL byte
         return False
     return text.endswith(b"\n") and b"\ndata_" in text and b"_atom_site_occupancy" in text
 

@@ -434,6 +434,14 @@ def test_resume_regenerates_a_batch_whose_cif_was_deleted(tiny_run: Path, tmp_pa
         victim.write_text(damaged)
         summary = generate(8, tmp_path / "x", resume=True, **run)
         assert summary.skipped_batches == 1 and victim.read_text() == whole
+    # zeroed bytes in a row of samples.csv (a block a crash left as NULs): that batch is redone, cleanly
+    listing = (tmp_path / "x" / "samples.csv").read_text().splitlines(keepends=True)
+    row = listing[1]
+    listing[1] = row[:3] + "\x00" * 6 + row[9:]
+    (tmp_path / "x" / "samples.csv").write_text("".join(listing))
+    summary = generate(8, tmp_path / "x", resume=True, **run)
+    assert summary.skipped_batches == 1
+    assert (tmp_path / "x" / "samples.csv").read_text() == (tmp_path / "ref" / "samples.csv").read_text()
 
 
 def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_path: Path) -> None:
