@@ -356,20 +356,35 @@ def _resize_crop(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _to_8bit(img):
-    """16-bit (and 32-bit integer) greyscale -> 8-bit "L", scaled by 1/257 (PIL's convert would clip).
+def _to_8bit(img, file_format: str | None = None):
+    """Greyscale images of more than 8 bits as 8-bit "L" (PIL's convert would clip, or map everything
+    to black):
 
-    The "I" mode holds 16-bit PNGs in some Pillow versions: its values are read as 0..65535.
+    * 16-bit ("I;16*", and the "I" mode in which some Pillow versions hold 16-bit PNGs): value / 257;
+    * 32-bit integer ("I", e.g. TIFF): 0..255 kept, 0..65535 as 16-bit, anything larger refused;
+    * floating point ("F", e.g. TIFF): 0..1 scaled by 255, 0..255 kept, anything else refused.
     """
     from PIL import Image
 
-    if img.mode not in _SIXTEEN_BIT_MODES:
+    if img.mode not in (*_SIXTEEN_BIT_MODES, "I", "F"):
         return img
     arr = np.asarray(img).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
+        raise ValueError(f"{img.mode}-mode pixel values from {low:g} to {high:g}: not an image's range")
+    if img.mode == "F":
+        if high <= 1.0:
+            arr = arr * 255.0
+        elif high > 255.0:
+            raise ValueError(f"floating-point pixel values up to {high:g}: expected 0..1 or 0..255")
+    elif img.mode in _SIXTEEN_BIT_MODES or (file_format or img.format) == "PNG" or high > 255.0:
+        if high > 65535.0:
+            raise ValueError(f"32-bit pixel values up to {high:g}: expected at most 16-bit (65535)")
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
 def _flatten_alpha(img):
@@ -434,9 +449,14 @@ def load_image_folder(
         try:
             with Image.open(p) as img:
                 upright = ImageOps.exif_transpose(img)  # phone photos are stored sideways + EXIF
-                flat = _flatten_alpha(_to_8bit(upright))
+                flat = _flatten_alpha(_to_8bit(upright, img.format))
                 arrays.append(np.asarray(_resize_crop(flat.convert(mode), size)))
-        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files (PIL raises all three)
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+        ) as e:  # truncated, corrupt, huge
             if str(p) in str(e):
                 raise ValueError(str(e)) from None
             raise ValueError(f"cannot read image {p}: {e}") from None

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,14 @@ def read_text(path: str | os.PathLike) -> str:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raw = path.read_bytes()
+        for magic, kind in (
+            (b"\x1f\x8b", "gzip"),
+            (b"BZh", "bzip2"),
+            (b"\xfd7zXZ", "xz"),
+            (b"PK\x03\x04", "zip"),
+        ):
+            if raw.startswith(magic):
+                raise ValueError(f"{path} is {kind}-compressed, not text: decompress it first") from None
         if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
             raise ValueError(f"{path} is UTF-32 text: re-encode it, e.g. iconv -f utf-32 -t utf-8") from None
         if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -177,9 +186,11 @@ def read_text(path: str | os.PathLike) -> str:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
             line = raw.count(b"\n", 0, e.start) + 1
+            # bytes 0x80-0x9f are control codes in Latin-1 but quotes and dashes in Windows-1252
+            source = "cp1252" if any(0x80 <= b <= 0x9F for b in raw) else "latin1"
             raise ValueError(
                 f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): "
-                "re-encode it, e.g. iconv -f latin1 -t utf-8"
+                f"re-encode it, e.g. iconv -f {source} -t utf-8"
             ) from None
         raise
     if "\x00" in text:  # valid UTF-8, but text does not hold NUL: UTF-16 without a byte-order mark, or binary
@@ -207,10 +218,12 @@ def _jsonl_texts(path: Path, field: str | None = None) -> list[str]:
             raise ValueError(f"{path}:{n}: expected an object or a string")
         keys = [field] if field else ["text", "extract"]
         value = next((row[k] for k in keys if isinstance(row.get(k), str)), None)
-        if value is None and field is None:
-            value = next((v for v in row.values() if isinstance(v, str)), None)
-        if value is None:
-            raise ValueError(f"{path}:{n}: no text field ({field or 'text/extract'})")
+        if value is None:  # never guess another field: an id column would become the training text
+            found = ", ".join(f"{k} ({type(v).__name__})" for k, v in list(row.items())[:8]) or "none"
+            raise ValueError(
+                f"{path}:{n}: no text in a field named {' or '.join(keys)}; the line has the fields {found}. "
+                "Give each line a 'text' field"
+            )
         docs.append(value)
     return docs
 
@@ -310,6 +323,12 @@ def resolve_corpora(
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     out: list[tuple[str, Path, Callable]] = []
     for item in items:
+        if (item == "train" or item in _ALL_NAMED) and Path(item).exists():
+            warnings.warn(
+                f"{item!r} names a built-in corpus, which is what is read; the {'folder' if Path(item).is_dir() else 'file'} "
+                f"{item!r} here is not (write ./{item} to read it)",
+                stacklevel=2,
+            )
         if item == "train":
             out += [(s.name, data_dir / s.relpath, s.reader) for s in TRAIN_CORPORA.values()]
         elif item in _ALL_NAMED:

@@ -206,3 +206,24 @@ def test_real_shared_data_when_present(shared_data_dir: Path, tmp_path: Path) ->
     assert cifar.images.shape == (4, 3, 32, 32) and cifar.labels.tolist() == [0, 0, 0, 0]
     fm = load_fashion_mnist("test", images, limit=3)
     assert fm.images.shape == (3, 1, 28, 28) and int(fm.images.max()) > 0
+
+
+def test_float_and_32_bit_tiffs_keep_their_brightness_and_huge_images_are_named(tmp_path: Path) -> None:
+    import numpy as np
+
+    folder = tmp_path / "tiffs"
+    folder.mkdir()
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), "F").save(folder / "a_float01.tif")
+    Image.fromarray(np.full((4, 4), 128, dtype=np.int32), "I").save(folder / "b_int8range.tif")
+    Image.fromarray(np.full((4, 4), 51400, dtype=np.int32), "I").save(folder / "c_int16range.tif")
+    images = load_image_folder(folder, size=4, channels=1).images[:, 0]
+    assert [int(im.float().mean()) for im in images] == [128, 128, 200]  # not all black
+    Image.fromarray(np.full((4, 4), 300.0, dtype=np.float32), "F").save(folder / "d_bad.tif")
+    with pytest.raises(ValueError, match=r"d_bad.tif.*expected 0..1 or 0..255"):
+        load_image_folder(folder, size=4, channels=1)
+
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    Image.new("1", (20000, 10000)).save(huge / "scan.png")  # 200 megapixels in a few kB
+    with pytest.raises(ValueError, match=r"scan.png.*exceeds limit"):
+        load_image_folder(huge, size=4, channels=1)

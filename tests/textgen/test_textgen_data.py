@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,50 @@ def test_token_stream_cache_and_packing(tokenizer, tmp_path):
     seqs = pack(np.arange(23, dtype=np.uint16), 5)
     assert seqs.shape == (4, 5) and seqs.dtype == torch.long
     assert seqs[1].tolist() == [5, 6, 7, 8, 9]
+
+
+def test_a_jsonl_without_a_text_field_is_refused_not_read_by_its_id_column(tmp_path):
+    from textgen.data import read_documents
+
+    path = tmp_path / "ids.jsonl"
+    path.write_text('{"id": "doc-0", "body": "It was the best of times."}\n')
+    with pytest.raises(
+        ValueError, match=r"ids.jsonl:1: no text in a field named text or extract.*id \(str\), body \(str\)"
+    ):
+        read_documents(path)
+    path.write_text('{"id": "doc-0", "text": "It was the best of times."}\n')
+    assert read_documents(path) == ["It was the best of times."]
+
+
+def test_a_local_folder_named_like_a_corpus_is_pointed_out(tmp_path, monkeypatch):
+    from textgen.data import TRAIN_CORPORA, resolve_corpora
+
+    shipped = (
+        tmp_path / "data" / TRAIN_CORPORA["sotu"].relpath
+    )  # the built-in corpus, as a data folder holds it
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text('{"text": "Fellow citizens."}\n')
+    (tmp_path / "sotu").mkdir()
+    (tmp_path / "sotu" / "mine.txt").write_text("my own text")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"'sotu' names a built-in corpus.*write ./sotu to read it"):
+        ((name, path, _),) = resolve_corpora(["sotu"], data_dir=tmp_path / "data")
+    assert name == "sotu" and path == shipped
+    ((name, path, _),) = resolve_corpora(["./sotu"], data_dir=tmp_path / "data")
+    assert path == Path("sotu")
+
+
+def test_encoding_hints_name_compression_and_windows_1252(tmp_path):
+    import gzip
+
+    from textgen.data import read_text
+
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"some text"))
+    with pytest.raises(ValueError, match="gzip-compressed, not text: decompress it first"):
+        read_text(tmp_path / "a.txt.gz")
+    (tmp_path / "w.txt").write_bytes("\u201cquoted\u201d \u2014 dash".encode("cp1252"))
+    with pytest.raises(ValueError, match="iconv -f cp1252 -t utf-8"):
+        read_text(tmp_path / "w.txt")
+    (tmp_path / "l.txt").write_bytes("caf\u00e9".encode("latin1"))
+    with pytest.raises(ValueError, match="iconv -f latin1 -t utf-8"):
+        read_text(tmp_path / "l.txt")
