@@ -10,6 +10,7 @@ facts. For the data-statistics source (eq 38) the source PMF itself is stored as
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,17 @@ class TextModel:
     @property
     def seq_len(self) -> int:
         return int(self.metadata.get("seq_len", 256))
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Warn when ``tokenizer`` is not the one the model was trained with (its ``tokenizer.json`` digest
+        differs from the checkpoint's): prompts and texts would map to other ids."""
+        trained = self.metadata.get("tokenizer_sha256")
+        if trained and getattr(tokenizer, "digest", trained) != trained:
+            warnings.warn(
+                f"the tokenizer {getattr(tokenizer, 'file', '?')} is not the one {self.checkpoint} was trained with "
+                f"(tokenizer.json sha256 {tokenizer.digest[:12]}... vs {trained[:12]}...): its ids may mean other text",
+                stacklevel=3,
+            )
 
     @property
     def label(self) -> str:

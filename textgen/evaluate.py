@@ -491,6 +491,8 @@ def evaluate(
         zip(_unique_names([name for name, _ in specs]), [target for _, target in specs], strict=True)
     )
     models = [TextModel.load(c, device) for c in checkpoints]
+    for model in models:
+        model.check_tokenizer(tokenizer)
     labels = _unique_names(_model_names(models, names))
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len

@@ -235,6 +235,7 @@ def generate_texts(
 ) -> GeneratedTexts:
     """Sample ``n`` texts; ``prompt`` is a template (see the module docstring). Other options as
     :func:`generate_tokens`."""
+    model.check_tokenizer(tokenizer)
     length = resolve_length(model, kwargs.pop("length", None))
     template = parse_template(prompt, tokenizer, length) if prompt else None
     tokens = generate_tokens(model, n, length=length, template=template, **kwargs)

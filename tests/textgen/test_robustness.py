@@ -338,3 +338,25 @@ def test_evaluate_takes_a_lone_checkpoint_data_set_name_and_nfe(tiny_run: Path, 
         tiny_run / "model.safetensors", tiny_corpus, limit=2, n_points=4, tokenizer=tokenizer, device="cpu"
     )
     assert as_path.datasets() == [tiny_corpus.stem]  # a lone Path is one data set, named by its stem
+
+
+def test_a_tokenizer_other_than_the_trained_one_is_pointed_out(
+    tiny_run: Path, tokenizer, tokenizer_dir: Path, tmp_path: Path
+):
+    import shutil
+
+    from textgen.checkpoint import TextModel
+    from textgen.generate import generate_texts
+    from textgen.tokenizer import TextTokenizer
+
+    model = TextModel.load(tiny_run / "model.safetensors", "cpu")
+    other = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, other)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text() + "\n")  # another file
+    with pytest.warns(UserWarning, match="is not the one .* was trained with"):
+        generate_texts(model, TextTokenizer(other), 1, steps=2, length=8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trained tokenizer: no warning
+        generate_texts(model, tokenizer, 1, steps=2, length=8)
