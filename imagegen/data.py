@@ -464,6 +464,13 @@ def load_image_folder(
     images = images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)
     rel = [p.relative_to(root).parts for p in files]
     labels, names = None, None
+    outside = ["/".join(r) for r in rel if len(r) < 2]
+    if outside and len(outside) < len(rel):
+        warnings.warn(
+            f"{len(outside)} image(s) of {root} lie outside a class folder (e.g. {outside[0]}), so no image gets "
+            "a class label; move them into a class folder or remove them to train with labels",
+            stacklevel=2,
+        )
     if all(len(r) >= 2 for r in rel):
         names = tuple(sorted({r[0] for r in rel}))
         index = {n: i for i, n in enumerate(names)}

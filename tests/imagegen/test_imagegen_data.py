@@ -227,3 +227,13 @@ def test_float_and_32_bit_tiffs_keep_their_brightness_and_huge_images_are_named(
     Image.new("1", (20000, 10000)).save(huge / "scan.png")  # 200 megapixels in a few kB
     with pytest.raises(ValueError, match=r"scan.png.*exceeds limit"):
         load_image_folder(huge, size=4, channels=1)
+
+
+def test_a_stray_image_beside_class_folders_is_named(tmp_path: Path) -> None:
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.new("L", (4, 4), 50).save(tmp_path / cls / "a.png")
+    Image.new("L", (4, 4), 50).save(tmp_path / "stray.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) of .* lie outside a class folder \(e.g. stray.png\)"):
+        data = load_image_folder(tmp_path, size=4, channels=1)
+    assert data.labels is None
