@@ -46,6 +46,25 @@ def default_tokenizer_path() -> Path:
     return _REPO_ROOT.parent / "shared" / "data" / "tokenizer" / "gpt2"
 
 
+def split_points(text: str, every: int, window: int = 1 << 16) -> list[int]:
+    """Offsets near each multiple of ``every`` where ``text`` can be cut without changing its GPT-2 ids:
+    before a single space that follows a non-space and precedes a letter (the space starts the next
+    pre-token, " word"), or after a single newline between two non-space characters (the newline is a
+    pre-token of its own; a run of newlines at a piece's end would merge into one). Where no such place lies within ``window`` characters, that cut is skipped."""
+    cuts, target = [], every
+    while target < len(text):
+        end = min(len(text) - 1, target + window)
+        for i in range(target, end):
+            here, before, after = text[i], text[i - 1], text[i + 1]
+            if (here == " " and not before.isspace() and after.isalpha()) or (
+                before == "\n" and not here.isspace() and not text[i - 2].isspace()
+            ):
+                cuts.append(i)
+                break
+        target = (cuts[-1] if cuts and cuts[-1] >= target else target) + every
+    return cuts
+
+
 class TextTokenizer:
     """GPT-2 BPE (via the ``tokenizers`` library) with an appended MASK id.
 
@@ -93,10 +112,25 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """GPT-2 ids of ``text``; the literal ``<|endoftext|>`` maps to ``EOT_ID``."""
-        return self._tok.encode(text).ids
+        return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts))]
+    def encode_batch(self, texts: Sequence[str], piece_chars: int = 1 << 20) -> list[list[int]]:
+        """GPT-2 ids of each text. A text longer than ``piece_chars`` is encoded in pieces cut where GPT-2's
+        pre-tokenizer cuts anyway (:func:`split_points`), so the ids are the same as in one call, while
+        the tokenizer's memory stays bounded (one 50 MB call peaked at 7 GB)."""
+        pieces, owner = [], []
+        for k, text in enumerate(texts):
+            cuts = [0, *split_points(text, piece_chars), len(text)]
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                pieces.append(text[a:b])
+                owner.append(k)
+        out: list[list[int]] = [[] for _ in texts]
+        for start in range(0, len(pieces), 64):
+            for k, e in zip(
+                owner[start : start + 64], self._tok.encode_batch(pieces[start : start + 64]), strict=True
+            ):
+                out[k].extend(e.ids)
+        return out
 
     def decode(self, ids: Sequence[int] | Tensor, show_special: bool = True) -> str:
         """Text of ``ids``. EOT and MASK are shown as ``<|endoftext|>`` and ``[MASK]`` (or dropped)."""

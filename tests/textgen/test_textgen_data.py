@@ -186,3 +186,21 @@ def test_encoding_hints_name_compression_and_windows_1252(tmp_path):
     (tmp_path / "l.txt").write_bytes("caf\u00e9".encode("latin1"))
     with pytest.raises(ValueError, match="iconv -f latin1 -t utf-8"):
         read_text(tmp_path / "l.txt")
+
+
+def test_long_texts_are_encoded_in_pieces_with_the_same_ids(tokenizer):
+    """Cutting only where GPT-2's pre-tokenizer cuts keeps the ids of a one-call encode, also across runs
+    of newlines, punctuation, digits, contractions, non-Latin letters and the end-of-text marker."""
+    from textgen.tokenizer import split_points
+
+    parts = [
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n",
+        "It's 1,234.5 miles -- isn't it?  Two  spaces\there.\r\n",
+        "Ελληνικά και русский текст, 中文字符 and émigré cafés.\n<|endoftext|>Next doc\n\n\n",
+    ]
+    text = "".join(parts * 40)
+    one_call = tokenizer._tok.encode(text).ids
+    for every in (7, 31, 256):
+        assert len(split_points(text, every)) > 10
+        assert tokenizer.encode_batch([text, "short"], piece_chars=every)[0] == one_call
+    assert tokenizer.encode(text) == one_call
