@@ -22,7 +22,15 @@ from functools import lru_cache
 import numpy as np
 from pymatgen.core import Composition, Lattice, Structure
 
-__all__ = ["DATA_BLOCK", "crystal_blocks", "formula_fields", "normalised_cif_text", "p1_cif", "parse_cif"]
+__all__ = [
+    "DATA_BLOCK",
+    "crystal_blocks",
+    "formula_fields",
+    "lattice_volume",
+    "normalised_cif_text",
+    "p1_cif",
+    "parse_cif",
+]
 
 _MAX_LINE = 70  # pymatgen's CifBlock.max_len
 DATA_BLOCK = re.compile(r"^[ \t]*data_(\S*)", re.IGNORECASE | re.MULTILINE)
@@ -197,8 +205,8 @@ _CELL_KEYS = tuple(f"_cell_length_{x}" for x in "abc") + tuple(
 
 
 def _check_values(block) -> None:
+    keys = {k.lower().replace(".", "_") for k in block.data}  # CIF names ignore case; CIF2 spells _cell.x
     if _ATOM_SITE.search("\n".join(block.data)):  # a crystal block: it needs all six cell parameters
-        keys = {k.lower().replace(".", "_") for k in block.data}  # CIF names ignore case; CIF2 spells _cell.x
         missing = [k for k in _CELL_KEYS if k not in keys]
         if missing:
             raise ValueError(f"the CIF lacks {', '.join(missing)}")
@@ -215,13 +223,11 @@ def _check_values(block) -> None:
                 raise ValueError(f"cell angle {name} = {value} is outside (0, 180) degrees")
             angles[name] = number
     if len(angles) == 3 and None not in angles.values():
-        ca, cb, cg = (math.cos(math.radians(a)) for a in angles.values())
-        if 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg <= 1e-12:
+        if lattice_volume((1.0, 1.0, 1.0), list(angles.values())) <= 1e-6:  # sqrt of the angle determinant
             raise ValueError(
                 f"cell angles {', '.join(f'{v:g}' for v in angles.values())} do not form a cell "
                 "(one is at least the sum of the other two, or the three sum to 360 degrees or more)"
             )
-    keys = {k.lower() for k in block.data}
     if "_atom_site_cartn_x" in keys and "_atom_site_fract_x" not in keys:
         raise ValueError(
             "the CIF gives Cartesian atom positions only (_atom_site_Cartn_x); fractional ones "
@@ -234,6 +240,15 @@ def _check_values(block) -> None:
         number = _number(value)
         if number is not None and number <= 0:
             raise ValueError(f"site occupancy {value} <= 0")
+
+
+def lattice_volume(abc: Sequence[float], angles_deg: Sequence[float]) -> float:
+    """Cell volume from lattice parameters; 0 when the angles cannot close a cell."""
+    ca, cb, cg = (math.cos(math.radians(x)) for x in angles_deg)
+    det = 1.0 - ca * ca - cb * cb - cg * cg + 2.0 * ca * cb * cg
+    if det <= 0.0:
+        return 0.0
+    return abc[0] * abc[1] * abc[2] * math.sqrt(det)
 
 
 def _p1_sites_as_written(block) -> Structure | None:

@@ -27,13 +27,14 @@ Atoms are sorted by (Z, x, y, z) of their tokens so that ``encode`` is determini
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from pymatgen.core import Element, Lattice, Structure
+
+from matgen.cif import lattice_volume
 
 __all__ = [
     "ANGLE_OFFSET",
@@ -205,15 +206,6 @@ def _as_int_list(tokens: object) -> list[int]:
     return [int(v) for v in array.tolist()]
 
 
-def _lattice_volume(abc: Sequence[float], angles_deg: Sequence[float]) -> float:
-    """Cell volume from lattice parameters; <= 0 when the angles cannot close a cell."""
-    ca, cb, cg = (math.cos(math.radians(x)) for x in angles_deg)
-    det = 1.0 - ca * ca - cb * cb - cg * cg + 2.0 * ca * cb * cg
-    if det <= 0.0:
-        return 0.0
-    return abc[0] * abc[1] * abc[2] * math.sqrt(det)
-
-
 class CrystalTokenizer:
     """Stateless tokenizer for crystals (App. E.2 of the KO-DFM paper, rounding instead of truncation).
 
@@ -274,7 +266,7 @@ class CrystalTokenizer:
             raise TokenizationError(
                 f"lattice angles {np.round(angles, 3).tolist()} deg fall outside the vocabulary's cells [1, 179] deg"
             )
-        volume = _lattice_volume((length_ids / LENGTH_STEPS).tolist(), angle_ids.astype(float).tolist())
+        volume = lattice_volume((length_ids / LENGTH_STEPS).tolist(), angle_ids.astype(float).tolist())
         if not volume > MIN_VOLUME:
             raise TokenizationError(
                 f"the cell rounded to the vocabulary ({np.round(abc, 1).tolist()} A, {angle_ids.tolist()} deg) "
@@ -351,7 +343,7 @@ class CrystalTokenizer:
             raise DecodeError(f"lattice length of 0.0 A in {abc}")
         if min(angles) <= 0.0:
             raise DecodeError(f"lattice angle of 0 deg in {angles}")
-        volume = _lattice_volume(abc, angles)
+        volume = lattice_volume(abc, angles)
         if not volume > MIN_VOLUME:
             raise DecodeError(
                 f"degenerate lattice: lengths {abc} A, angles {angles} deg give volume {volume:.3g} A^3 "
