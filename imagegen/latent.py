@@ -51,38 +51,43 @@ CODES_DTYPE = torch.int16  # codes travel and are cached as int16 (K <= 32767)
 MATRIX_CODES_MAX = 2048  # up to this K the metric path keeps a K x K matrix (32 MB); above, rows on demand
 
 
-def _euclidean(codebook: Tensor) -> Tensor:
-    """The (K, K) float64 Euclidean distances of the code embeddings (exact form: zero diagonal)."""
+def _as_codes(codebook: Tensor) -> Tensor:
+    """The code embeddings in float64; a metric path needs at least two codes."""
     e = codebook.detach().to(torch.float64)
     if e.shape[0] < 2:
         raise ValueError("a metric path needs a codebook of at least 2 codes")
-    return torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
+    return e
 
 
-def distance_scale(codebook: Tensor, rows_per_chunk: int = 1024) -> float:
-    """s: the mean Euclidean distance between two distinct codes of ``codebook`` (K, D), summed over
-    blocks of rows so that no K x K matrix is held."""
-    e = codebook.detach().to(torch.float64)
-    K = e.shape[0]
-    if K < 2:
-        raise ValueError("a metric path needs a codebook of at least 2 codes")
-    total = sum(
-        float(torch.cdist(part, e, compute_mode="donot_use_mm_for_euclid_dist").sum())
-        for part in e.split(rows_per_chunk)
-    )
+def _exact_distances(rows: Tensor, e: Tensor) -> Tensor:
+    """Euclidean distances of ``rows`` to every code (exact form: zero on the diagonal)."""
+    return torch.cdist(rows, e, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _mean_distinct(total: float, K: int) -> float:
+    """s from the sum of all K x K distances (the diagonal is zero)."""
     s = total / (K * (K - 1))
     if not s > 0:
         raise ValueError("all codebook embeddings are equal: no metric path on them")
     return s
 
 
+def distance_scale(codebook: Tensor, rows_per_chunk: int = 1024) -> float:
+    """s: the mean Euclidean distance between two distinct codes of ``codebook`` (K, D), summed over
+    blocks of rows so that no K x K matrix is held."""
+    e = _as_codes(codebook)
+    total = sum(float(_exact_distances(part, e).sum()) for part in e.split(rows_per_chunk))
+    return _mean_distinct(total, e.shape[0])
+
+
 def codebook_distances(codebook: Tensor, lp: float) -> Tensor:
     """The (K, K) float64 matrix d[i, j] = (||e_i - e_j||_2 / s)^lp (eq 107 with the scale s of
     :func:`distance_scale`), exactly zero on the diagonal. One K x K matrix, computed in place: 8 K^2
     bytes (2 GB at the paper's K = 16384, plus the cdist's own workspace; :func:`latent_path` computes
-    rows on demand instead above :data:`MATRIX_CODES_MAX` codes)."""
-    d = _euclidean(codebook)
-    d.div_(distance_scale(codebook)).pow_(lp)
+    rows on demand instead above :data:`MATRIX_CODES_MAX` codes). The scale comes from the same matrix."""
+    e = _as_codes(codebook)
+    d = _exact_distances(e, e)
+    d.div_(_mean_distinct(float(d.sum()), e.shape[0])).pow_(lp)
     return d.fill_diagonal_(0.0)
 
 
