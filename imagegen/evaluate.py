@@ -210,8 +210,9 @@ def _drop_damaged_rows(path: Path) -> int:
         return 0
     text = path.read_text(errors="replace")
     lines = [line for line in text.splitlines() if line.strip()]
-    with open(path, newline="") as f:
-        rows = [r for r in (_row_from_csv(d) for d in csv.DictReader(f)) if r is not None]
+    rows = [
+        r for r in (_row_from_csv(d) for d in csv.DictReader(io.StringIO(text, newline=""))) if r is not None
+    ]
     dropped = len(lines) - 1 - len(rows)
     if dropped == 0 and text.endswith("\n"):
         return 0

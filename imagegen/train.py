@@ -312,16 +312,13 @@ def train_image_model(
         val_batches = _Batches(val_data, bs, hflip=False)
     else:
         used = torch.cat([train_idx, val_idx])
-        if len(used) < len(data):  # --train-limit: encode (and cache) only the images the run uses
-            images = data.images[used]
-            codes = latent_codes(
-                vq.to(resolve_device(config.train.device)), images, vq_sha256, images_sha256(images)
-            )
+        subset = len(used) < len(data)  # --train-limit: encode (and cache) only the images the run uses
+        images = data.images[used] if subset else data.images
+        digest = images_sha256(images) if subset else data_sha256
+        codes = latent_codes(vq.to(resolve_device(config.train.device)), images, vq_sha256, digest)
+        if subset:
             train_codes, val_codes = codes[: len(train_idx)], codes[len(train_idx) :]
         else:
-            codes = latent_codes(
-                vq.to(resolve_device(config.train.device)), data.images, vq_sha256, data_sha256
-            )
             train_codes, val_codes = codes[train_idx], codes[val_idx]
         vq.cpu()
         path = build_path(config.path, vq.codebook)
