@@ -39,6 +39,11 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 
 
 warnings.formatwarning = _one_line_warning  # the CLIs import this module; the Python API is untouched
+# A library compiled on first import (wheels installed with --no-compile) can warn about its own source, as
+# nvidia-ml-py3 (imported by chgnet) does on Python 3.12: "warning: invalid escape sequence '\A'", which
+# names nothing a user can act on. (Python 3.11 raises the same as a DeprecationWarning.)
+for _category in (SyntaxWarning, DeprecationWarning):
+    warnings.filterwarnings("ignore", message="invalid escape sequence", category=_category)
 
 
 class CommandGroup(TyperGroup):

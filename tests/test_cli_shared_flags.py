@@ -79,3 +79,23 @@ def test_sampling_commands_refuse_alpha_without_power(app_name: str, command: st
         args += ["--out", str(tmp_path / "eval")]
     # refused before the checkpoint is even opened (it does not exist)
     one_line_error(runner.invoke(app, args), "--alpha", "power")
+
+
+@pytest.mark.parametrize("load_cli", [False, True])
+def test_library_source_warnings_stay_off_the_terminal(load_cli: bool) -> None:
+    """A library's own bad escape sequence (nvidia-ml-py3 under chgnet, on Python 3.12) printed a bare
+    "warning: invalid escape sequence" from every `matgen evaluate`; the CLIs drop it, and only that."""
+    import subprocess
+    import sys
+
+    code = "import cli._common; " if load_cli else ""
+    code += "import warnings; compile(\"x = '\\\\A'\", 'lib.py', 'exec'); warnings.warn('kept')"
+    run = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
+    assert "kept" in run.stderr
+    assert ("invalid escape sequence" in run.stderr) is not load_cli
