@@ -79,12 +79,13 @@ class HFJudge(Judge):
             )
         model_dir = found[0].parent
         try:
+            import accelerate  # noqa: F401  (transformers asks for it to load a GGUF file)
             import gguf  # noqa: F401  (transformers needs it to read GGUF weights)
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as e:
             raise JudgeUnavailable(
-                f"the SmolLM2 judge needs the 'transformers' and 'gguf' packages ({e}); install them with "
-                "`pip install transformers gguf` or pass --judge a textgen AR checkpoint instead"
+                f"the SmolLM2 judge needs the 'transformers', 'gguf' and 'accelerate' packages ({e}); install "
+                "them with `pip install transformers gguf accelerate` or pass --judge a textgen AR checkpoint instead"
             ) from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), gguf_file=gguf_file)

