@@ -200,6 +200,29 @@ _REFERENCE_FIELDS = ("ids", "struct_fp", "comp_fp", "density", "n_elements", "n_
 _SAVE_EVERY_S = 60.0  # a killed reference build loses at most about this much work
 
 
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    """The reference rows cached in ``path`` ({} when missing or unreadable: they are computed again)."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = {k: z[k] for k in z.files}
+    except Exception:
+        return {}
+    return stored if all(f in stored for f in _REFERENCE_FIELDS) else {}
+
+
+def _union_rows(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows of all ``parts`` (column dicts), each id once (its first occurrence)."""
+    parts = tuple(p for p in parts if p and len(p["ids"]))
+    merged = {f: np.concatenate([p[f] for p in parts]) for f in _REFERENCE_FIELDS}
+    merged["ids"] = merged["ids"].astype(str)
+    merged["formulas"] = merged["formulas"].astype(str)
+    _, first = np.unique(merged["ids"], return_index=True)
+    keep = np.sort(first)
+    return {f: v[keep] for f, v in merged.items()}
+
+
 def _fingerprint_into_cache(
     todo: list[tuple[str, str]],
     stored: dict[str, np.ndarray],
@@ -219,9 +242,8 @@ def _fingerprint_into_cache(
         if not pending:
             return
         new = {f: np.array([r[f] for r in pending]) for f in _REFERENCE_FIELDS}
-        merged = {f: np.concatenate([stored[f], new[f]]) for f in _REFERENCE_FIELDS} if stored else new
-        merged["ids"] = merged["ids"].astype(str)
-        merged["formulas"] = merged["formulas"].astype(str)
+        # another evaluation may have written rows since this one read the file: keep them too
+        merged = _union_rows(_read_cache(path), stored, new)
         try:
             _save_npz_atomic(path, merged)
         except OSError as exc:  # a read-only cache must not stop the evaluation
@@ -277,13 +299,7 @@ def load_test_reference(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"mp20-{split}-reference-{file_sha256(split_file)[:16]}-v{_REFERENCE_FORMAT}.npz"
 
-    stored: dict[str, np.ndarray] = {}
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                stored = {k: z[k] for k in z.files}
-        except Exception:
-            stored = {}
+    stored = _read_cache(path)
     have = {str(i): k for k, i in enumerate(stored.get("ids", np.array([], dtype=str)))}
     todo = [(m, c) for m, c in zip(frame["material_id"], frame["cif"], strict=True) if m not in have]
     failed: dict[str, str] = {}

@@ -58,3 +58,25 @@ def test_an_interrupted_reference_build_keeps_the_rows_it_finished(mp20_dir, tmp
     )
     ref = fingerprints.load_test_reference(mp20_dir, test_limit=5, seed=1, cache_dir=tmp_path, progress=False)
     assert len(ref) == 5 and len(done) == 5 and len(set(done)) == 5  # the last two only, no repeats
+
+
+def test_two_evaluations_building_the_reference_at_once_keep_each_others_rows(mp20_dir, tmp_path):
+    """Two `matgen evaluate` runs on one machine both found the cache incomplete; the one that wrote last
+    used to replace the file with its own rows only, so the rows of the other were computed again."""
+    import matgen.evaluate.fingerprints as fingerprints
+    from matgen.data import load_split
+
+    first = fingerprints.load_test_reference(
+        mp20_dir, test_limit=3, seed=1, cache_dir=tmp_path, progress=False
+    )
+    (cache_file,) = tmp_path.glob("*.npz")
+    frame = load_split("test", mp20_dir)
+    others = [
+        (m, c) for m, c in zip(frame["material_id"], frame["cif"], strict=True) if m not in set(first.ids)
+    ]
+    # the second run read the file before the first wrote it (stored = {}), and now saves its two rows
+    fingerprints._fingerprint_into_cache(others[:2], {}, cache_file, "test", 0, False, {})
+    with np.load(cache_file) as z:
+        ids = z["ids"].tolist()
+        assert z["struct_fp"].shape[0] == len(ids)
+    assert sorted(ids) == sorted([*first.ids.tolist(), others[0][0], others[1][0]])
