@@ -3,7 +3,7 @@
 #   1. `matgen generate --n 10000` with the shipped model (timed, --batch-size 10000 --workers 12), into
 #      out/g10k; then the same with --batch-size 2500, so that CIF writing overlaps sampling (timed only);
 #   2. `matgen evaluate out/g10k --device cuda --workers 14` into out/ev10k (resumes from its journal);
-#   3. the MP-20 test anchor: a seeded 1,000-crystal subset of the test split, whose validity and
+#   3. the MP-20 test anchor (MG_ANCHOR; default a seeded 1,000-crystal subset of the test split), whose validity and
 #      fingerprints were computed on the CPU beforehand (its journal travels), so only the CHGNet part runs;
 #   4. if time is left: `bench_length_buckets.py` on the GPU.
 # What a cold machine needs comes from .devcarry/ (carry it): g10k.tgz and ev10k.tar.xz from an earlier
@@ -13,6 +13,10 @@
 #   MG_LOCAL=1 MG_N=40 MG_STEPS=5 MG_DEVICE=cpu MG_WORKERS=2 OUT=/tmp/mgout bash benchmarks/device/matgen_eval_run.sh
 export DEV_T0=${DEV_T0:-$(date +%s)}  # the deadline counts from the start of the call, wheel installs included
 CARRY=${MG_CARRY:-.devcarry} W=${MG_WORK:-out}
+# the anchor: its input, and the name of the folder holding the journal of its CPU-only run
+# (`matgen evaluate INPUT --skip-stability --out .devcarry/NAME`; NAME.tar.xz when it is large), e.g. the full
+# test split: MG_ANCHOR=.devdata/mp_20/test.csv.gz MG_ANCHOR_NAME=ev_test
+ANCHOR=${MG_ANCHOR:-$CARRY/mp20_test_1k_seed0.csv} ANAME=${MG_ANCHOR_NAME:-ev_test1k}
 N=${MG_N:-10000} STEPS=${MG_STEPS:-500} DEVICE=${MG_DEVICE:-cuda} WORKERS=${MG_WORKERS:-14}
 if [ -z "${MG_LOCAL:-}" ]; then
     source benchmarks/device/env.sh
@@ -52,16 +56,18 @@ if [ ! -f $W/ev10k/summary.json ]; then
 fi
 [ -d $W/ev10k ] && XZ_OPT=-T0 tar cJf "$OUT/ev10k.tar.xz" -C "$W" ev10k
 
-# 3. the MP-20 test anchor (1,000 crystals) ----------------------------------------------------------------
-if [ -f $W/ev10k/summary.json ] && [ ! -f $W/ev_test1k/summary.json ]; then
-    [ -d $W/ev_test1k ] || cp -r $CARRY/ev_test1k $W/ev_test1k
-    run_step 120 "evaluate MP-20 test 1k" python3 -m cli.matgen evaluate $CARRY/mp20_test_1k_seed0.csv --out $W/ev_test1k \
+# 3. the MP-20 test anchor (MG_ANCHOR, default the 1,000-crystal subset) -----------------------------------
+if [ -f $W/ev10k/summary.json ] && [ ! -f $W/$ANAME/summary.json ]; then
+    if [ ! -d $W/$ANAME ]; then  # the stage-1 journal made on a CPU: a folder, or a .tar.xz of it
+        if [ -f $CARRY/$ANAME.tar.xz ]; then tar xJf $CARRY/$ANAME.tar.xz -C "$W"; else cp -r $CARRY/$ANAME $W/$ANAME; fi
+    fi
+    run_step 120 "evaluate anchor $ANAME" python3 -m cli.matgen evaluate "$ANCHOR" --out $W/$ANAME \
         --device "$DEVICE" --workers "$WORKERS" --no-progress
-    [ -d $W/ev_test1k ] && XZ_OPT=-T0 tar cJf "$OUT/ev_test1k.tar.xz" -C "$W" ev_test1k
+    [ -d $W/$ANAME ] && XZ_OPT=-T0 tar cJf "$OUT/$ANAME.tar.xz" -C "$W" $ANAME
 fi
 
 # 4. sampling in length groups on the GPU ------------------------------------------------------------------
-if [ -f $W/ev_test1k/summary.json ]; then
+if [ -f $W/$ANAME/summary.json ]; then
     run_step 90 "length buckets" python3 benchmarks/bench_length_buckets.py --device "$DEVICE" --batch "$N" \
         --steps $((STEPS < 100 ? STEPS : 100)) --buckets 1 2 3 4 --repeats 1
 fi
