@@ -15,7 +15,7 @@ export DEV_T0=${DEV_T0:-$(date +%s)}  # the deadline counts from the start of th
 CARRY=${MG_CARRY:-.devcarry} W=${MG_WORK:-out}
 # the anchor: its input, and the name of the folder holding the journal of its CPU-only run
 # (`matgen evaluate INPUT --skip-stability --out .devcarry/NAME`; NAME.tar.xz when it is large), e.g. the full
-# test split: MG_ANCHOR=.devdata/mp_20/test.csv.gz MG_ANCHOR_NAME=ev_test
+# test split: MG_ANCHOR=.devdata/mp_20/test.csv.gz MG_ANCHOR_NAME=ev_test. MG_ANCHOR_ONLY=1: steps 3-4 only
 ANCHOR=${MG_ANCHOR:-$CARRY/mp20_test_1k_seed0.csv} ANAME=${MG_ANCHOR_NAME:-ev_test1k}
 N=${MG_N:-10000} STEPS=${MG_STEPS:-500} DEVICE=${MG_DEVICE:-cuda} WORKERS=${MG_WORKERS:-14}
 if [ -z "${MG_LOCAL:-}" ]; then
@@ -34,7 +34,7 @@ nproc --all
 if [ ! -f $W/g10k/samples.csv ] && [ -f $CARRY/g10k.tgz ]; then
     mkdir -p "$W" && tar xzf $CARRY/g10k.tgz -C "$W" && say "unpacked the earlier call's $W/g10k"
 fi
-if [ ! -f $W/g10k/samples.csv ]; then
+if [ ! -f $W/g10k/samples.csv ] && [ -z "${MG_ANCHOR_ONLY:-}" ]; then
     run_step 120 "generate 10k batch 10000 workers 12" /usr/bin/time -f "%e s wall %M KB maxrss" \
         python3 -m cli.matgen generate --n "$N" --out $W/g10k --batch-size "$N" --workers 12 \
         --steps "$STEPS" --device "$DEVICE" --quiet --seed 0 || exit 1
@@ -51,13 +51,13 @@ fi
 if [ ! -f $W/ev10k/journal.jsonl ] && [ -f $CARRY/ev10k.tar.xz ]; then
     mkdir -p "$W" && tar xJf $CARRY/ev10k.tar.xz -C "$W" && say "unpacked the earlier call's $W/ev10k"
 fi
-if [ ! -f $W/ev10k/summary.json ]; then
+if [ ! -f $W/ev10k/summary.json ] && [ -z "${MG_ANCHOR_ONLY:-}" ]; then
     run_step 60 "evaluate g10k" python3 -m cli.matgen evaluate $W/g10k --out $W/ev10k --device "$DEVICE" --workers "$WORKERS" --no-progress
 fi
 [ -d $W/ev10k ] && XZ_OPT=-T0 tar cJf "$OUT/ev10k.tar.xz" -C "$W" ev10k
 
 # 3. the MP-20 test anchor (MG_ANCHOR, default the 1,000-crystal subset) -----------------------------------
-if [ -f $W/ev10k/summary.json ] && [ ! -f $W/$ANAME/summary.json ]; then
+if { [ -f $W/ev10k/summary.json ] || [ -n "${MG_ANCHOR_ONLY:-}" ]; } && [ ! -f $W/$ANAME/summary.json ]; then
     if [ ! -d $W/$ANAME ]; then  # the stage-1 journal made on a CPU: a folder, or a .tar.xz of it
         if [ -f $CARRY/$ANAME.tar.xz ]; then tar xJf $CARRY/$ANAME.tar.xz -C "$W"; else cp -r $CARRY/$ANAME $W/$ANAME; fi
     fi
