@@ -62,7 +62,7 @@ def evaluate_command(
     from dfm_core.atomic_io import FolderInUse
     from matgen.data import DownloadError
     from matgen.evaluate import evaluate
-    from matgen.evaluate.journal import JournalMismatch
+    from matgen.evaluate.journal import JournalMismatch, NotAJournal
 
     def kept() -> str:
         journal = out / "journal.jsonl"
@@ -92,7 +92,7 @@ def evaluate_command(
             f"{e}\nthe MP-20 reference (test set for coverage, train set for novelty) is needed: pass --data-dir or "
             f"set MATGEN_DATA to a folder with train/val/test.csv[.gz]{kept()}"
         )
-    except FolderInUse as e:  # refused before any work: nothing of this run to keep
+    except (FolderInUse, NotAJournal) as e:  # refused before any work: nothing of this run to keep
         fail(str(e))
     except (ValueError, FileNotFoundError, JournalMismatch) as e:
         fail(f"{e}{kept()}")

@@ -169,9 +169,20 @@ def _zip_items(path: Path) -> list[InputItem]:
                     InputItem(id=id_, read_error=f"archive member of {m.file_size} bytes: too large")
                 )
                 continue
+            if m.flag_bits & 0x1:
+                items.append(InputItem(id=id_, read_error="encrypted archive member (password required)"))
+                continue
             try:
                 text = _unpacked_text(archive.read(m))
-            except (OSError, EOFError, ValueError, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
+            except (
+                OSError,
+                EOFError,
+                ValueError,
+                RuntimeError,  # zipfile: an encrypted member (also caught above, by its flag)
+                NotImplementedError,  # zipfile: a compression method it cannot unpack (deflate64, ...)
+                zipfile.BadZipFile,
+                gzip.BadGzipFile,
+            ) as exc:
                 items.append(InputItem(id=id_, read_error=f"unreadable archive member: {error_text(exc)}"))
                 continue
             items.extend(_cif_items(text, id_))

@@ -42,7 +42,7 @@ from matgen.evaluate.fingerprints import (
 from matgen.evaluate.hull import hull_compounds, load_hull
 from matgen.evaluate.inputs import InputItem, Inputs, error_text, parse_cif, read_inputs
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
-from matgen.evaluate.report import remove_outputs
+from matgen.evaluate.report import OUTPUT_FILES, remove_outputs
 from matgen.evaluate.validity import (
     check_sanity,
     composition_validity,
@@ -172,6 +172,20 @@ def _check_settings(**values: Any) -> None:
         raise ValueError(f"workers must be >= 0 (0 = no extra processes), got {values['workers']}")
 
 
+def _check_out_folder(out: Path) -> None:
+    """Refuse an output folder holding files by the names this run writes (``report.md``, ``results.csv``,
+    ...) but no journal: they are someone's own files, not an earlier evaluation's, and must not be
+    deleted or overwritten. With a journal the folder is an evaluation's, and its tables are rewritten."""
+    if (out / "journal.jsonl").exists():
+        return
+    theirs = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if theirs:
+        raise ValueError(
+            f"{out} already holds {', '.join(theirs)} but no journal.jsonl of an evaluation: they would be "
+            "replaced; move them away or use another output folder"
+        )
+
+
 def _described(inputs: Inputs, n: int | None = None) -> str:
     """The inputs in a few words for messages and the summary: the path, or what was passed in memory."""
     if isinstance(inputs, Path) or (isinstance(inputs, str) and "\n" not in inputs):
@@ -263,6 +277,7 @@ def evaluate(
     ids = [it.id for it in items]
     digests = {it.id: it.digest for it in items}
     relax_settings = {"step_cap": relax_steps, "fmax_target": fmax}  # kept in each relax record
+    _check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / "journal.jsonl", {"format": JOURNAL_FORMAT})
     remove_outputs(out)  # written again at the end: a killed run leaves no earlier run's tables behind
@@ -513,8 +528,9 @@ def _summarize(
     s["valid"] = frac(results["valid"].astype(bool))
     s["n_valid"] = int(results["valid"].astype(bool).sum())
     reasons: Counter = Counter()
-    for r in results["reason"].dropna():
-        reasons.update({_reason_category(part) for part in str(r).split("; ")})
+    for r, ok in zip(results["reason"], results["parsed"], strict=True):
+        if isinstance(r, str) and r:
+            reasons.update({_reason_category(part) for part in _reason_parts(r, bool(ok))})
     s["invalid_reasons"] = dict(reasons.most_common())
 
     # coverage (CDVAE convention: every fingerprinted crystal; and valid crystals only)
@@ -616,6 +632,19 @@ _REASON_CATEGORIES = (
     ("not converged", "relaxation hit the step cap (E_hull kept)"),
     ("e_hull failed", "E_hull failed (e.g. no elemental reference)"),
 )
+
+
+def _reason_parts(reason: str, parsed: bool) -> list[str]:
+    """The separate reasons in one crystal's ``reason`` text (joined by '; '). An unparsed crystal has one
+    reason, a read or parse error whose message may itself hold '; ' (:func:`error_text` joins its lines
+    so); so does the "analysis failed" reason, which always comes last."""
+    if not parsed:
+        return [reason]
+    parts = reason.split("; ")
+    for k, part in enumerate(parts):
+        if part.startswith("analysis failed"):
+            return [*parts[:k], "; ".join(parts[k:])]
+    return parts
 
 
 def _reason_category(reason: str) -> str:

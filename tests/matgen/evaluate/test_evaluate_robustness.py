@@ -1,0 +1,146 @@
+"""Inputs and output folders nobody meant to give `matgen evaluate`: encrypted or oddly packed zips, a
+folder of one's own files as --out, a journal.jsonl that is not ours or holds non-record lines (fast)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+from evaluate_helpers import rock_salt, write_cif
+
+from matgen.evaluate import read_inputs
+
+
+def _patched_zip(entries: dict[str, str], *, flag_bits: int = 0, method: int | None = None) -> bytes:
+    """A zip of ``entries`` whose first member claims ``flag_bits`` (bit 0: encrypted) and compression
+    ``method`` (9: deflate64, which zipfile cannot unpack), in its local and central headers."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, text in entries.items():
+            zf.writestr(name, text)
+    data = bytearray(buf.getvalue())
+    local, central = data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02")
+    if flag_bits:
+        data[local + 6 : local + 8] = flag_bits.to_bytes(2, "little")
+        data[central + 8 : central + 10] = flag_bits.to_bytes(2, "little")
+    if method is not None:
+        data[local + 8 : local + 10] = method.to_bytes(2, "little")
+        data[central + 10 : central + 12] = method.to_bytes(2, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("patch", "reason"),
+    [({"flag_bits": 1}, "encrypted archive member"), ({"method": 9}, "compression method")],
+)
+def test_an_encrypted_or_deflate64_member_is_a_failure_row_of_its_own(tmp_path: Path, patch, reason):
+    cif = write_cif(tmp_path / "salt.cif", rock_salt()).read_text()
+    (tmp_path / "gen.zip").write_bytes(_patched_zip({"a.cif": cif, "b.cif": cif}, **patch))
+    items = read_inputs(tmp_path / "gen.zip")
+    assert [i.id for i in items] == ["gen.zip/a.cif", "gen.zip/b.cif"]
+    assert items[0].cif is None and reason in (items[0].read_error or "")
+    assert items[1].read_error is None and "data_" in (items[1].cif or "")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["my lab notes\nday 2\n", '{"event": "start"}\n{"event": "stop"}\n', "one line, no newline"],
+)
+def test_a_journal_jsonl_that_is_not_ours_is_left_untouched(tmp_path: Path, text: str):
+    from matgen.evaluate.journal import Journal, JournalMismatch
+
+    path = tmp_path / "journal.jsonl"
+    path.write_text(text)
+    with pytest.raises(JournalMismatch, match="is not a journal of matgen evaluate"):
+        Journal(path, {"format": 1})
+    assert path.read_text() == text
+
+
+@pytest.mark.parametrize(
+    "line", [b'{"id": "b"}', b"[1, 2]", b"null", b"3", b'{"stage": "basic"}', b'{"x": "\xff"}']
+)
+def test_lines_that_are_not_records_end_the_journal_like_a_torn_write(tmp_path: Path, line: bytes):
+    from matgen.evaluate.journal import Journal
+
+    path = tmp_path / "journal.jsonl"
+    with Journal(path, {"format": 1}) as j:
+        j.append([{"stage": "basic", "id": "a", "x": 1}])
+    good = path.read_bytes()
+    path.write_bytes(good + line + b'\n{"stage":"basic","id":"c","x":2}\n')
+    with Journal(path, {"format": 1}) as j:
+        assert list(j.records) == [("basic", "a")]
+        j.append([{"stage": "basic", "id": "c", "x": 3}])
+    with Journal(path, {"format": 1}) as j:
+        assert {k[1]: r["x"] for k, r in j.records.items()} == {"a": 1, "c": 3}
+    assert path.read_bytes().startswith(good)
+
+
+def _cli(args: list[str], cache: Path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.matgen_evaluate import evaluate_command
+
+    app = typer.Typer()
+    app.command()(evaluate_command)
+    quick = ["--test-limit", "6", "--train-limit", "50", "--cache-dir", str(cache)]  # if it runs at all
+    return CliRunner().invoke(app, [*args, *quick, "--skip-stability", "--no-progress"])
+
+
+def test_an_out_folder_of_ones_own_files_is_refused_not_overwritten(
+    mp20_dir: Path, fp_cache: Path, tmp_path: Path
+):
+    """--out at a folder that holds a report.md or results.csv of the user's (no journal): nothing there
+    is deleted or replaced, and the error names the files in one line."""
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    write_cif(cifs / "nacl.cif", rock_salt())
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes\n")
+    (mine / "results.csv").write_text("a,b\n1,2\n")
+    result = _cli([str(cifs), "--out", str(mine), "--data-dir", str(mp20_dir)], fp_cache)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "results.csv, report.md" in result.output and "no journal" in result.output
+    assert (mine / "report.md").read_text() == "my notes\n"
+    assert (mine / "results.csv").read_text() == "a,b\n1,2\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md", "results.csv"]
+
+    (mine / "journal.jsonl").write_text("not ours\n")
+    result = _cli([str(cifs), "--out", str(mine), "--data-dir", str(mp20_dir)], fp_cache)
+    assert result.exit_code == 2, result.output
+    assert "is not a journal of matgen evaluate" in result.output and "kept in" not in result.output
+    assert (mine / "journal.jsonl").read_text() == "not ours\n"
+    assert (mine / "report.md").read_text() == "my notes\n"
+
+
+def test_a_parse_error_of_several_lines_counts_as_one_reason(
+    mp20_dir: Path, hull_dir: Path, fp_cache: Path, tmp_path: Path
+):
+    """pymatgen puts the cause of a parse error on its second line; the summary's reason counts must not
+    turn that line into a category of its own ("cannot convert float NaN to integer": 1)."""
+    from matgen.evaluate import evaluate
+
+    cif = write_cif(tmp_path / "salt.cif", rock_salt()).read_text()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ok.cif").write_text(cif)
+    x = next(line for line in cif.splitlines() if line.strip().startswith("Na"))
+    (folder / "nan.cif").write_text(cif.replace(x, x.replace("0.00000000", "nan", 1)))
+    summary = evaluate(
+        folder,
+        tmp_path / "out",
+        data_dir=mp20_dir,
+        hull=hull_dir,
+        skip_stability=True,
+        test_limit=6,
+        train_limit=50,
+        cache_dir=fp_cache,
+        progress=False,
+        console=False,
+    )
+    assert summary["n_unparsable"] == 1
+    assert summary["invalid_reasons"] == {"unparsable CIF": 1}, summary["invalid_reasons"]
