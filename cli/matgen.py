@@ -40,7 +40,9 @@ def main(version: bool = version_option("matgen")) -> None:
 @app.command()
 def generate(
     n: int = typer.Option(100, "--n", min=1, help="Number of crystals to generate."),
-    out: Path = typer.Option(Path("cifs"), "--out", help="Output folder for CIF files and samples.csv."),
+    out_text: str = typer.Option(
+        "cifs", "--out", metavar="PATH", help="Output folder for CIF files and samples.csv."
+    ),
     checkpoint: Path | None = typer.Option(
         None, help="matgen checkpoint (.safetensors); default: the shipped model."
     ),
@@ -91,6 +93,9 @@ def generate(
     from matgen.generate import CheckpointError
     from matgen.generate import generate as run
 
+    if not out_text.strip():  # an unset shell variable: never write into (or --overwrite) the current folder
+        fail("--out is empty: name the output folder, e.g. --out cifs/")
+    out = Path(out_text)
     try:
         summary = run(
             n,

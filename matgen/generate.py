@@ -116,6 +116,10 @@ class CrystalGenerator:
                 "train one with `matgen train` or pass the shipped default"
             )
         kind = meta.get("kind", "dfm")
+        for key, what in (("scheduler", "a scheduler name"), ("sampling", "a table of sampling settings")):
+            value = meta.get(key)
+            if value is not None and not isinstance(value, str if key == "scheduler" else dict):
+                raise CheckpointError(f"{path}: its metadata {key!r} is not {what}: {value!r}")
         try:
             if not isinstance(meta["model_config"], dict):
                 raise ValueError("model_config is not a table of settings")
@@ -158,11 +162,12 @@ class CrystalGenerator:
             or len(probs) != self.max_atoms + 1
             or not torch.isfinite(probs).all()
             or (probs < 0).any()
+            or probs[0] != 0  # a crystal of 0 atoms: never in training data, nothing to write
             or probs.sum() <= 0
         ):
             raise CheckpointError(
                 f"{self.checkpoint}: its atom_count_distribution is not {self.max_atoms + 1} non-negative "
-                "weights (counts 0 ... max_atoms); pass num_atoms or re-export the model"
+                "weights (counts 0 ... max_atoms, none on 0 atoms); pass num_atoms or re-export the model"
             )
         return probs
 
@@ -649,6 +654,8 @@ def generate(
     if temperature is None:
         recommended = (gen.metadata.get("sampling") or {}).get("temperature", PAPER_TEMPERATURE)
         try:
+            if isinstance(recommended, bool):
+                raise TypeError("a bool")
             temperature = float(recommended)
         except (TypeError, ValueError):
             raise CheckpointError(

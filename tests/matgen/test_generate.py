@@ -735,3 +735,44 @@ def test_cli_names_the_flag_it_refuses(flag: str, value: str, tmp_path: Path) ->
     result = runner.invoke(app, ["generate", flag, value, "--out", str(tmp_path / "g")])
     assert result.exit_code == 2 and flag in result.output
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("scheduler", 5, "'scheduler' is not a scheduler name"),
+        ("sampling", "hot", "'sampling' is not a table of sampling settings"),
+        ("sampling", {"temperature": True}, "True is not a number"),
+        ("atom_count_distribution", [1.0] + [0.0] * 20, "none on 0 atoms"),
+        ("atom_count_distribution", [0.5] * 21, "none on 0 atoms"),
+    ],
+)
+def test_malformed_checkpoint_metadata_is_one_clear_cli_error(
+    tiny_run: Path, tmp_path: Path, key: str, value, message: str
+) -> None:
+    """Metadata of the wrong type (a hand-edited or foreign export) is a CheckpointError naming the file,
+    not a traceback; a distribution that draws 0-atom crystals is refused before any file is written."""
+    state, meta = load_safetensors(tiny_run / "model.safetensors")
+    path = tmp_path / "odd.safetensors"
+    export_safetensors({k: v.contiguous() for k, v in state.items()}, path, {**meta, key: value})
+    with pytest.raises(CheckpointError, match=message):
+        generate(2, tmp_path / "py", checkpoint=path, steps=2, device="cpu", progress=False)
+    assert not (tmp_path / "py").exists()
+    out = tmp_path / "cli"
+    result = runner.invoke(
+        app, ["generate", "--n", "2", "--steps", "2", "--out", str(out), "--checkpoint", str(path), "--quiet"]
+    )
+    assert result.exit_code == 2 and "odd.safetensors" in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_cli_refuses_an_empty_out_instead_of_using_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out "$DIR"`` with DIR unset must not generate into (or, with --overwrite, clear) the cwd."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "crystal_mine.cif").write_text("data_mine\n")
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["generate", "--n", "1", "--steps", "1", "--out", "", "--quiet", *extra])
+        assert result.exit_code == 2 and "--out is empty" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crystal_mine.cif"]
