@@ -116,9 +116,12 @@ class CrystalGenerator:
                 "train one with `matgen train` or pass the shipped default"
             )
         kind = meta.get("kind", "dfm")
-        for key, what in (("scheduler", "a scheduler name"), ("sampling", "a table of sampling settings")):
+        for key, kind_of, what in (
+            ("scheduler", str, "a scheduler name"),
+            ("sampling", dict, "a table of sampling settings"),
+        ):
             value = meta.get(key)
-            if value is not None and not isinstance(value, str if key == "scheduler" else dict):
+            if value is not None and not isinstance(value, kind_of):
                 raise CheckpointError(f"{path}: its metadata {key!r} is not {what}: {value!r}")
         try:
             if not isinstance(meta["model_config"], dict):
