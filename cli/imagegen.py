@@ -282,6 +282,7 @@ def sample(
     from imagegen.data import check_count
     from imagegen.generate import CheckpointError, ImageGenerator
     from imagegen.grid import (
+        check_grid_fits,
         check_grid_options,
         check_image_file,
         check_output_folder,
@@ -300,6 +301,7 @@ def sample(
         if images_dir is not None:
             check_output_folder(images_dir, "--images-dir")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
+        check_grid_fits(n, gen.image_shape[1:], nrow, scale)
         on_batch, removed = None, []
         if images_dir is not None:
 
@@ -362,7 +364,7 @@ def evaluate(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Score samples with FD-EffNetLite0 against held-out test images, over NFEs and sampler settings."""
-    from imagegen.data import check_count
+    from imagegen.data import SPLITS, check_count
     from imagegen.evaluate import check_sweep, evaluate_sweep, load_evaluation_data, reference_stats
     from imagegen.features import EffNetLite0Features
     from imagegen.frechet import score_name
@@ -386,6 +388,8 @@ def evaluate(
                 raise ValueError(
                     f"--reference-n must be at least 2 for a Frechet distance, got {reference_n}"
                 )
+        if reference_split not in SPLITS:
+            raise ValueError(f"--reference-split must be one of {', '.join(SPLITS)}, got {reference_split!r}")
         check_output_folder(out, "--out")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
         extractor = EffNetLite0Features(features_weights, device=gen.device)
@@ -456,7 +460,7 @@ def path_preview(
     import torch
 
     from imagegen.data import MissingSplitError, load_dataset
-    from imagegen.grid import check_grid_options, check_image_file, save_grid
+    from imagegen.grid import check_grid_fits, check_grid_options, check_image_file, save_grid
     from imagegen.paths import MAX_PREVIEW_IMAGES, MAX_PREVIEW_TIMES, PixelPathConfig, path_preview
 
     note = ""
@@ -477,6 +481,8 @@ def path_preview(
         except MissingSplitError:
             data = load_dataset(dataset, "train", data_dir, image_size=image_size, channels=channels)
             note = " (no test/ subfolder: training images shown)"
+        shown = min(n, len(data))  # columns: the images the preview draws
+        check_grid_fits(shown * times, data.shape[1:], nrow=shown, scale=scale)
         if latent is None:
             xt, ts = path_preview(data, cfg, n, times, seed)
         else:

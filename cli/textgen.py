@@ -166,8 +166,8 @@ def sample(
     seed: int = typer.Option(0, help="Random seed: the same seed and --batch-size give the same texts."),
     batch_size: int = typer.Option(16, help="Texts per sampler batch (part of what the seed fixes)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    out: Path | None = typer.Option(
-        None, help="Write the texts here (.jsonl: one object per text; else plain text)."
+    out_flag: str | None = typer.Option(
+        None, "--out", help="Write the texts here (.jsonl: one object per text; else plain text)."
     ),
     hide_special: bool = typer.Option(
         False, "--hide-special", help="Drop <|endoftext|> from the printed texts."
@@ -180,8 +180,12 @@ def sample(
     from textgen.generate import generate_texts, write_texts
     from textgen.tokenizer import TextTokenizer
 
+    out = None if out_flag is None else Path(out_flag)
     try:
         check_alpha_flag(velocity, alpha)
+        if out_flag is not None and (not out_flag.strip() or out_flag.endswith(("/", "\\"))):
+            # Path() would drop the slash and write a file of that name where a folder was meant
+            raise ValueError(f"--out must name a file, not a folder or nothing: got {out_flag!r}")
         if out is not None:
             check_writable(out, "--out")  # before sampling, so that no work is lost
         model = TextModel.load(checkpoint, device)

@@ -400,6 +400,26 @@ def _flatten_alpha(img):
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_decoded_size(n: int, channels: int, size: int, root: Path) -> None:
+    """Refuse, before the first image is decoded, an image size whose decoded images (kept once as a list
+    and once stacked) would not fit in this machine's memory: the process would be killed instead."""
+    need, have = 2 * n * channels * size * size, _physical_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"image size {size}: {n} image(s) of {root} at {channels} x {size} x {size} take "
+            f"{need / 2**30:,.1f} GiB decoded, more than this machine's {have / 2**30:,.1f} GiB of memory; "
+            "choose a smaller --image-size (or fewer images)"
+        )
+
+
 def load_image_folder(
     folder: str | os.PathLike,
     size: int,
@@ -426,6 +446,8 @@ def load_image_folder(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     size = check_count(size, "image size")
+    if split is not None:
+        _check_split(split)  # another name would read the whole folder, test images and all
     root = Path(folder).expanduser()
     if root.is_file():
         raise ValueError(f"image folder {root} is a file: give the folder that holds the images")
@@ -443,6 +465,7 @@ def load_image_folder(
         files = files[:limit]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    _check_decoded_size(len(files), channels, size, root)
     mode = "RGB" if channels == 3 else "L"
     arrays = []
     for p in files:

@@ -211,12 +211,21 @@ class ImageGenerator:
             )
         vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
         state = {k: v for k, v in state.items() if not k.startswith("vq.")}
-        model = PixelUNet(UNetConfig.from_dict(meta["model_config"]))
+        if not isinstance(meta["path"], dict):
+            raise CheckpointError(
+                f"{path}: its path metadata must be a table of settings, got {meta['path']!r}"
+            )
+        try:
+            model = PixelUNet(UNetConfig.from_dict(meta["model_config"]))
+            path_config = PixelPathConfig.from_dict(
+                {k: v for k, v in meta["path"].items() if k != "vocab_size"}
+            )
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: bad model or path config in its metadata: {e}") from e
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not fit the architecture in its metadata: {e}") from e
-        path_meta = {k: v for k, v in meta["path"].items() if k != "vocab_size"}
         dev = resolve_device(device)
         model.to(dev).eval()
         vq = None
@@ -229,7 +238,7 @@ class ImageGenerator:
                 raise CheckpointError(f"{path}: cannot rebuild its VQ-VAE: {e}") from e
         return cls(
             model=model,
-            path_config=PixelPathConfig.from_dict(path_meta),
+            path_config=path_config,
             metadata=meta,
             device=dev,
             checkpoint=path,

@@ -14,6 +14,7 @@ from dfm_core.atomic_io import atomic_write, check_writable
 from imagegen.data import check_count
 
 __all__ = [
+    "check_grid_fits",
     "check_grid_options",
     "check_image_file",
     "check_output_folder",
@@ -32,6 +33,29 @@ def check_grid_options(nrow: int | None = None, scale: int = 1, padding: int = 2
     check_count(scale, "scale")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be a whole number >= 0, got {padding!r}")
+
+
+def max_grid_pixels() -> int:
+    """The largest grid written: twice PIL's decompression-bomb limit, above which PIL (and so this project)
+    refuses to open the PNG again (about 179 M pixels, 0.5 GB as RGB)."""
+    from PIL import Image
+
+    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_grid_fits(
+    n: int, image_hw: tuple[int, int], nrow: int | None = None, scale: int = 1, padding: int = 2
+) -> None:
+    """Raise a ValueError, before any sampling, when the grid of ``n`` images of (H, W) upscaled ``scale``
+    times would be too large to hold in memory and open again (more than :func:`max_grid_pixels`)."""
+    check_grid_options(nrow, scale, padding)
+    width, height = grid_size(n, image_hw, nrow, padding)
+    if width * scale * height * scale > max_grid_pixels():
+        raise ValueError(
+            f"a grid of {n} images of {image_hw[0]} x {image_hw[1]} at scale {scale} would be "
+            f"{width * scale} x {height * scale} pixels, more than the {max_grid_pixels():,} an image viewer "
+            "(or PIL) opens; lower --scale or --n (--images-dir writes every image on its own)"
+        )
 
 
 def _columns(n: int, nrow: int | None) -> int:
@@ -113,6 +137,8 @@ def save_grid(
     """Write ``images`` (uint8 (N, C, H, W)) as one grid PNG, optionally upscaled ``scale`` times (nearest)."""
     from PIL import Image
 
+    if images.ndim == 4 and images.shape[0] >= 1:
+        check_grid_fits(images.shape[0], tuple(images.shape[2:]), nrow, scale, padding)
     check_grid_options(nrow, scale, padding)
     path = check_image_file(path, "grid")
     path.parent.mkdir(parents=True, exist_ok=True)

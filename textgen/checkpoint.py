@@ -83,15 +83,30 @@ class TextModel:
                 "train one with `textgen train`"
             )
         kind = meta.get("kind", "dfm")
+        if kind not in ("dfm", "ar"):
+            raise CheckpointError(f"{file}: metadata kind must be 'dfm' or 'ar', got {kind!r}")
+        if kind == "dfm" and "path" not in meta:
+            raise CheckpointError(
+                f"{file}: a flow-matching (dfm) checkpoint whose metadata lacks its path config"
+            )
+        seq_len = meta.get("seq_len", 256)
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise CheckpointError(f"{file}: metadata seq_len must be a whole number >= 1, got {seq_len!r}")
         pmf = state.pop(SOURCE_PMF_KEY, None)
-        model = build_model(kind, TextModelConfig.from_dict(meta["model_config"]))
+        try:
+            model = build_model(kind, TextModelConfig.from_dict(meta["model_config"]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{file}: bad model_config in its metadata: {e}") from e
         try:
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         except RuntimeError as e:
             raise CheckpointError(f"{file}: weights do not fit the architecture in its metadata: {e}") from e
         path = path_config = None
         if kind == "dfm":
-            path_config = TextPathConfig.from_dict(meta["path"])
+            try:
+                path_config = TextPathConfig.from_dict(meta["path"])
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{file}: bad path config in its metadata: {e}") from e
             if path_config.source == "stats" and pmf is None:
                 raise CheckpointError(f"{file}: a stats-source model without its {SOURCE_PMF_KEY} tensor")
             path = build_path(path_config, pmf if pmf is not None else text_source(path_config))

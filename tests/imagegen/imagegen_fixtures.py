@@ -82,3 +82,18 @@ def tiny_vq_config(steps: int = 40, hflip: bool = True) -> VQTrainConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def folder_preview_args(data: Path) -> list[str]:
+    """`imagegen path-preview` arguments for an 8 x 8 grayscale image folder."""
+    return [
+        "path-preview",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(data),
+        "--image-size",
+        str(SIZE),
+        "--channels",
+        "1",
+    ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagegen_fixtures import synthetic_images, tiny_config
+from imagegen_fixtures import folder_preview_args, synthetic_images, tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -321,17 +321,7 @@ def test_latent_path_preview_decodes_x_t(tiny_vq_run: Path, tmp_path: Path) -> N
         latent_path_samples(vq, images, PixelPathConfig(kind="mask"), torch.tensor([0.5]))
     data = _image_folder(tmp_path / "images")
     out = tmp_path / "preview.png"
-    args = [
-        "path-preview",
-        "--dataset",
-        "folder",
-        "--data-dir",
-        str(data),
-        "--image-size",
-        "8",
-        "--channels",
-        "1",
-    ]
+    args = folder_preview_args(data)
     args += ["--n", "4", "--times", "3", "--scale", "1", "--out", str(out)]
     result = runner.invoke(app, [*args, "--latent", str(tiny_vq_run / "vqvae.safetensors"), "--lp", "4"])
     assert result.exit_code == 0, result.output

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoint_edit import with_raw_metadata
 from cli_assert import one_line_error
+from imagegen_fixtures import folder_preview_args
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -336,3 +338,56 @@ def test_lossy_image_formats_are_refused(tmp_path: Path) -> None:
             check_image_file(tmp_path / name)
     for name in ("g.png", "g.PNG", "g.bmp", "g.tif"):
         assert check_image_file(tmp_path / name) == tmp_path / name
+
+
+# ---------------------------------------------------------------- damaged metadata, huge outputs and inputs
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [({"path": "garbage"}, "path metadata"), ({"path": "[1, 2]"}, "path metadata")],
+)
+def test_damaged_path_metadata_is_one_line_naming_the_file(
+    tiny_checkpoint: Path, tmp_path: Path, changes: dict, needle: str
+) -> None:
+    ckpt = with_raw_metadata(tiny_checkpoint, tmp_path / "damaged.safetensors", **changes)
+    one_line_error(sample_cli(ckpt, tmp_path / "g.png"), needle, str(ckpt))
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_grid_too_large_to_write_is_refused_before_sampling(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--scale 100000` sampled first, then died in PIL's resize (MemoryError, or killed by the OS)."""
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the grid size")
+
+    monkeypatch.setattr(ImageGenerator, "sample", no_sampling)
+    one_line_error(sample_cli(tiny_checkpoint, tmp_path / "g.png", "--scale", "100000"), "--scale", "pixels")
+    data = gray_folder(tmp_path / "data")
+    pp = folder_preview_args(data)
+    one_line_error(
+        runner.invoke(app, [*pp, "--out", str(tmp_path / "p.png"), "--scale", "100000"]), "--scale"
+    )
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "p.png").exists()
+
+
+def test_an_image_size_too_large_for_memory_is_refused_before_decoding(tmp_path: Path) -> None:
+    """`--image-size 1000000` resized the first image to 3 TB: the OS killed the process, no message."""
+    data = gray_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match="image size 1000000: .* GiB decoded, more than this machine"):
+        load_image_folder(data, 1_000_000, channels=1)
+    args = ["train", "--dataset", "folder", "--data-dir", str(data), "--image-size", "1000000"]
+    result = runner.invoke(app, [*args, "--run-dir", str(tmp_path / "run"), "--steps", "1", "--quiet"])
+    one_line_error(result, "--image-size")
+
+
+def test_an_unknown_split_of_an_image_folder_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`--reference-split validation` read the whole folder, training images included, as the reference."""
+    data = gray_folder(tmp_path / "data")
+    for split in ("validation", "Test"):
+        with pytest.raises(ValueError, match="unknown split"):
+            load_image_folder(data, 8, channels=1, split=split)
+    ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "ev"), "--quiet"]
+    one_line_error(runner.invoke(app, [*ev, "--reference-split", "validation"]), "--reference-split")

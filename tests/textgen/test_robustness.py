@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_edit import with_raw_metadata
 from typer.testing import CliRunner
 
 from cli.textgen import app
@@ -360,3 +361,39 @@ def test_a_tokenizer_other_than_the_trained_one_is_pointed_out(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the trained tokenizer: no warning
         generate_texts(model, tokenizer, 1, steps=2, length=8)
+
+
+# 9. a checkpoint whose metadata is damaged --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"path": None}, "lacks its path config"),
+        ({"path": "[1, 2]"}, "bad path config"),
+        ({"seq_len": "abc"}, "seq_len must be a whole number"),
+        ({"seq_len": "0"}, "seq_len must be a whole number"),
+        ({"model_config": "not json"}, "bad model_config"),
+        ({"kind": "xyz"}, "kind must be 'dfm' or 'ar'"),
+    ],
+)
+def test_damaged_checkpoint_metadata_is_one_line_naming_the_file(
+    tiny_run: Path, tokenizer_dir: Path, tmp_path: Path, changes: dict, needle: str
+):
+    ckpt = with_raw_metadata(tiny_run / "model.safetensors", tmp_path / "damaged.safetensors", **changes)
+    message = _error(*_sample_args(ckpt, tokenizer_dir))
+    assert needle in message and str(ckpt) in message, message
+    with pytest.raises(CheckpointError, match=needle):
+        TextModel.load(ckpt)
+
+
+# 10. --out ending in a slash means a folder -------------------------------------------------------
+
+
+def test_sample_out_with_a_trailing_slash_is_not_written_as_a_file(
+    tiny_run: Path, tokenizer_dir: Path, tmp_path: Path
+):
+    """`--out texts/` (a folder that does not exist yet) used to write a file named `texts`."""
+    args = _sample_args(tiny_run / "model.safetensors", tokenizer_dir)
+    assert "--out must name a file" in _error(*args, "--out", f"{tmp_path / 'texts'}/")
+    assert not (tmp_path / "texts").exists()
