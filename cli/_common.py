@@ -197,8 +197,24 @@ def run_options(
     }
 
 
+def report_resume(result: Any, run_dir: Path) -> None:
+    """Say that a train command went on from the run folder's checkpoint (or found nothing left to train):
+    a rerun into a used --run-dir resumes it, which must not pass for a fresh run."""
+    if getattr(result, "resumed_from", None) is None:
+        return
+    last = run_dir / "last.pt"
+    if result.step == result.resumed_from:
+        typer.echo(
+            f"{last} is at step {result.step} already: nothing to train, weights exported again "
+            "(a larger --steps goes on; --no-resume starts afresh)"
+        )
+    else:
+        typer.echo(f"resumed from step {result.resumed_from} of {last}")
+
+
 def report_training(result: Any, run_dir: Path) -> None:
-    """The one line every ``train`` command ends with."""
+    """The lines every ``train`` command ends with: whether it resumed, the step, the best loss, the weights."""
+    report_resume(result, run_dir)
     best = result.best_val_loss
     val = f"best val loss {best:.4f}" if math.isfinite(best) else "no validation run (weights: the last step)"
     typer.echo(f"trained to step {result.step}; {val}; weights: {run_dir / 'model.safetensors'}")

@@ -20,6 +20,7 @@ from cli._common import (
     given,
     int_list,
     name_list,
+    report_resume,
     report_training,
     run_options,
     train_overrides,
@@ -221,6 +222,7 @@ def train_vq(
         result = train_vqvae(cfg, run_dir, **options)
     except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
         fail(str(e))
+    report_resume(result, run_dir)
     best = result.best_val_loss
     val = f"best val reconstruction MSE {best:.4f}" if math.isfinite(best) else "no validation run"
     typer.echo(f"trained to step {result.step}; {val}; weights: {run_dir / 'vqvae.safetensors'}")
@@ -279,6 +281,7 @@ def sample(
     """Sample images into a grid PNG (and optionally one PNG per image)."""
     import time
 
+    from dfm_core.atomic_io import remove_stale_temps
     from imagegen.data import check_count
     from imagegen.generate import CheckpointError, ImageGenerator
     from imagegen.grid import (
@@ -302,14 +305,16 @@ def sample(
             check_output_folder(images_dir, "--images-dir")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
         check_grid_fits(n, gen.image_shape[1:], nrow, scale)
-        on_batch, removed = None, []
+        on_batch, removed, written = None, [], [0]
         if images_dir is not None:
 
             def on_batch(start, images):
                 if start == 0:  # an earlier run's images go when the first batch is ready (every option
                     # was accepted by then): a run stopped half way must not leave a mix of two runs
                     removed.append(remove_images_beyond(images_dir, 0) if images_dir.is_dir() else 0)
+                    remove_stale_temps(images_dir)  # and the half-written PNGs of a killed run
                 save_images(images, images_dir, start=start)
+                written[0] = start + len(images)
 
         start = time.perf_counter()
         images = gen.sample(
@@ -318,6 +323,14 @@ def sample(
         save_grid(images, out, nrow=nrow, scale=scale)
     except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        if not written[0]:
+            raise
+        fail(
+            f"interrupted: {out} was not written and {images_dir} holds {written[0]} of the {n} images; the "
+            "same command writes them all again",
+            code=130,
+        )
     extra = f" and {n} PNGs to {images_dir}" if images_dir is not None else ""
     if sum(removed):
         extra += f" (first removed the {sum(removed)} image_*.png of an earlier run there)"

@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write_text, file_sha256, holds_folder_lock
+from dfm_core.atomic_io import (
+    atomic_write,
+    atomic_write_text,
+    file_sha256,
+    holds_folder_lock,
+    remove_stale_temps,
+)
 from imagegen.data import ImageDataset, check_count, default_cache_dir, images_sha256, load_dataset
 from imagegen.frechet import FeatureStats, score_name
 from imagegen.generate import ImageGenerator, SamplingConfig
@@ -341,6 +347,7 @@ def evaluate_sweep(
         )
     out = check_output_folder(out_dir, "evaluation folder")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # half-written grids, plots or tables of a killed run
     csv_path = out / "results.csv"
     if (old := _set_aside_other_format(csv_path)) is not None and log:
         log(f"{csv_path} had other columns (an older version): kept as {old.name}; its points are redone")
@@ -387,10 +394,10 @@ def evaluate_sweep(
             )
             row.score = score_images(images, extractor, reference)
             row.seconds = time.perf_counter() - start
+            if save_grids > 0:  # before the row: a run stopped between the two redoes the point, grid and all
+                save_grid(images[:save_grids], out / f"samples_{_slug(cfg.label())}_nfe{nfe}.png")
             _append_row(csv_path, row)
             rows.append(row)
-            if save_grids > 0:
-                save_grid(images[:save_grids], out / f"samples_{_slug(cfg.label())}_nfe{nfe}.png")
             if log:
                 log(f"{row.setting} NFE={nfe}: {name} = {row.score:.3f} (n={n}, {row.seconds:.0f} s)")
     plotted = [r for r in _read_rows(csv_path) if r.checkpoint in (ck, "") and r.reference == ref]
@@ -434,8 +441,10 @@ def plot_score_vs_nfe(
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # renamed into place: a run killed while plotting keeps the previous plot, not half a PNG
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix or ".png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -35,6 +35,7 @@ from dfm_core.atomic_io import (
     check_writable,
     file_sha256,
     holds_folder_lock,
+    remove_stale_temps,
 )
 from dfm_core.objectives import fair_elbo
 from dfm_core.velocities import make_velocity
@@ -522,6 +523,8 @@ def evaluate(
             **sampler,
         }
     )
+    if resume_dir is not None:
+        remove_stale_temps(resume_dir)  # half-written tables or figure of a killed run
     cells = ResultLog(Path(resume_dir) / RESULT_LOG) if resume_dir is not None else None
     # every data set is read (and tokenized, cached) before the first likelihood pass: a missing, short or
     # badly encoded file stops the run now, not after hours of work on the columns before it
