@@ -19,7 +19,6 @@ import io
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,41 +436,39 @@ def _decode_and_write(
     cif_tok = tok.CrystalTokenizer()
     out = Path(out_dir)
     rows = []
-    with warnings.catch_warnings():  # once per batch: pymatgen's "No Pauling electronegativity for Ne" etc.
-        warnings.filterwarnings("ignore", message="No Pauling electronegativity")
-        for j, seq in enumerate(tokens):
-            cid = f"{prefix}_{first_id + j:06d}"
-            row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
-            n_atoms = (int((seq != tok.PAD_ID).sum()) - 6) // 4
-            row.update(id=cid, num_atoms=n_atoms, constraint=constraint, batch=batch)
-            if resampled is not None:
-                row["resampled_atoms"] = int(resampled[j])
-            try:
-                crystal = cif_tok.decode_parts(seq)
-                reason = _coincident_atoms(crystal)
-            except tok.DecodeError as exc:
-                crystal, reason = None, str(exc)
-            if reason:
-                row["error"] = reason
-                rows.append(row)
-                continue
-            fname = f"{cid}.cif"
-            # not fsynced one by one (a third of the time per crystal): the batch is synced at once
-            # before samples.csv lists it; the rename alone already keeps a killed run's CIFs whole
-            atomic_write_text(out / fname, p1_cif(*crystal), durable=False)
-            lat = crystal.lattice
-            row.update(
-                file=fname,
-                formula=formula_fields(crystal.species)[1],
-                a=round(lat.a, 4),
-                b=round(lat.b, 4),
-                c=round(lat.c, 4),
-                alpha=round(lat.alpha, 3),
-                beta=round(lat.beta, 3),
-                gamma=round(lat.gamma, 3),
-                volume=round(lat.volume, 4),
-            )
+    for j, seq in enumerate(tokens):
+        cid = f"{prefix}_{first_id + j:06d}"
+        row: dict[str, Any] = {k: "" for k in SAMPLES_COLUMNS}
+        n_atoms = (int((seq != tok.PAD_ID).sum()) - 6) // 4
+        row.update(id=cid, num_atoms=n_atoms, constraint=constraint, batch=batch)
+        if resampled is not None:
+            row["resampled_atoms"] = int(resampled[j])
+        try:
+            crystal = cif_tok.decode_parts(seq)
+            reason = _coincident_atoms(crystal)
+        except tok.DecodeError as exc:
+            crystal, reason = None, str(exc)
+        if reason:
+            row["error"] = reason
             rows.append(row)
+            continue
+        fname = f"{cid}.cif"
+        # not fsynced one by one (a third of the time per crystal): the batch is synced at once
+        # before samples.csv lists it; the rename alone already keeps a killed run's CIFs whole
+        atomic_write_text(out / fname, p1_cif(*crystal), durable=False)
+        lat = crystal.lattice
+        row.update(
+            file=fname,
+            formula=formula_fields(crystal.species)[1],
+            a=round(lat.a, 4),
+            b=round(lat.b, 4),
+            c=round(lat.c, 4),
+            alpha=round(lat.alpha, 3),
+            beta=round(lat.beta, 3),
+            gamma=round(lat.gamma, 3),
+            volume=round(lat.volume, 4),
+        )
+        rows.append(row)
     return rows
 
 

@@ -250,7 +250,7 @@ def _fingerprint_into_cache(
             warnings.warn(f"could not write the reference cache {path}: {exc}", stacklevel=3)
         stored, pending = merged, []
 
-    if progress and len(todo) >= 1000:
+    if len(todo) >= 1000:  # a notice, not a bar: said with --no-progress too (a silent wait of minutes)
         print(
             f"fingerprinting {len(todo)} reference crystals of the {split} split once (cached in {path.parent} for "
             f"later runs), with {max(workers, 1)} process(es); --workers N or --test-limit makes this shorter",
