@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +50,25 @@ for _category in (SyntaxWarning, DeprecationWarning):
     warnings.filterwarnings("ignore", message="invalid escape sequence", category=_category)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, ``timeout``, batch schedulers) raises KeyboardInterrupt like a
+    Ctrl-C, so that a command stops through the same path: its finished work kept, one line saying so. Python
+    alone dies silently on SIGTERM. Only in the main thread (where signal handlers can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class CommandGroup(TyperGroup):
     """The apps' command group: a Ctrl-C (or SIGTERM) that a command does not handle itself ends with a
     line that says so (typer alone exits 130 without a word); a training that stopped cleanly has said so
@@ -55,7 +78,8 @@ class CommandGroup(TyperGroup):
         from dfm_core.training import TrainingStopped
 
         try:
-            return super().invoke(ctx)
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
         except TrainingStopped:  # a clean stop: the training loop has said where its checkpoint is
             raise typer.Exit(130) from None
         except KeyboardInterrupt:

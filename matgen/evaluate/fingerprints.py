@@ -128,10 +128,13 @@ def parallel_map(
         if workers and workers > 0 and len(items) > 1:
             from matgen.workers import process_pool
 
-            with process_pool(workers) as pool:
+            pool = process_pool(workers)
+            try:
                 for out in pool.map(func, items, chunksize=max(1, min(64, len(items) // (4 * workers)))):
                     bar.update(1)
                     yield out
+            finally:  # interrupted (Ctrl-C, SIGTERM): the queued chunks are dropped, not all computed first
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             for item in items:
                 out = func(item)

@@ -299,18 +299,20 @@ def evaluate(
                 stacklevel=3,
             )
         buffer: list[dict[str, Any]] = []
-        for rec in parallel_map(
-            analyze_crystal,
-            [_payload(it) for it in todo],
-            workers,
-            desc="validity + fingerprints",
-            progress=progress,
-        ):
-            buffer.append({**rec, "digest": digests[rec["id"]]})
-            if len(buffer) >= chunk_size:
-                journal.append(buffer)
-                buffer = []
-        journal.append(buffer)
+        try:
+            for rec in parallel_map(
+                analyze_crystal,
+                [_payload(it) for it in todo],
+                workers,
+                desc="validity + fingerprints",
+                progress=progress,
+            ):
+                buffer.append({**rec, "digest": digests[rec["id"]]})
+                if len(buffer) >= chunk_size:
+                    journal.append(buffer)
+                    buffer = []
+        finally:  # also when interrupted: the crystals finished so far are not done again
+            journal.append(buffer)
         basic = [journal.get("basic", i) for i in ids]
         timings["validity_fingerprints_s"] = time.perf_counter() - t0
 

@@ -719,6 +719,43 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path: Path, monkeypatch: 
     assert result.exit_code == 130 and "run the same command again" in result.output
 
 
+_SIGTERM_SCRIPT = """
+import os, signal, sys, time
+import matgen.generate
+from typer.testing import CliRunner
+from cli.matgen import app
+
+def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the handler interrupts this at once
+    raise AssertionError("SIGTERM did not interrupt")
+
+before = signal.getsignal(signal.SIGTERM)
+matgen.generate.generate = terminated
+result = CliRunner().invoke(app, ["generate", "--n", "2", "--out", sys.argv[1]])
+print(result.exit_code, signal.getsignal(signal.SIGTERM) == before)
+print(result.output)
+"""
+
+
+def test_sigterm_stops_like_ctrl_c_and_restores_the_handler(tmp_path: Path) -> None:
+    """`kill` / `timeout` / a batch scheduler send SIGTERM: Python died without a word (no "--resume" hint,
+    the folder lock left behind); now it takes the Ctrl-C path, and the handler is put back afterwards.
+    In a subprocess: without the handler the signal would end the test run itself."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_SCRIPT, str(tmp_path / "g")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    first, rest = done.stdout.split("\n", 1)
+    assert first == "130 True" and "--resume to continue" in rest, done.stdout
+
+
 @pytest.mark.parametrize(
     "flag, value",
     [
