@@ -97,6 +97,14 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def folder_flag(text: str, flag: str = "--out", example: str = "results/") -> Path:
+    """The folder a flag names. An empty value (an unset shell variable, ``--out "$DIR"``) is refused: as a
+    Path it would mean the current folder, and a tool would write (or clean) its files there."""
+    if not text.strip():
+        fail(f"{flag} is empty: name the folder, e.g. {flag} {example}")
+    return Path(text)
+
+
 def given(**flags: Any) -> dict[str, Any]:
     """The flags the user gave (``None`` means not given), paths as text as the configs store them."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}

@@ -17,6 +17,7 @@ from cli._common import (
     check_alpha_flag,
     fail,
     float_list,
+    folder_flag,
     given,
     int_list,
     name_list,
@@ -261,7 +262,9 @@ def sample(
     checkpoint: Path = typer.Option(..., help="imagegen checkpoint (.safetensors)."),
     n: int = typer.Option(64, "--n", help="Number of images."),
     out: Path = typer.Option(Path("samples.png"), "--out", help="Grid PNG to write."),
-    images_dir: Path | None = typer.Option(None, help="Also write each image as a PNG in this folder."),
+    images_dir_text: str | None = typer.Option(
+        None, "--images-dir", metavar="PATH", help="Also write each image as a PNG in this folder."
+    ),
     nrow: int | None = typer.Option(None, help="Images per grid row (default: sqrt n)."),
     scale: int = typer.Option(1, help="Upscale the grid this many times (nearest neighbour)."),
     steps: int = typer.Option(128, "--steps", "--nfe", help="Sampler steps (NFE)."),
@@ -294,6 +297,7 @@ def sample(
         save_images,
     )
 
+    images_dir = None if images_dir_text is None else folder_flag(images_dir_text, "--images-dir", "images/")
     try:  # everything is checked before the model is loaded, so no sampling is lost to a bad option
         check_alpha_flag(velocity, alpha)
         cfg = _sampling(steps, velocity, alpha, corrector, corrector_p, corrector_q, temperature, guidance)
@@ -343,8 +347,8 @@ def sample(
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., help="imagegen checkpoint (.safetensors)."),
-    out: Path = typer.Option(
-        Path("eval"), "--out", help="Folder for results.csv, fd_vs_nfe.png and sample grids."
+    out_text: str = typer.Option(
+        "eval", "--out", metavar="PATH", help="Folder for results.csv, fd_vs_nfe.png and sample grids."
     ),
     n: int = typer.Option(10_000, "--n", help="Samples per point (the reference uses the whole test split)."),
     nfe: str = typer.Option("128", help="Comma-separated sampler steps, e.g. 8,16,32,64,128,256."),
@@ -377,6 +381,7 @@ def evaluate(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Score samples with FD-EffNetLite0 against held-out test images, over NFEs and sampler settings."""
+    out = folder_flag(out_text, "--out", "eval/")
     from imagegen.data import SPLITS, check_count
     from imagegen.evaluate import check_sweep, evaluate_sweep, load_evaluation_data, reference_stats
     from imagegen.features import EffNetLite0Features

@@ -16,6 +16,7 @@ from cli._common import (
     CommandGroup,
     TrainFlags,
     fail,
+    folder_flag,
     given,
     report_training,
     run_options,
@@ -93,9 +94,7 @@ def generate(
     from matgen.generate import CheckpointError
     from matgen.generate import generate as run
 
-    if not out_text.strip():  # an unset shell variable: never write into (or --overwrite) the current folder
-        fail("--out is empty: name the output folder, e.g. --out cifs/")
-    out = Path(out_text)
+    out = folder_flag(out_text, "--out", "cifs/")  # never write into (or --overwrite) the current folder
     try:
         summary = run(
             n,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import fail
+from cli._common import fail, folder_flag
 
 __all__ = ["evaluate_command"]
 
@@ -21,8 +21,12 @@ def evaluate_command(
         "of CIFs, an .extxyz of periodic frames, or a POSCAR.",
         exists=True,
     ),
-    out: Path = typer.Option(
-        Path("eval_out"), "--out", "-o", help="Output folder (re-running with the same folder resumes)."
+    out_text: str = typer.Option(
+        "eval_out",
+        "--out",
+        "-o",
+        metavar="PATH",
+        help="Output folder (re-running with the same folder resumes).",
     ),
     data_dir: Path | None = typer.Option(
         None,
@@ -63,6 +67,8 @@ def evaluate_command(
     from matgen.data import DownloadError
     from matgen.evaluate import evaluate
     from matgen.evaluate.journal import JournalMismatch, NotAJournal
+
+    out = folder_flag(out_text, "--out", "eval_out/")
 
     def kept() -> str:
         journal = out / "journal.jsonl"

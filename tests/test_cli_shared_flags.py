@@ -99,3 +99,35 @@ def test_library_source_warnings_stay_off_the_terminal(load_cli: bool) -> None:
     )
     assert "kept" in run.stderr
     assert ("invalid escape sequence" in run.stderr) is not load_cli
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("cli.matgen", ["evaluate", "{cif}", "--skip-stability", "--out"]),
+        ("cli.imagegen", ["evaluate", "--checkpoint", "{ckpt}", "--out"]),
+        ("cli.imagegen", ["sample", "--checkpoint", "{ckpt}", "--out", "{png}", "--images-dir"]),
+        ("cli.textgen", ["evaluate", "--checkpoint", "{ckpt}", "--out"]),
+    ],
+)
+def test_an_empty_output_folder_is_refused_not_taken_for_the_current_folder(
+    module: str, args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out "$DIR"`` with DIR unset gave Path(""), the current folder: evaluations wrote their tables,
+    plots and journal there (and cleaned its stale files)."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "x.cif").write_text("data_x\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "report.md").write_text("mine\n")
+    monkeypatch.chdir(cwd)
+    fill = {
+        "{cif}": str(inputs / "x.cif"),
+        "{ckpt}": str(inputs / "m.safetensors"),
+        "{png}": str(inputs / "g.png"),
+    }
+    argv = [fill.get(a, a) for a in args]
+    result = runner.invoke(importlib.import_module(module).app, [*argv, ""])
+    one_line_error(result, "is empty")
+    assert sorted(p.name for p in cwd.iterdir()) == ["report.md"]
