@@ -32,3 +32,12 @@ def write_cif(path: Path, structure: Structure) -> Path:
 
     path.write_text(str(CifWriter(structure)))
     return path
+
+
+def evaluate_cli(args: list[str]):
+    """``matgen evaluate ARGS`` through the installed app (a typer CliRunner result)."""
+    from typer.testing import CliRunner
+
+    from cli.matgen import app
+
+    return CliRunner().invoke(app, ["evaluate", *args])

@@ -3,11 +3,7 @@
 from pathlib import Path
 
 import pytest
-import typer
-from evaluate_helpers import rock_salt, write_cif
-from typer.testing import CliRunner
-
-from cli.matgen_evaluate import evaluate_command
+from evaluate_helpers import evaluate_cli, rock_salt, write_cif
 
 
 def test_missing_reference_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,10 +19,7 @@ def test_missing_reference_data_is_a_clear_error(tmp_path: Path, monkeypatch: py
     cifs = tmp_path / "cifs"
     cifs.mkdir()
     write_cif(cifs / "nacl.cif", rock_salt())
-    app = typer.Typer()
-    app.command()(evaluate_command)
-    result = CliRunner().invoke(
-        app,
+    result = evaluate_cli(
         [
             str(cifs),
             "--out",
@@ -57,11 +50,9 @@ def test_a_bad_device_or_hull_fails_before_any_work(
     cifs = tmp_path / "cifs"
     cifs.mkdir()
     write_cif(cifs / "nacl.cif", rock_salt())
-    app = typer.Typer()
-    app.command()(evaluate_command)
     value = str(tmp_path / value) if flag == "--hull" else value
     args = [str(cifs), "--out", str(tmp_path / "out"), flag, value, "--no-progress"]
-    result = CliRunner().invoke(app, args)
+    result = evaluate_cli(args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
@@ -86,13 +77,11 @@ def test_impossible_settings_are_refused_before_any_work(
     cifs.mkdir()
     write_cif(cifs / "nacl.cif", rock_salt())
     (tmp_path / "a_file").write_text("keep me")
-    app = typer.Typer()
-    app.command()(evaluate_command)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     base = [str(cifs), "--skip-stability", "--no-progress"]
     if "--out" not in args:
         base += ["--out", str(tmp_path / "out")]
-    result = CliRunner().invoke(app, [*base, *args])
+    result = evaluate_cli([*base, *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert "kept in" not in result.output  # nothing was computed, so nothing is claimed to be kept

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from evaluate_helpers import close_pair, rattled, rock_salt, write_cif
+from evaluate_helpers import close_pair, evaluate_cli, rattled, rock_salt, write_cif
 
 import matgen.evaluate.pipeline as pipeline
 from matgen.evaluate import evaluate, load_test_reference
@@ -179,25 +179,17 @@ def test_resume_after_crash_in_relaxation(mp20_dir, hull_dir, fp_cache, tmp_path
 
 
 def test_cli_writes_outputs(mp20_dir, hull_dir, fp_cache, tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from cli.matgen_evaluate import evaluate_command
-
-    app = typer.Typer()
-    app.command("evaluate")(evaluate_command)
-    app.command("noop")(lambda: None)  # two commands, so "evaluate" is addressed by name as in cli/matgen.py
     folder = tmp_path / "inputs"
     folder.mkdir()
     write_cif(folder / "nacl.cif", rock_salt())
     write_cif(folder / "overlap.cif", close_pair())
     out = tmp_path / "out"
     args = [
-        "evaluate", str(folder), "--out", str(out), "--data-dir", str(mp20_dir), "--hull", str(hull_dir),
+        str(folder), "--out", str(out), "--data-dir", str(mp20_dir), "--hull", str(hull_dir),
         "--test-limit", str(TEST_LIMIT), "--train-limit", "50", "--relax-steps", "50", "--device", "cpu",
         "--cache-dir", str(fp_cache), "--no-progress",
     ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result = evaluate_cli(args)
     assert result.exit_code == 0, result.output
     for name in ("results.csv", "summary.json", "report.md", "relaxed.csv.gz", "e_hull_hist.png",
                  "element_frequency.png", "density.png", "n_atoms.png", "journal.jsonl"):  # fmt: skip

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from evaluate_helpers import rock_salt, write_cif
+from evaluate_helpers import evaluate_cli, rock_salt, write_cif
 
 from matgen.evaluate import read_inputs
 
@@ -78,15 +78,8 @@ def test_lines_that_are_not_records_end_the_journal_like_a_torn_write(tmp_path: 
 
 
 def _cli(args: list[str], cache: Path):
-    import typer
-    from typer.testing import CliRunner
-
-    from cli.matgen_evaluate import evaluate_command
-
-    app = typer.Typer()
-    app.command()(evaluate_command)
     quick = ["--test-limit", "6", "--train-limit", "50", "--cache-dir", str(cache)]  # if it runs at all
-    return CliRunner().invoke(app, [*args, *quick, "--skip-stability", "--no-progress"])
+    return evaluate_cli([*args, *quick, "--skip-stability", "--no-progress"])
 
 
 def test_an_out_folder_of_ones_own_files_is_refused_not_overwritten(
