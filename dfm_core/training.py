@@ -1008,6 +1008,13 @@ def train(
         ckpt["rng"]["cuda"] = [s.cpu() for s in ckpt["rng"]["cuda"]]
         _set_rng_state(ckpt["rng"], data_gen, loss_gen)
         step = resumed_from = int(ckpt["step"])
+        if (
+            progress
+        ):  # said now, not only at the end: a rerun into a used run dir goes on, it does not restart
+            print(
+                f"resuming from step {step} of {last_path} (resume=False, --no-resume, starts afresh)",
+                file=sys.stderr,
+            )
         best_val = float(ckpt.get("best_val_loss", math.inf))
         resumed_window = ckpt.get("log_window", {"loss_sum": 0.0, "steps": 0})
         _truncate_metrics(metrics_path, step)
@@ -1022,8 +1029,9 @@ def train(
                 stale.unlink()
         # dropout and any global-RNG use are seeded too (weights were initialised by the caller)
         seed_everything(config.seed)
-    (run_dir / "config.json").write_text(
-        json.dumps({"train": config.to_dict(), "metadata": metadata}, indent=2) + "\n"
+    atomic_write_text(  # a record of the settings (not read back): whole or the previous one
+        run_dir / "config.json",
+        json.dumps({"train": config.to_dict(), "metadata": metadata}, indent=2) + "\n",
     )
 
     forward_model = torch.compile(model) if config.compile else model

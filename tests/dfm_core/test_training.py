@@ -330,6 +330,17 @@ def test_resuming_with_more_steps_keeps_learning(tmp_path):
     assert lrs[-2] == pytest.approx(1e-2 * schedule(9)) and lrs[-2] > 0  # step 9 of the new 12-step schedule
 
 
+def test_a_resumed_run_says_so_when_it_starts(tmp_path, capsys):
+    """A rerun into a used run dir goes on from last.pt: said at the start, where a long run is watched."""
+    train(tiny_model(), denoise_loss, batches, config(steps=3, eval_every=0), tmp_path, progress=False)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="new settings apply from step 3"):
+        train(tiny_model(), denoise_loss, batches, config(steps=4, eval_every=0), tmp_path, progress=True)
+    assert f"resuming from step 3 of {tmp_path / 'last.pt'}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # config.json written whole
+
+
 def test_a_fresh_run_removes_the_old_runs_checkpoints(tmp_path):
     train(tiny_model(), denoise_loss, batches, config(steps=6), tmp_path, val_loss, progress=False)
     assert (tmp_path / "best.pt").exists()
