@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from imagegen_fixtures import PixelHistogram
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,16 +18,6 @@ from imagegen.features import WEIGHTS_FILE, EfficientNetLite0
 from imagegen.generate import ImageGenerator, SamplingConfig
 
 runner = CliRunner()
-
-
-class PixelHistogram:
-    """A cheap stand-in extractor: 16-bin intensity histograms."""
-
-    name = "PixelHist"
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        bins = (images.reshape(images.shape[0], -1).long() // 16).clamp_max(15)
-        return torch.nn.functional.one_hot(bins, 16).double().mean(1)
 
 
 def test_sweep_writes_csv_plot_and_grids(tiny_checkpoint: Path, tmp_path: Path) -> None:

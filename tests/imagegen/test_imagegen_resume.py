@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from imagegen_fixtures import PixelHistogram
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,16 +20,6 @@ from imagegen.evaluate import evaluate_sweep, plot_score_vs_nfe, reference_stats
 from imagegen.generate import ImageGenerator, SamplingConfig
 
 runner = CliRunner()
-
-
-class PixelHistogram:
-    """A cheap stand-in extractor: 16-bin intensity histograms."""
-
-    name = "PixelHist"
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        bins = (images.reshape(images.shape[0], -1).long() // 16).clamp_max(15)
-        return torch.nn.functional.one_hot(bins, 16).double().mean(1)
 
 
 def _dead_pid() -> int:
