@@ -31,8 +31,8 @@ def evaluate_command(
     data_dir: Path | None = typer.Option(
         None,
         "--data-dir",
-        help="MP-20 folder with {train,test}.csv[.gz], or a data root holding mp_20/ (default: $MATGEN_DATA, else "
-        "the download cache, filled on first use).",
+        help="Reference data: a folder with {train,test}.csv[.gz] or .parquet (MP-20 or one's own), or a data "
+        "root holding mp_20/ (default: $MATGEN_DATA, else the MP-20 download cache, filled on first use).",
     ),
     skip_stability: bool = typer.Option(
         False, "--skip-stability", help="Skip CHGNet relaxation, E_hull, S.U.N."

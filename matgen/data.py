@@ -1,8 +1,9 @@
 """MP-20 data: find or download the split CSVs, parse CIFs, tokenize, cache, and batch.
 
-The splits are the CDVAE ones (Xie et al. 2021): ``{train,val,test}.csv[.gz]`` with at least the columns
-``material_id`` and ``cif``. Where they live is decided by :func:`resolve_data_dir`; a missing split is
-downloaded from ``DEFAULT_BASE_URL`` (CDVAE's repository) into that directory.
+The splits are the CDVAE ones (Xie et al. 2021): ``{train,val,test}.csv[.gz]`` (or ``.parquet``, for a data
+set of one's own) with at least the columns ``material_id`` (unique) and ``cif``. Where they live is decided
+by :func:`resolve_data_dir`; a missing split is downloaded from ``DEFAULT_BASE_URL`` (CDVAE's repository)
+into that directory, unless the directory holds split files of its own.
 
 Data flow::
 
@@ -120,12 +121,24 @@ def default_token_cache_dir() -> Path:
     return _user_cache_root() / "tokens"
 
 
+SPLIT_SUFFIXES = (".csv.gz", ".csv", ".parquet")  # in order of preference when a folder holds several
+
+
 def _find_split_file(split: str, directory: Path) -> Path | None:
-    for name in (f"{split}.csv.gz", f"{split}.csv"):
-        candidate = directory / name
+    for suffix in SPLIT_SUFFIXES:
+        candidate = directory / f"{split}{suffix}"
         if candidate.is_file():
             return candidate
     return None
+
+
+def _split_like_files(directory: Path) -> list[str]:
+    """Names of the entries in ``directory`` that look like a split of a data set (``train.*``, ``Val.tsv``,
+    a ``test/`` folder of CIFs ...), read or not: such a folder holds a data set of its own, and MP-20 is
+    never downloaded into it."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name.split(".", 1)[0].lower() in SPLITS)
 
 
 def _download(url: str, target: Path, timeout: float) -> None:
@@ -163,7 +176,7 @@ def ensure_split_file(
     download: bool = True,
     timeout: float = 60.0,
 ) -> Path:
-    """Path of ``{split}.csv.gz`` or ``{split}.csv``, downloading ``{base_url}/{split}.csv`` if absent.
+    """Path of ``{split}.csv.gz``, ``{split}.csv`` or ``{split}.parquet``, downloading ``{base_url}/{split}.csv`` if absent.
 
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``.
@@ -184,16 +197,17 @@ def ensure_split_file(
         return found
     url = f"{base_url.rstrip('/')}/{split}.csv"
     target = directory / f"{split}.csv"
-    others = [f.name for other in SPLITS if (f := _find_split_file(other, directory)) is not None]
+    others = _split_like_files(directory)
     if others and not (directory / DOWNLOAD_MARKER).is_file():
         # a folder with a data set of its own: never mix a downloaded MP-20 split into it
         raise FileNotFoundError(
-            f"{directory} holds {', '.join(others)} but no {split}.csv[.gz]; a data folder needs all of "
-            f"{', '.join(f'{s}.csv' for s in SPLITS)} (MP-20 is downloaded only into an empty or new folder)"
+            f"{directory} holds {', '.join(others)} but no {split}.csv[.gz] or {split}.parquet; a data folder "
+            f"needs all of {', '.join(f'{s}.csv' for s in SPLITS)} (or .csv.gz, .parquet) (MP-20 is downloaded "
+            "only into an empty or new folder)"
         )
     if not download:
         raise FileNotFoundError(
-            f"no {split}.csv.gz or {split}.csv in {directory}; pass download=True to fetch {url}, "
+            f"no {split}.csv.gz, {split}.csv or {split}.parquet in {directory}; pass download=True to fetch {url}, "
             f"or point MATGEN_DATA at a directory holding the MP-20 CSVs"
         )
     new_dirs = [d for d in (directory, *directory.parents) if not d.exists()]
@@ -220,20 +234,60 @@ def load_split(split: str, data_dir: str | Path | None = None, limit: int | None
     """Read one split as a DataFrame (columns include ``material_id`` and ``cif``).
 
     An unnamed index column (as in CDVAE's CSVs) is dropped. ``limit`` keeps the first rows only.
+
+    Raises:
+        ValueError: the file is not a table, lacks a required column, or has a blank or repeated
+            ``material_id`` (ids key the skipped-row lists and the reference caches, so they must be unique).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for all rows), got {limit}")
     path = ensure_split_file(split, data_dir)
+    kind = "parquet" if path.name.endswith(".parquet") else "CSV"
     try:
-        frame = pd.read_csv(path, nrows=limit)
-    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors (empty file, ...) too
-        raise ValueError(f"cannot read {path} as a CSV table: {str(exc).strip().splitlines()[0]}") from None
+        if kind == "parquet":
+            frame = pd.read_parquet(path)
+            frame = frame.head(limit) if limit is not None else frame
+        else:
+            frame = pd.read_csv(path, nrows=limit)
+    except (ValueError, UnicodeDecodeError, OSError, ImportError) as exc:  # parser errors (empty file, ...)
+        raise ValueError(
+            f"cannot read {path} as a {kind} table: {str(exc).strip().splitlines()[0]}"
+        ) from None
     frame = frame.loc[:, [c for c in frame.columns if not str(c).startswith("Unnamed:")]]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path} lacks the required columns {missing}; found {list(frame.columns)}")
+        raise ValueError(
+            f"{path} lacks the required columns {missing} (a unique id per row and the CIF text); found "
+            f"{list(frame.columns)}: rename or add the columns"
+        )
+    frame = frame.reset_index(drop=True)
+    _check_ids(frame["material_id"], path)
     frame["material_id"] = frame["material_id"].astype(str)
-    return frame.reset_index(drop=True)
+    return frame
+
+
+def _check_ids(ids: pd.Series, path: Path) -> None:
+    """Refuse blank or repeated material ids, naming the first one and its data rows (1 = first row)."""
+    blank = ids.isna() | (ids.astype(str).str.strip() == "")
+    if blank.any():
+        rows = (blank[blank].index + 1).tolist()
+        raise ValueError(
+            f"{path}: {len(rows)} row(s) have no material_id (data rows {_rows_text(rows)}); give every row "
+            "a unique id"
+        )
+    text = ids.astype(str)
+    repeated = text[text.duplicated(keep=False)]
+    if len(repeated):
+        first = repeated.iloc[0]
+        rows = (repeated[repeated == first].index + 1).tolist()
+        raise ValueError(
+            f"{path}: material_id {first!r} appears in {len(rows)} rows (data rows {_rows_text(rows)}); "
+            f"{repeated.nunique()} id(s) repeat in all. Give every row a unique id"
+        )
+
+
+def _rows_text(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
 
 
 def _parse_cifs(

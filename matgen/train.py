@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dfm_core.atomic_io import atomic_write_text, check_writable, holds_folder_lock
+from dfm_core.atomic_io import atomic_write_text, check_writable, file_sha256, holds_folder_lock
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import MixturePath
 from dfm_core.schedulers import make_scheduler
@@ -36,7 +36,13 @@ from dfm_core.training import (
     train,
 )
 from matgen import tokenizer as tok
-from matgen.data import atom_count_distribution, load_token_dataset
+from matgen.data import (
+    atom_count_distribution,
+    data_set_name,
+    ensure_split_file,
+    load_token_dataset,
+    resolve_data_dir,
+)
 from matgen.model import CrystalDiTConfig, build_model, count_parameters, token_valid_mask
 
 __all__ = [
@@ -223,12 +229,19 @@ def train_crystal_model(
     metadata = {
         "model_config": model_cfg.to_dict(),
         "matgen_config": config.to_dict(),
-        "data": {
+        "data": {  # which data, even when it came from $MATGEN_DATA (config.data_dir is then None)
+            "data_set": data_set_name(config.data_dir).strip("'"),
+            "data_dir": str(resolve_data_dir(config.data_dir).resolve()),
+            **{
+                f"{split}_file_sha256": file_sha256(ensure_split_file(split, config.data_dir))
+                for split in ("train", "val")
+            },
             "train_ids_sha256": ids_digest(train_data.ids),
             "val_ids_sha256": ids_digest(val_data.ids),
             "n_train": len(train_data),
             "n_val": len(val_data),
             "train_skipped": len(train_split.skipped),
+            "val_skipped": len(val_split.skipped),
             "train_over_max_atoms": too_large["train"],
             "val_over_max_atoms": too_large["val"],
         },

@@ -29,7 +29,7 @@ from pymatgen.core import Structure
 
 from dfm_core.atomic_io import holds_folder_lock
 from dfm_core.training import resolve_device
-from matgen.data import data_set_name
+from matgen.data import data_set_name, resolve_data_dir
 from matgen.evaluate.coverage import coverage_metrics, wasserstein_metrics
 from matgen.evaluate.fingerprints import (
     composition_fingerprint,
@@ -488,7 +488,7 @@ def evaluate(
     )
     summary["settings"] = {
         "inputs": _described(inputs, len(items)),
-        "data_dir": str(data_dir) if data_dir is not None else None,
+        "data_dir": str(resolve_data_dir(data_dir).resolve()),  # the folder used, $MATGEN_DATA's too
         "device": device,
         "relax_steps": relax_steps,
         "fmax": fmax,

@@ -1,0 +1,146 @@
+"""A crystal data set of one's own (not MP-20) in the layouts people have: parquet splits, files in a
+format that is not read, repeated ids; and the checkpoint and the evaluation say which data they used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from matgen.data import ensure_split_file, load_split, load_token_dataset
+from matgen.evaluate.fingerprints import load_test_reference
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch, tmp_path):
+    """Keep the tests away from the user's data and caches."""
+    monkeypatch.delenv("MATGEN_DATA", raising=False)
+    monkeypatch.setenv("MATGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+@pytest.fixture
+def rows(shared_data_dir: Path) -> pd.DataFrame:
+    path = shared_data_dir / "mp_20" / "test.csv.gz"
+    if not path.is_file():
+        pytest.skip("MP-20 split files not found")
+    return pd.read_csv(path, nrows=6)[["material_id", "cif", "pretty_formula"]]
+
+
+@pytest.fixture
+def remote(tmp_path: Path, rows: pd.DataFrame) -> Path:
+    """A fake MP-20 upstream (file://): a folder a download would copy ``{split}.csv`` from."""
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    for split in SPLITS:
+        rows.to_csv(folder / f"{split}.csv")
+    return folder
+
+
+def test_parquet_splits_are_read_not_replaced_by_a_download(tmp_path, rows, remote):
+    own = tmp_path / "own"
+    own.mkdir()
+    for split in SPLITS:
+        rows.head(4).assign(material_id=lambda f: "own-" + f["material_id"]).to_parquet(
+            own / f"{split}.parquet"
+        )
+    assert ensure_split_file("train", own, base_url=remote.as_uri()) == own / "train.parquet"
+    frame = load_split("val", own, limit=3)
+    assert list(frame["material_id"]) == ["own-" + m for m in rows["material_id"][:3]]
+    split = load_token_dataset("train", own, cache=False, progress=False)
+    assert len(split) == 4 and all(i.startswith("own-") for i in split.ids)
+    assert sorted(p.name for p in own.iterdir()) == [f"{s}.parquet" for s in sorted(SPLITS)]
+
+
+def test_splits_in_a_format_that_is_not_read_are_refused_not_downloaded_over(tmp_path, rows, remote):
+    own = tmp_path / "own"
+    own.mkdir()
+    for split in SPLITS:
+        rows.to_csv(own / f"{split}.csv.bz2", index=False)
+    with pytest.raises(
+        FileNotFoundError, match=r"holds test.csv.bz2, train.csv.bz2, val.csv.bz2 but no train"
+    ):
+        ensure_split_file("train", own, base_url=remote.as_uri())
+    assert sorted(p.name for p in own.iterdir()) == [f"{s}.csv.bz2" for s in sorted(SPLITS)]
+    cif_folders = tmp_path / "cif_folders"  # train/, val/, test/ folders of .cif files
+    for split in SPLITS:
+        (cif_folders / split).mkdir(parents=True)
+        (cif_folders / split / "x.cif").write_text(rows["cif"][0])
+    with pytest.raises(FileNotFoundError, match=r"holds test, train, val but no train.csv\[.gz\]"):
+        ensure_split_file("train", cif_folders, base_url=remote.as_uri())
+    assert sorted(p.name for p in cif_folders.iterdir()) == sorted(SPLITS)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (["a", "b", "a", "c", "d", "a"], r"material_id 'a' appears in 3 rows \(data rows 1, 3, 6\)"),
+        ([None] * 6, r"6 row\(s\) have no material_id"),
+    ],
+)
+def test_repeated_or_blank_ids_are_refused_before_they_mix_up_reference_rows(tmp_path, rows, ids, message):
+    """The reference fingerprints are cached per material_id: with repeated ids every row would read the
+    first row's crystal, and the coverage reference would be one crystal six times."""
+    own = tmp_path / "own"
+    own.mkdir()
+    for split in SPLITS:
+        rows.assign(material_id=ids).to_csv(own / f"{split}.csv", index=False)
+    with pytest.raises(ValueError, match=message):
+        load_split("train", own)
+    with pytest.raises(ValueError, match=message):
+        load_test_reference(own, cache_dir=tmp_path / "fp", progress=False)
+
+
+def test_the_checkpoint_names_the_data_it_was_trained_on_when_it_came_from_matgen_data(
+    tmp_path, rows, monkeypatch
+):
+    from dfm_core.atomic_io import file_sha256
+    from dfm_core.training import TrainConfig, load_safetensors
+    from matgen.model import CrystalDiTConfig
+    from matgen.train import MatgenTrainConfig, train_crystal_model
+
+    own = tmp_path / "carbon_like"
+    own.mkdir()
+    for split in SPLITS:
+        rows.to_csv(own / f"{split}.csv", index=False)
+    monkeypatch.setenv("MATGEN_DATA", str(own))  # no data_dir in the config: it names nothing
+    cfg = MatgenTrainConfig(
+        model=CrystalDiTConfig.tiny(),
+        train=TrainConfig(steps=1, batch_size=2, eval_every=0, device="cpu", bf16=False),
+    )
+    train_crystal_model(cfg, tmp_path / "run", resume=False, progress=False)
+    _, meta = load_safetensors(tmp_path / "run" / "model.safetensors")
+    data = meta["data"]
+    assert meta["matgen_config"]["data_dir"] is None
+    assert data["data_set"] == "carbon_like" and data["data_dir"] == str(own.resolve())
+    assert data["train_file_sha256"] == file_sha256(own / "train.csv")
+    assert data["val_file_sha256"] == file_sha256(own / "val.csv")
+    assert data["val_skipped"] == 0 and data["n_train"] == 6
+
+
+def test_the_evaluation_names_the_data_folder_it_used_when_it_came_from_matgen_data(
+    tmp_path, rows, monkeypatch
+):
+    from matgen.evaluate import evaluate
+
+    own = tmp_path / "mine"
+    own.mkdir()
+    for split in SPLITS:
+        rows.head(2).to_csv(own / f"{split}.csv", index=False)
+    monkeypatch.setenv("MATGEN_DATA", str(own))
+    summary = evaluate(
+        rows["cif"][0],
+        tmp_path / "out",
+        skip_stability=True,
+        cache_dir=tmp_path / "fp",
+        progress=False,
+        console=False,
+    )
+    assert summary["reference"].startswith("'mine' test (2 crystals")
+    assert summary["settings"]["data_dir"] == str(own.resolve())
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["settings"]["data_dir"] == str(own.resolve())
