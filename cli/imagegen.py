@@ -51,8 +51,8 @@ def _check_folder_flags(dataset: str, image_size: int | None, channels: int | No
 
 @app.command()
 def train(
-    run_dir: Path = typer.Option(
-        Path("runs/imagegen"), help="Folder for checkpoints and metrics (resumable)."
+    run_dir_text: str = typer.Option(
+        "runs/imagegen", "--run-dir", metavar="PATH", help="Folder for checkpoints and metrics (resumable)."
     ),
     config: Path | None = typer.Option(None, help="TOML/JSON config with path, model and train tables."),
     dataset: str | None = typer.Option(None, help="cifar10, fashion-mnist or folder."),
@@ -103,6 +103,7 @@ def train(
     time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train a pixel model with the cross-entropy of eq 11 (metric or mask path)."""
+    run_dir = folder_flag(run_dir_text, "--run-dir", "runs/imagegen/")
     from imagegen.model import UNetConfig
     from imagegen.train import ImagegenTrainConfig, load_train_config, train_image_model
 
@@ -153,7 +154,9 @@ def train(
 
 @app.command("train-vq")
 def train_vq(
-    run_dir: Path = typer.Option(Path("runs/vqvae"), help="Folder for checkpoints and metrics (resumable)."),
+    run_dir_text: str = typer.Option(
+        "runs/vqvae", "--run-dir", metavar="PATH", help="Folder for checkpoints and metrics (resumable)."
+    ),
     config: Path | None = typer.Option(None, help="TOML/JSON config with vq and train tables."),
     dataset: str | None = typer.Option(None, help="cifar10, fashion-mnist or folder."),
     data_dir: Path | None = typer.Option(
@@ -186,6 +189,7 @@ def train_vq(
     time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train the VQ-VAE tokenizer of the discrete-latent variant (sec 8.4); then `imagegen train --latent`."""
+    run_dir = folder_flag(run_dir_text, "--run-dir", "runs/vqvae/")
     import math
 
     from dfm_core.training import load_config

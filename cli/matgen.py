@@ -143,7 +143,9 @@ def generate(
 
 @app.command()
 def train(
-    run_dir: Path = typer.Option(Path("runs/matgen"), help="Folder for checkpoints and metrics (resumable)."),
+    run_dir_text: str = typer.Option(
+        "runs/matgen", "--run-dir", metavar="PATH", help="Folder for checkpoints and metrics (resumable)."
+    ),
     config: Path | None = typer.Option(None, help="TOML/JSON config with model and train tables."),
     kind: str | None = typer.Option(None, help="dfm (atom-pooling DiT) or ar (autoregressive baseline)."),
     scheduler: str | None = typer.Option(None, help="ko (KO-DFM, eq 33) or linear (DFM)."),
@@ -157,7 +159,11 @@ def train(
     ckpt_every: int | None = TrainFlags.ckpt_every,
     seed: int | None = TrainFlags.seed,
     device: str | None = typer.Option(None, help="auto, cpu or cuda."),
-    data_dir: Path | None = typer.Option(None, help="MP-20 folder (else $MATGEN_DATA, else download cache)."),
+    data_dir: Path | None = typer.Option(
+        None,
+        help="Data folder with train/val/test .csv[.gz] or .parquet (material_id, cif columns); default: "
+        "$MATGEN_DATA, else the MP-20 download cache.",
+    ),
     train_limit: int | None = typer.Option(None, help="Use only the first N training crystals."),
     val_limit: int | None = typer.Option(None, help="Use only the first N validation crystals."),
     max_atoms: int | None = typer.Option(
@@ -170,6 +176,7 @@ def train(
     time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train DFM / KO-DFM (cross-entropy, eq 11) or the AR baseline on MP-20."""
+    run_dir = folder_flag(run_dir_text, "--run-dir", "runs/matgen/")
     from matgen.model import CrystalDiTConfig
     from matgen.train import MatgenTrainConfig, load_train_config, train_crystal_model
 

@@ -47,8 +47,8 @@ def main(version: bool = version_option("textgen")) -> None:
 
 @app.command()
 def train(
-    run_dir: Path = typer.Option(
-        Path("runs/textgen"), help="Folder for checkpoints and metrics (resumable)."
+    run_dir_text: str = typer.Option(
+        "runs/textgen", "--run-dir", metavar="PATH", help="Folder for checkpoints and metrics (resumable)."
     ),
     config: Path | None = typer.Option(
         None, help="TOML/JSON config: top-level keys, or path, model and train tables."
@@ -97,6 +97,7 @@ def train(
     time_budget: float | None = TrainFlags.time_budget,
 ) -> None:
     """Train a DFM text model (mask or eq-38 source, linear or KO scheduler) or the AR baseline."""
+    run_dir = folder_flag(run_dir_text, "--run-dir", "runs/textgen/")
     from textgen.model import TextModelConfig
     from textgen.train import TextgenTrainConfig, load_train_config, train_text_model
 

@@ -108,6 +108,10 @@ def test_library_source_warnings_stay_off_the_terminal(load_cli: bool) -> None:
         ("cli.imagegen", ["evaluate", "--checkpoint", "{ckpt}", "--out"]),
         ("cli.imagegen", ["sample", "--checkpoint", "{ckpt}", "--out", "{png}", "--images-dir"]),
         ("cli.textgen", ["evaluate", "--checkpoint", "{ckpt}", "--out"]),
+        ("cli.matgen", ["train", "--steps", "1", "--run-dir"]),
+        ("cli.textgen", ["train", "--steps", "1", "--run-dir"]),
+        ("cli.imagegen", ["train", "--steps", "1", "--run-dir"]),
+        ("cli.imagegen", ["train-vq", "--steps", "1", "--run-dir"]),
     ],
 )
 def test_an_empty_output_folder_is_refused_not_taken_for_the_current_folder(
