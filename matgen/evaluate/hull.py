@@ -273,6 +273,10 @@ class PhaseDiagramHull:
         return float(energy_per_atom - self.phase_diagram.get_hull_energy_per_atom(comp))
 
 
+MP_PPD_NAME = "2023-02-07-ppd-mp.pkl.gz"  # the hull FlowMM and the paper's stability numbers use
+MP_PPD_URL = "https://figshare.com/ndownloader/files/40344451"  # Matbench Discovery v1.0.0, figshare
+
+
 def default_hull_path(data_dir: str | Path | None = None) -> Path:
     """``$MATGEN_HULL``, else the ``mp_hull`` folder next to the MP-20 data folder."""
     env = os.environ.get("MATGEN_HULL")
@@ -304,8 +308,10 @@ def _open_hull(p: Path, data_dir: str | Path | None) -> HullReference:
             "" if data_dir is None else f" (looked beside the data folder {data_dir}: is --data-dir right?)"
         )
         raise FileNotFoundError(
-            f"hull reference {p} not found{where}; pass --hull (a directory like /work/shared/data/mp_hull, a CSV with "
-            "formula + formation_energy_per_atom, or a PatchedPhaseDiagram .pkl[.gz]) or set MATGEN_HULL"
+            f"hull reference {p} not found{where}; pass --hull (or set MATGEN_HULL) to a CSV with formula + "
+            "formation_energy_per_atom (or a folder of them with elemental references), or to a "
+            f"PatchedPhaseDiagram .pkl[.gz] such as Matbench Discovery's MP hull {MP_PPD_NAME} ({MP_PPD_URL}); "
+            "or --skip-stability for the other metrics"
         )
     name = p.name.lower()
     if p.is_dir():

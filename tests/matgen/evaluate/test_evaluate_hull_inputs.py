@@ -75,6 +75,19 @@ def test_pickled_phase_diagram_hull(tmp_path):
     assert hull.e_above_hull(Composition("NaCl"), _total_per_atom("NaCl", -1.9)) == pytest.approx(0.1)
 
 
+def test_a_missing_hull_says_where_to_get_one_or_how_to_do_without(tmp_path, monkeypatch):
+    """A fresh machine has no mp_hull folder: the error names the public MP hull and --skip-stability,
+    not a path of the developers' machine."""
+    from matgen.evaluate.hull import MP_PPD_URL
+
+    monkeypatch.delenv("MATGEN_HULL", raising=False)
+    with pytest.raises(FileNotFoundError) as info:
+        load_hull(tmp_path / "no_hull")
+    message = str(info.value)
+    assert str(tmp_path / "no_hull") in message and MP_PPD_URL in message and "--skip-stability" in message
+    assert "/work/" not in message.replace(str(tmp_path), "")
+
+
 def test_read_inputs_forms(tmp_path):
     folder = tmp_path / "cifs"
     (folder / "sub").mkdir(parents=True)
