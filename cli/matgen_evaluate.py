@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cli._common import fail, folder_flag
+from cli._common import fail, float_list, folder_flag
 
 __all__ = ["evaluate_command"]
 
@@ -60,6 +60,13 @@ def evaluate_command(
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Cache for test-set fingerprints (default: $MATGEN_CACHE/evaluate)."
     ),
+    cov_cutoffs: str = typer.Option(
+        "0.4,10",
+        "--cov-cutoffs",
+        metavar="STRUCT,COMP",
+        help="Coverage cut-offs of the structure and composition fingerprint distances: CDVAE's 0.4,10 for "
+        "MP-20; 0.2,4 for carbon-24 and perov-5.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Evaluate generated crystals: validity, coverage, distributions, CHGNet stability, S.U.N."""
@@ -75,6 +82,11 @@ def evaluate_command(
         return f"; results computed so far are kept in {out}" if journal.is_file() else ""
 
     try:
+        cuts = float_list(cov_cutoffs, "--cov-cutoffs")
+        if len(cuts) != 2:
+            raise ValueError(
+                f"--cov-cutoffs takes two numbers, structure and composition (e.g. 0.4,10), got {cov_cutoffs!r}"
+            )
         evaluate(
             inputs,
             out,
@@ -90,6 +102,7 @@ def evaluate_command(
             seed=seed,
             workers=workers,
             cache_dir=cache_dir,
+            cov_cutoffs=(cuts[0], cuts[1]),
             progress=progress,
             console=True,
         )

@@ -216,9 +216,19 @@ def print_summary(summary: dict[str, Any]) -> None:
             table.add_row(label, _fmt(summary[key]))
     console = Console()
     console.print(table)
-    console.print(f"reference: {summary.get('reference')}; novelty vs {summary.get('novelty_reference')}")
+    console.print(
+        f"reference: {summary.get('reference')}; novelty vs {summary.get('novelty_reference')};"
+        f"{_cutoffs_text(summary).rstrip('.').lower()}"
+    )
     if "stability_note" in summary:
         console.print(f"[bold yellow]{summary['stability_note']}[/] Hull: {summary.get('hull_reference')}")
+
+
+def _cutoffs_text(summary: dict[str, Any]) -> str:
+    cuts = summary.get("cov_cutoffs")
+    if not cuts:
+        return ""
+    return f" Coverage cut-offs: structure {cuts['structure']:g}, composition {cuts['composition']:g}."
 
 
 def _report_md(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
@@ -227,7 +237,7 @@ def _report_md(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         lines += [f"> **{summary['stability_note']}** Hull reference: {summary.get('hull_reference')}.", ""]
     lines += [
         f"Reference for coverage and distributions: {summary.get('reference')}. "
-        f"Novelty against {summary.get('novelty_reference')}.",
+        f"Novelty against {summary.get('novelty_reference')}.{_cutoffs_text(summary)}",
         "",
         "| metric | value |",
         "|---|---|",

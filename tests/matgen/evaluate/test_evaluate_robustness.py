@@ -149,3 +149,34 @@ def test_importing_matgen_silences_pymatgens_noble_gas_electronegativity_warning
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Ar" in done.stdout and "Pauling" not in done.stderr, done.stderr
+
+
+def test_coverage_cut_offs_are_a_setting_recorded_in_the_summary(
+    mp20_dir: Path, fp_cache: Path, tmp_path: Path
+) -> None:
+    """CDVAE's coverage cut-offs are 0.4/10 for MP-20 but 0.2/4 for carbon-24 and perov-5: a data set of
+    one's own needs its own, and the summary must say which were used."""
+    import json
+
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    write_cif(cifs / "nacl.cif", rock_salt())
+    base = [str(cifs), "--data-dir", str(mp20_dir)]
+    precision = {}
+    for cuts in ("1e9,1e9", "1e-9,1e-9"):
+        out = tmp_path / f"out_{cuts}"
+        result = _cli([*base, "--out", str(out), "--cov-cutoffs", cuts], fp_cache)
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["cov_cutoffs"] == {
+            "structure": float(cuts.split(",")[0]),
+            "composition": float(cuts.split(",")[1]),
+        }
+        assert summary["settings"]["cov_cutoffs"] == [float(c) for c in cuts.split(",")]
+        assert "Coverage cut-offs: structure" in (out / "report.md").read_text()
+        precision[cuts] = summary["cov_precision"]
+    assert precision == {"1e9,1e9": 1.0, "1e-9,1e-9": 0.0}  # every crystal is near enough, or none is
+    for bad in ("0.4", "0.4,10,3", "0,10", "0.4,-1", "0.4,nan"):
+        result = _cli([*base, "--out", str(tmp_path / "bad"), "--cov-cutoffs", bad], fp_cache)
+        assert result.exit_code == 2 and "cov" in result.output.lower(), (bad, result.output)
+        assert not (tmp_path / "bad").exists()
