@@ -105,11 +105,16 @@ class TrainingSet:
 
     @staticmethod
     def _key(formula: object, cif: str) -> str | None:
-        try:
-            if isinstance(formula, str) and formula:
-                return Composition(formula).reduced_formula
-            from matgen.evaluate.inputs import parse_cif
+        """The row's reduced formula: from its ``pretty_formula`` (fast), else from its CIF (a data set of
+        one's own may lack the column or hold a formula pymatgen cannot read); None if neither reads."""
+        from matgen.evaluate.inputs import parse_cif
 
+        if isinstance(formula, str) and formula:
+            try:
+                return Composition(formula).reduced_formula
+            except Exception:
+                pass  # the CIF decides
+        try:
             return parse_cif(cif).composition.reduced_formula
         except Exception:
             return None

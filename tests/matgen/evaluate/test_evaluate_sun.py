@@ -33,3 +33,24 @@ def test_oxidation_states_do_not_make_a_crystal_unique_or_novel() -> None:
     assert uniqueness_flags([charged, other, None], progress=False) == [True, True, None]
     assert novelty_flags([charged, other], _Training([plain]), progress=False) == [False, True]
     assert novelty_flags([plain], _Training([charged]), progress=False) == [False]
+
+
+def test_a_training_row_with_an_unreadable_formula_still_counts_for_novelty(tmp_path) -> None:
+    """A data set of one's own whose pretty_formula pymatgen cannot read (here 'NaCl (rock salt)') had
+    the row dropped from the novelty reference, so its crystal was called novel."""
+    import pandas as pd
+
+    from matgen.evaluate.sun import TrainingSet
+
+    salt = rock_salt()
+    frame = pd.DataFrame(
+        {
+            "material_id": ["a", "b"],
+            "pretty_formula": ["NaCl (rock salt)", ""],
+            "cif": [salt.to(fmt="cif")] * 2,
+        }
+    )
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    training = TrainingSet(tmp_path)
+    assert training.n_formulas() == 1 and len(training.structures("NaCl")) == 2
+    assert novelty_flags([salt], training, progress=False) == [False]
