@@ -386,7 +386,7 @@ def evaluate(
 ) -> None:
     """Score samples with FD-EffNetLite0 against held-out test images, over NFEs and sampler settings."""
     out = folder_flag(out_text, "--out", "eval/")
-    from imagegen.data import SPLITS, check_count
+    from imagegen.data import SPLITS, MissingSplitError, check_count
     from imagegen.evaluate import check_sweep, evaluate_sweep, load_evaluation_data, reference_stats
     from imagegen.features import EffNetLite0Features
     from imagegen.frechet import score_name
@@ -435,6 +435,11 @@ def evaluate(
             save_grids=grids,
             progress=not quiet,
             log=typer.echo,
+        )
+    except MissingSplitError as e:  # an image folder of the user's own, without held-out images
+        fail(
+            f"{e}: put held-out images in test/ (and the training ones in train/), or pass "
+            "--reference-split train to compare with the training images"
         )
     except (CheckpointError, ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
         fail(str(e))

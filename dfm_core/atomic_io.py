@@ -315,9 +315,18 @@ def hidden_name(name: str) -> bool:
 def visible_files(
     folder: str | os.PathLike, suffixes: tuple[str, ...], skip_dir: Callable[[Path], bool] | None = None
 ) -> Iterator[Path]:
-    """Files under ``folder`` whose lower-cased name ends in one of ``suffixes``, sorted per directory;
-    hidden names (:func:`hidden_name`) and folders for which ``skip_dir`` is true are skipped, and a
-    symlinked folder is followed once (a symlink loop, or a folder linked twice, is read once)."""
+    """Files under ``folder`` whose lower-cased name ends in one of ``suffixes`` (``("",)``: every file),
+    sorted per directory; hidden names (:func:`hidden_name`) and folders for which ``skip_dir`` is true
+    are skipped. A symlinked folder is followed once (a folder linked twice is read once), and one that
+    links back to ``folder`` or above it is not followed: it would read the folders beside ``folder``."""
+    top = os.path.realpath(folder)
+
+    def links_up(d: Path) -> bool:
+        if not d.is_symlink():
+            return False
+        real = os.path.realpath(d)
+        return top == real or top.startswith(real.rstrip(os.sep) + os.sep)
+
     visited: set[str] = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -326,7 +335,11 @@ def visible_files(
             continue
         visited.add(real)
         dirs[:] = sorted(
-            d for d in dirs if not hidden_name(d) and not (skip_dir is not None and skip_dir(Path(root) / d))
+            d
+            for d in dirs
+            if not hidden_name(d)
+            and not links_up(Path(root) / d)
+            and not (skip_dir is not None and skip_dir(Path(root) / d))
         )
         for name in sorted(names):
             if not hidden_name(name) and name.lower().endswith(suffixes):

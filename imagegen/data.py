@@ -439,7 +439,8 @@ def load_image_folder(
 
     16-bit greyscale images are scaled to 8 bits (value / 257, rounded), transparent images are
     composited over white, and the EXIF orientation of photos is applied. Hidden files and folders (``.x``, macOS ``._x.png`` resource forks, ``__MACOSX``)
-    are skipped. Labels come from the first-level subfolders (class folders) when every image lies in one.
+    and symlinks back to the folder or above it are skipped; other files than images are skipped with a
+    warning that counts them; unreadable images are refused, all named in one error. Labels come from the first-level subfolders (class folders) when every image lies in one.
     """
     from PIL import Image, ImageOps
 
@@ -460,14 +461,26 @@ def load_image_folder(
         held_out = root / "test"
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(visible_files(root, IMAGE_SUFFIXES, skip_dir=lambda d: d == held_out))
+    files, others = [], []
+    for f in visible_files(
+        root, ("",), skip_dir=lambda d: d == held_out
+    ):  # "": every visible file, to count the others
+        (files if f.name.lower().endswith(IMAGE_SUFFIXES) else others).append(f)
+    files.sort()
+    if others:  # notes, labels.csv, archives: counted, never dropped silently
+        kinds = sorted({f.suffix.lower() or f.name for f in others})
+        warnings.warn(
+            f"{root}: skipped {len(others)} file(s) that are not images by name ({', '.join(kinds[:6])}"
+            f"{', ...' if len(kinds) > 6 else ''}; e.g. {others[0]}); read are {', '.join(IMAGE_SUFFIXES)}",
+            stacklevel=2,
+        )
     if limit is not None:
         files = files[:limit]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
     _check_decoded_size(len(files), channels, size, root)
     mode = "RGB" if channels == 3 else "L"
-    arrays = []
+    arrays, unreadable = [], []
     for p in files:
         try:
             with Image.open(p) as img:
@@ -479,10 +492,15 @@ def load_image_folder(
             ValueError,
             SyntaxError,
             Image.DecompressionBombError,
-        ) as e:  # truncated, corrupt, huge
-            if str(p) in str(e):
-                raise ValueError(str(e)) from None
-            raise ValueError(f"cannot read image {p}: {e}") from None
+        ) as e:  # truncated, corrupt, huge: all of them are listed at once, not one per run
+            reason = str(e).replace(repr(str(p)), "").replace(str(p), "").strip(" :") or type(e).__name__
+            unreadable.append(f"{p} ({reason})")
+    if unreadable:
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise ValueError(
+            f"{len(unreadable)} of {len(files)} image file(s) under {root} cannot be read: "
+            f"{'; '.join(unreadable[:3])}{more}; remove or replace them (or re-save them with an image tool)"
+        )
     images = np.stack(arrays)
     images = images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)
     rel = [p.relative_to(root).parts for p in files]

@@ -11,9 +11,9 @@ Named corpora (paths relative to the data folder: ``--data-dir``, else ``$TEXTGE
   (``train`` names them all);
 * evaluation (test splits): ``wikitext2``, ``wikitext103``, ``ptb``, ``lambada``.
 
-Any other text can be given by path: a ``.txt``/``.tokens`` file is one document, a ``.jsonl`` file
-one document per line (its ``text`` field, else ``extract``, else its first string field), and a
-folder means every such file below it (sorted). Files must be UTF-8: any other encoding is an error
+Any other text can be given by path: a ``.txt``/``.text``/``.md``/``.tokens`` file is one document, a
+``.jsonl`` file one document per line (its ``text`` field, else ``extract``), and a folder means every
+such file below it (sorted; other files are skipped with a warning that counts them). Files must be UTF-8: any other encoding is an error
 that names the file (no guessing).
 
 The tokenized evaluation sets get the usual detokenisers (those used for GPT-2's zero-shot numbers
@@ -60,7 +60,7 @@ __all__ = [
 
 CACHE_VERSION = 1
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_TEXT_SUFFIXES = (".txt", ".text", ".tokens", ".jsonl")
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".tokens", ".jsonl")
 
 
 def default_data_dir() -> Path:
@@ -182,6 +182,10 @@ def read_text(path: str | os.PathLike) -> str:
             raise ValueError(f"{path} is UTF-32 text: re-encode it, e.g. iconv -f utf-32 -t utf-8") from None
         if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise ValueError(f"{path} is UTF-16 text: re-encode it, e.g. iconv -f utf-16 -t utf-8") from None
+        if b"\x00" in raw[:8192]:  # NUL bytes before a decoding error: not text in any 8-bit encoding
+            raise ValueError(
+                f"{path} is a binary file (it holds NUL bytes), not text: remove it or give the text files"
+            ) from None
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -235,14 +239,28 @@ def text_files(folder: str | os.PathLike) -> list[Path]:
     """The text files a folder contributes, sorted: hidden files and folders (macOS ``._x.txt`` resource
     forks, ``__MACOSX``) are skipped, and so are folders that this tool wrote (a ``textgen train`` run
     or an evaluation, recognised by their ``metrics.jsonl`` / ``cells.jsonl``), so that a run folder
-    placed inside its data folder never becomes training data."""
+    placed inside its data folder never becomes training data, and symlinks back to the folder or to one
+    above it (a loop that would read the folders beside it). Other files (images, archives...) are
+    skipped with a warning that counts them."""
 
-    def tool_output(d: Path) -> bool:
+    def skip_dir(d: Path) -> bool:
         return any((d / m).exists() for m in _OUTPUT_MARKERS)
 
-    return sorted(
-        p for p in visible_files(folder, _TEXT_SUFFIXES, tool_output) if p.name not in _OUTPUT_MARKERS
-    )
+    files, others = [], []
+    for p in visible_files(folder, ("",), skip_dir):  # "": every visible file, to report the others
+        if p.name.lower().endswith(_TEXT_SUFFIXES):
+            if p.name not in _OUTPUT_MARKERS:
+                files.append(p)
+        else:
+            others.append(p)
+    if others:
+        kinds = sorted({p.suffix.lower() or p.name for p in others})
+        warnings.warn(
+            f"{folder}: skipped {len(others)} file(s) that are not text by name ({', '.join(kinds[:6])}"
+            f"{', ...' if len(kinds) > 6 else ''}; e.g. {others[0]}); read are {', '.join(_TEXT_SUFFIXES)}",
+            stacklevel=1,  # one warning however many callers list the folder (cache key, then reading)
+        )
+    return sorted(files)
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

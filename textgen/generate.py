@@ -108,7 +108,7 @@ def parse_template(template: str, tokenizer: TextTokenizer, length: int) -> Temp
     """Tokenize ``template`` into fixed positions of a ``length``-token sequence; ``[[N]]`` is a gap of N tokens.
 
     Raises:
-        ValueError: the template needs more than ``length`` tokens.
+        ValueError: the template needs more than ``length`` tokens, or all of them (nothing to generate).
     """
     mask = torch.zeros(length, dtype=torch.bool)
     values = torch.zeros(length, dtype=torch.long)
@@ -127,13 +127,20 @@ def parse_template(template: str, tokenizer: TextTokenizer, length: int) -> Temp
         if not piece:
             continue
         ids = tokenizer.encode(piece)
-        if pos + len(ids) > length:
-            raise ValueError(f"the template needs more than the {length} tokens of a sequence")
-        mask[pos : pos + len(ids)] = True
-        values[pos : pos + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if pos + len(ids) <= length:  # else only counted, to say how many tokens the template needs
+            mask[pos : pos + len(ids)] = True
+            values[pos : pos + len(ids)] = torch.tensor(ids, dtype=torch.long)
         pos += len(ids)
     if pos > length:
-        raise ValueError(f"the template needs {pos} tokens, more than the {length} of a sequence")
+        raise ValueError(
+            f"the prompt needs {pos} tokens, more than the {length} of a sequence: shorten it, or give "
+            "a longer length (--length, at most the model's max_len)"
+        )
+    if bool(mask.all()):  # nothing would be sampled: the "sample" would only repeat the prompt
+        raise ValueError(
+            f"the prompt fills all {length} tokens of a sequence, leaving none to generate: shorten it, "
+            "or give a longer length (--length, at most the model's max_len)"
+        )
     # a prompt: the fixed tokens are a prefix (a trailing gap, "Hello [[3]]", only continues it)
     free = (~mask).nonzero()
     is_prompt = len(free) == 0 or not bool(mask[int(free[0]) :].any())

@@ -157,6 +157,22 @@ def test_visible_files_skip_hidden_names_and_follow_a_symlink_loop_once(tmp_path
     assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == ["a/c.cif.gz", "b.CIF"]
 
 
+def test_visible_files_do_not_follow_a_link_above_the_folder(tmp_path: Path) -> None:
+    """``data/up -> ..`` read every folder beside ``data`` (other data sets, runs) as if inside it."""
+    from dfm_core.atomic_io import visible_files
+
+    data, beside = tmp_path / "data", tmp_path / "beside"
+    data.mkdir()
+    beside.mkdir()
+    (data / "a.txt").write_text("x")
+    (beside / "b.txt").write_text("x")
+    (data / "0up").symlink_to(tmp_path)  # walked first: "beside" is not yet seen through "other"
+    (data / "self").symlink_to(data)
+    (data / "other").symlink_to(beside)  # a link sideways is a folder of the data set: followed
+    found = sorted(p.relative_to(data).as_posix() for p in visible_files(data, ("",)))
+    assert found == ["a.txt", "other/b.txt"]
+
+
 def test_a_folder_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
     """Two runs into one folder: the second is refused with the holder's pid; a SIGKILLed holder leaves no
     stale lock; the lock file goes with the run, and a folder made only for a refused run is removed."""

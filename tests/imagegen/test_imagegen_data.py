@@ -237,3 +237,17 @@ def test_a_stray_image_beside_class_folders_is_named(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"1 image\(s\) of .* lie outside a class folder \(e.g. stray.png\)"):
         data = load_image_folder(tmp_path, size=4, channels=1)
     assert data.labels is None
+
+
+def test_a_symlink_back_up_the_tree_does_not_read_the_folders_beside_it(tmp_path: Path) -> None:
+    """data/a/up -> ../.. is a loop: following it once would read every image folder beside data/."""
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        Image.new("L", (4, 4), 50).save(data / cls / "x.png")
+    (tmp_path / "other" / "c").mkdir(parents=True)
+    Image.new("L", (4, 4), 200).save(tmp_path / "other" / "c" / "theirs.png")
+    (data / "a" / "up").symlink_to("../..")
+    (data / "b" / "root").symlink_to("..")
+    ds = load_image_folder(data, 4, channels=1)
+    assert len(ds) == 2 and ds.class_names == ("a", "b") and int(ds.images.max()) == 50

@@ -182,3 +182,23 @@ def test_cli_evaluate_end_to_end_with_a_weights_file(
         "data:"
     )
     assert all(r["score_name"] == "FD-EffNetLite0" for r in table)
+
+
+def test_cli_evaluate_on_a_folder_without_test_says_what_to_do(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's folder with train/ but no test/: one line naming the folder and the two ways out."""
+    from cli_assert import one_line_error
+
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "mine"
+    for cls in ("a", "b"):
+        (data / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i).save(data / "train" / cls / f"{i}.png")
+    weights = tmp_path / WEIGHTS_FILE
+    torch.save(EfficientNetLite0().state_dict(), weights)
+    args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--dataset", "folder", "--data-dir", str(data)]
+    args += ["--out", str(tmp_path / "eval"), "--n", "2", "--nfe", "2", "--grids", "0", "--quiet"]
+    result = runner.invoke(app, [*args, "--features-weights", str(weights)])
+    one_line_error(result, str(data), "no test/ subfolder", "--reference-split train")

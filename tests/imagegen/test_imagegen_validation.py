@@ -257,6 +257,26 @@ def test_a_truncated_or_corrupt_image_is_named(tmp_path: Path) -> None:
         load_image_folder(data, 16, channels=1, split="train")
 
 
+def test_every_unreadable_image_is_named_at_once_with_what_to_do(tmp_path: Path) -> None:
+    """Two bad files in a folder: one run names both (not one per run), says how many and what to do."""
+    data = gray_folder(tmp_path / "data", size=8)
+    (data / "a" / "0.png").write_bytes((data / "a" / "0.png").read_bytes()[:40])  # truncated
+    (data / "b" / "fake.jpg").write_text("not an image")  # a text file with an image extension
+    args = ["train", "--run-dir", str(tmp_path / "r"), "--dataset", "folder", "--data-dir", str(data)]
+    args += ["--image-size", "8", "--channels", "1", "--steps", "1", "--device", "cpu", "--quiet"]
+    line = one_line_error(runner.invoke(app, args), "2 of 7 image file(s)", "remove or replace them")
+    assert str(data / "a" / "0.png") in line and str(data / "b" / "fake.jpg") in line
+
+
+def test_files_that_are_not_images_are_counted_not_skipped_silently(tmp_path: Path) -> None:
+    data = gray_folder(tmp_path / "data", size=8)
+    (data / "a" / "notes.txt").write_text("where the pictures came from")
+    (data / "labels.csv").write_text("file,label\n")
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) that are not images by name \(\.csv, \.txt"):
+        ds = load_image_folder(data, 8, channels=1)
+    assert len(ds) == 6 and ds.class_names == ("a", "b")
+
+
 def test_output_paths_are_checked_before_sampling(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -339,3 +339,22 @@ def test_evaluate_reads_every_data_set_before_any_work(
     assert result.exit_code == 2 and "data set 'bad'" in result.output and "UTF-8" in result.output, (
         result.output
     )
+
+
+def test_a_prompt_too_long_or_filling_the_sequence_is_refused_with_its_size(
+    tiny_run: Path, tokenizer_dir: Path, tokenizer
+):
+    """The tiny model's sequences hold 16 tokens: a 40-token prompt is refused with its real size (not
+    "more than 16"), and a prompt of exactly 16 tokens, which would leave nothing to sample and print the
+    prompt back as a "sample", is refused too; both say what to do."""
+    from cli_assert import one_line_error
+
+    ckpt = tiny_run / "model.safetensors"
+    base = ["sample", "--checkpoint", str(ckpt), "--n", "1", "--steps", "2", "--device", "cpu"]
+    base += ["--tokenizer", str(tokenizer_dir)]
+    long_prompt = "word" + " word" * 39
+    full_prompt = "word" + " word" * 15
+    assert len(tokenizer.encode(long_prompt)) == 40 and len(tokenizer.encode(full_prompt)) == 16
+    one_line_error(runner.invoke(app, [*base, "--prompt", long_prompt]), "needs 40 tokens", "--length")
+    one_line_error(runner.invoke(app, [*base, "--prompt", full_prompt]), "fills all 16 tokens", "--length")
+    assert "word" in _sample(ckpt, tokenizer_dir, "--prompt", full_prompt, "--length", "20")

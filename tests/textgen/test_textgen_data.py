@@ -204,3 +204,40 @@ def test_long_texts_are_encoded_in_pieces_with_the_same_ids(tokenizer):
         assert len(split_points(text, every)) > 10
         assert tokenizer.encode_batch([text, "short"], piece_chars=every)[0] == one_call
     assert tokenizer.encode(text) == one_call
+
+
+def test_a_folder_reads_markdown_and_counts_the_files_it_skips(tmp_path):
+    """A .md file is read in a folder as it is given alone; images and archives beside the text are
+    skipped with one warning that counts them, never silently."""
+    (tmp_path / "a.txt").write_text("plain text")
+    (tmp_path / "b.md").write_text("# Notes\n\nmarkdown text")
+    (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "d.zip").write_bytes(b"PK\x03\x04\x14\x00")
+    assert read_documents(tmp_path / "b.md") == ["# Notes\n\nmarkdown text"]
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) that are not text by name \(\.png, \.zip"):
+        assert read_documents(tmp_path) == ["plain text", "# Notes\n\nmarkdown text"]
+
+
+def test_a_symlink_back_up_the_tree_does_not_read_the_folders_beside_it(tmp_path):
+    """data/up -> .. is a loop: following it once would read every folder beside data/ as well."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mine.txt").write_text("my text")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "theirs.txt").write_text("someone else's text")
+    (data / "up").symlink_to("..")
+    (data / "self").symlink_to(".")
+    (data / "sub").mkdir()
+    (data / "sub" / "s.txt").write_text("sub text")
+    (data / "sub" / "root").symlink_to("../..")
+    assert read_documents(data) == ["my text", "sub text"]
+
+
+def test_a_binary_file_named_txt_is_called_binary_not_another_encoding(tmp_path):
+    from textgen.data import read_text
+
+    png = tmp_path / "photo.txt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x04")
+    with pytest.raises(ValueError, match=r"photo\.txt is a binary file") as e:
+        read_text(png)
+    assert "iconv" not in str(e.value)
