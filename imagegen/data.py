@@ -462,9 +462,7 @@ def load_image_folder(
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     files, others = [], []
-    for f in visible_files(
-        root, ("",), skip_dir=lambda d: d == held_out
-    ):  # "": every visible file, to count the others
+    for f in visible_files(root, ("",), skip_dir=lambda d: d == held_out):  # "": all, to count the others
         (files if f.name.lower().endswith(IMAGE_SUFFIXES) else others).append(f)
     files.sort()
     if others:  # notes, labels.csv, archives: counted, never dropped silently
@@ -477,7 +475,12 @@ def load_image_folder(
     if limit is not None:
         files = files[:limit]
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        kept_out = (
+            f" outside its held-out {held_out.name}/ folder (put training images in train/)"
+            if held_out
+            else ""
+        )
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}{kept_out}")
     _check_decoded_size(len(files), channels, size, root)
     mode = "RGB" if channels == 3 else "L"
     arrays, unreadable = [], []

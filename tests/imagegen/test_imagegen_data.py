@@ -251,3 +251,14 @@ def test_a_symlink_back_up_the_tree_does_not_read_the_folders_beside_it(tmp_path
     (data / "b" / "root").symlink_to("..")
     ds = load_image_folder(data, 4, channels=1)
     assert len(ds) == 2 and ds.class_names == ("a", "b") and int(ds.images.max()) == 50
+
+
+def test_a_folder_with_only_test_images_says_they_are_held_out(tmp_path: Path) -> None:
+    """Training on a folder whose images are all in test/ said only "no images found", which looked false."""
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    Image.new("L", (4, 4), 50).save(data / "test" / "x.png")
+    with pytest.raises(
+        FileNotFoundError, match=r"outside its held-out test/ folder \(put training images in train/\)"
+    ):
+        load_image_folder(data, 4, channels=1, split="train")
