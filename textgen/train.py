@@ -179,8 +179,9 @@ def prepare_data(config: TextgenTrainConfig, tokenizer: TextTokenizer | None = N
     corpus = load_corpora(config.data, tokenizer, config.data_dir, config.cache_dir)
     seqs = pack(corpus.tokens, config.seq_len)
     if seqs.shape[0] < 2:
-        raise ValueError(
-            f"the training text gives {seqs.shape[0]} sequence(s) of {config.seq_len} tokens: need at least 2"
+        raise ValueError(  # the token count shows empty files: one <|endoftext|> per document
+            f"the training text gives {seqs.shape[0]} sequence(s) of {config.seq_len} tokens ({len(corpus)} "
+            f"tokens in {corpus.num_documents} document(s)): need at least 2; give more text or a shorter --seq-len"
         )
     n_val = min(config.max_val_sequences, max(1, round(config.val_fraction * seqs.shape[0])))
     perm = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(12345))

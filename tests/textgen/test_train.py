@@ -61,3 +61,23 @@ def test_stats_source_run_stores_its_pmf(tmp_path: Path, tiny_corpus: Path, toke
     counts = torch.bincount(data.train.reshape(-1), minlength=50257).double() + 1.0
     assert torch.allclose(data.p_stats, counts / counts.sum())
     assert data.val.shape[0] >= 1 and data.train.shape[1] == 8
+
+
+def test_too_little_text_says_how_much_there_is(tmp_path: Path, tokenizer_dir: Path):
+    """A folder of empty files said only "0 sequence(s)": the token and document counts show why."""
+    import pytest
+
+    (tmp_path / "data").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "data" / name).write_text("")
+    cfg = TextgenTrainConfig(
+        seq_len=8,
+        model=TextModelConfig.tiny(max_len=8),
+        data=(str(tmp_path / "data"),),
+        tokenizer=str(tokenizer_dir),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(
+        ValueError, match=r"0 sequence\(s\) of 8 tokens \(2 tokens in 2 document\(s\)\).*--seq-len"
+    ):
+        prepare_data(cfg)
