@@ -495,6 +495,7 @@ def evaluate(
     for model in models:
         model.check_tokenizer(tokenizer)
     labels = _unique_names(_model_names(models, names))
+    done_here: set[str] = set()  # cells computed by this run (keys as JSON), to word a repeat rightly
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
         if L > model.model.config.max_len:
@@ -541,6 +542,7 @@ def evaluate(
     ):  # the tables of an earlier run go now: a killed run must not leave them looking current
         for name in REPORT_FILES:
             (Path(resume_dir) / name).unlink(missing_ok=True)
+    done_here: set[str] = set()  # cells computed by this run (keys as JSON), to word a repeat rightly
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
         model_digest = file_sha256(model.checkpoint) if cells is not None else ""
@@ -556,7 +558,7 @@ def evaluate(
                 "seed": seed,
             }
             if cells is not None and (found := cells.get(key)) is not None:
-                _reused(log, f"{label} on {name}")
+                _reused(log, f"{label} on {name}", json.dumps(key, sort_keys=True) in done_here)
                 report.likelihood.append(
                     LikelihoodResult(
                         **{**found, "model": label, "dataset": name, "checkpoint": str(model.checkpoint)}
@@ -579,6 +581,7 @@ def evaluate(
             report.likelihood.append(result)
             if cells is not None:
                 cells.add(key, asdict(result))
+                done_here.add(json.dumps(key, sort_keys=True))
         if samples > 0:
             for k in nfe if model.kind == "dfm" else nfe[:1]:
                 key = {
@@ -595,7 +598,7 @@ def evaluate(
                     **sampler,
                 }
                 if cells is not None and (found := cells.get(key)) is not None:
-                    _reused(log, f"{label} samples at NFE {k}")
+                    _reused(log, f"{label} samples at NFE {k}", json.dumps(key, sort_keys=True) in done_here)
                     report.samples.append(
                         SampleQuality(**{**found, "model": label, "checkpoint": str(model.checkpoint)})
                     )
@@ -616,9 +619,13 @@ def evaluate(
                 report.samples.append(quality)
                 if cells is not None:
                     cells.add(key, asdict(quality))
+                    done_here.add(json.dumps(key, sort_keys=True))
     return report
 
 
-def _reused(log: Callable[[str], None] | None, what: str) -> None:
+def _reused(log: Callable[[str], None] | None, what: str, in_this_run: bool = False) -> None:
     if log is not None:
-        log(f"{what}: finished in an earlier run ({RESULT_LOG}), reused")
+        if in_this_run:  # e.g. two data sets that tokenize to the same sequences
+            log(f"{what}: the same cell as one computed above in this run, reused")
+        else:
+            log(f"{what}: finished in an earlier run ({RESULT_LOG}), reused")

@@ -266,6 +266,20 @@ def test_evaluate_keeps_repeated_names_apart(
         )
 
 
+def test_evaluate_says_a_repeated_data_set_is_reused_from_this_run(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path
+):
+    """Two names for the same text share one likelihood cell: the second is reused, but it was computed
+    in this run, not "finished in an earlier run" as the log said."""
+    args = ["evaluate", "--checkpoint", str(tiny_run / "model.safetensors"), "--out", str(tmp_path / "ev")]
+    args += ["--datasets", f"a={tiny_corpus},b={tiny_corpus}", "--limit", "2", "--points", "4"]
+    args += ["--samples", "0", "--device", "cpu", "--tokenizer", str(tokenizer_dir), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "b: the same cell as one computed above in this run" in result.output
+    assert "earlier run" not in result.output
+
+
 def test_evaluate_resumes_from_finished_cells(
     tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
