@@ -32,12 +32,7 @@ def mp20_dir(shared_data_dir: Path) -> Path:
     return shared_data_dir / "mp_20"
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(monkeypatch, tmp_path):
-    """Keep tests away from the user's real data and cache directories."""
-    monkeypatch.delenv("MATGEN_DATA", raising=False)
-    monkeypatch.setenv("MATGEN_CACHE", str(tmp_path / "token-cache"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated_matgen_env")
 
 
 @pytest.fixture

@@ -15,12 +15,7 @@ from matgen.evaluate.fingerprints import load_test_reference
 SPLITS = ("train", "val", "test")
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(monkeypatch, tmp_path):
-    """Keep the tests away from the user's data and caches."""
-    monkeypatch.delenv("MATGEN_DATA", raising=False)
-    monkeypatch.setenv("MATGEN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("isolated_matgen_env")
 
 
 @pytest.fixture
