@@ -82,11 +82,6 @@ def evaluate_command(
         return f"; results computed so far are kept in {out}" if journal.is_file() else ""
 
     try:
-        cuts = float_list(cov_cutoffs, "--cov-cutoffs")
-        if len(cuts) != 2:
-            raise ValueError(
-                f"--cov-cutoffs takes two numbers, structure and composition (e.g. 0.4,10), got {cov_cutoffs!r}"
-            )
         evaluate(
             inputs,
             out,
@@ -102,7 +97,7 @@ def evaluate_command(
             seed=seed,
             workers=workers,
             cache_dir=cache_dir,
-            cov_cutoffs=(cuts[0], cuts[1]),
+            cov_cutoffs=tuple(float_list(cov_cutoffs, "--cov-cutoffs")),  # evaluate checks the two numbers
             progress=progress,
             console=True,
         )

@@ -43,6 +43,7 @@ __all__ = [
     "holds_folder_lock",
     "remove_stale_temps",
     "visible_files",
+    "visible_files_warning_others",
 ]
 
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.\w+)*$")
@@ -344,6 +345,28 @@ def visible_files(
         for name in sorted(names):
             if not hidden_name(name) and name.lower().endswith(suffixes):
                 yield Path(root) / name
+
+
+def visible_files_warning_others(
+    folder: str | os.PathLike,
+    suffixes: tuple[str, ...],
+    what: str,
+    skip_dir: Callable[[Path], bool] | None = None,
+) -> list[Path]:
+    """:func:`visible_files` with ``suffixes``, sorted; the other visible files (notes, archives, ...) are
+    not dropped silently: one warning counts them, names their kinds and one example, and says which
+    ``what`` files are read."""
+    files, others = [], []
+    for p in visible_files(folder, ("",), skip_dir):  # "": every visible file, to count the others
+        (files if p.name.lower().endswith(suffixes) else others).append(p)
+    if others:
+        kinds = sorted({p.suffix.lower() or p.name for p in others})
+        warnings.warn(
+            f"{folder}: skipped {len(others)} file(s) that are not {what} by name ({', '.join(kinds[:6])}"
+            f"{', ...' if len(kinds) > 6 else ''}; e.g. {others[0]}); read are {', '.join(suffixes)}",
+            stacklevel=1,  # one place: a folder listed twice (cache key, then reading) warns once
+        )
+    return sorted(files)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

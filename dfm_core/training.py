@@ -1008,9 +1008,8 @@ def train(
         ckpt["rng"]["cuda"] = [s.cpu() for s in ckpt["rng"]["cuda"]]
         _set_rng_state(ckpt["rng"], data_gen, loss_gen)
         step = resumed_from = int(ckpt["step"])
-        if (
-            progress
-        ):  # said now, not only at the end: a rerun into a used run dir goes on, it does not restart
+        # said now, not only at the end: a rerun into a used run dir goes on, it does not restart
+        if progress:
             print(
                 f"resuming from step {step} of {last_path} (resume=False, --no-resume, starts afresh)",
                 file=sys.stderr,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write, file_sha256, visible_files
+from dfm_core.atomic_io import atomic_write, file_sha256, visible_files_warning_others
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -461,17 +461,7 @@ def load_image_folder(
         held_out = root / "test"
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files, others = [], []
-    for f in visible_files(root, ("",), skip_dir=lambda d: d == held_out):  # "": all, to count the others
-        (files if f.name.lower().endswith(IMAGE_SUFFIXES) else others).append(f)
-    files.sort()
-    if others:  # notes, labels.csv, archives: counted, never dropped silently
-        kinds = sorted({f.suffix.lower() or f.name for f in others})
-        warnings.warn(
-            f"{root}: skipped {len(others)} file(s) that are not images by name ({', '.join(kinds[:6])}"
-            f"{', ...' if len(kinds) > 6 else ''}; e.g. {others[0]}); read are {', '.join(IMAGE_SUFFIXES)}",
-            stacklevel=2,
-        )
+    files = visible_files_warning_others(root, IMAGE_SUFFIXES, "images", skip_dir=lambda d: d == held_out)
     if limit is not None:
         files = files[:limit]
     if not files:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write, atomic_write_text, visible_files
+from dfm_core.atomic_io import atomic_write, atomic_write_text, visible_files_warning_others
 from textgen.tokenizer import EOT_ID, TextTokenizer
 
 __all__ = [
@@ -246,21 +246,8 @@ def text_files(folder: str | os.PathLike) -> list[Path]:
     def skip_dir(d: Path) -> bool:
         return any((d / m).exists() for m in _OUTPUT_MARKERS)
 
-    files, others = [], []
-    for p in visible_files(folder, ("",), skip_dir):  # "": every visible file, to report the others
-        if p.name.lower().endswith(_TEXT_SUFFIXES):
-            if p.name not in _OUTPUT_MARKERS:
-                files.append(p)
-        else:
-            others.append(p)
-    if others:
-        kinds = sorted({p.suffix.lower() or p.name for p in others})
-        warnings.warn(
-            f"{folder}: skipped {len(others)} file(s) that are not text by name ({', '.join(kinds[:6])}"
-            f"{', ...' if len(kinds) > 6 else ''}; e.g. {others[0]}); read are {', '.join(_TEXT_SUFFIXES)}",
-            stacklevel=1,  # one warning however many callers list the folder (cache key, then reading)
-        )
-    return sorted(files)
+    files = visible_files_warning_others(folder, _TEXT_SUFFIXES, "text", skip_dir)
+    return [p for p in files if p.name not in _OUTPUT_MARKERS]
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:
