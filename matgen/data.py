@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import urllib.error
 import urllib.request
 import warnings
@@ -44,6 +45,7 @@ __all__ = [
     "DownloadError",
     "TokenizedSplit",
     "atom_count_distribution",
+    "check_split",
     "collate_tokens",
     "data_set_name",
     "default_token_cache_dir",
@@ -110,6 +112,14 @@ def data_set_name(data_dir: str | Path | None = None) -> str:
     ):
         return "MP-20"
     return f"'{directory.resolve().name}'"
+
+
+def cache_file_prefix(split_file: Path) -> str:
+    """How cache files made from ``split_file`` begin: ``mp20`` for MP-20, else the data folder's name
+    (made safe for a file name). Cosmetic: the files are keyed by the split file's sha256 as well."""
+    if data_set_name(split_file.parent) == "MP-20":
+        return "mp20"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", split_file.parent.resolve().name).strip("._")[:40] or "data"
 
 
 def default_token_cache_dir() -> Path:
@@ -239,31 +249,62 @@ def load_split(split: str, data_dir: str | Path | None = None, limit: int | None
         ValueError: the file is not a table, lacks a required column, or has a blank or repeated
             ``material_id`` (ids key the skipped-row lists and the reference caches, so they must be unique).
     """
+    path = ensure_split_file(split, data_dir)
+    frame = _read_split_table(path, limit)
+    frame["material_id"] = frame["material_id"].astype(str)
+    return frame
+
+
+def check_split(split: str, data_dir: str | Path | None = None, limit: int | None = None) -> Path:
+    """The split's file, after the checks of :func:`load_split` (columns, unique ids) on its id column only.
+
+    For commands that read a split late (``matgen evaluate`` reads the test split after its first stage)
+    and should refuse a bad one before any work. Raises as :func:`load_split`.
+    """
+    path = ensure_split_file(split, data_dir)
+    _read_split_table(path, limit, ids_only=True)
+    return path
+
+
+def _read_split_table(path: Path, limit: int | None, ids_only: bool = False) -> pd.DataFrame:
+    """The table at ``path`` (first ``limit`` rows) with its required columns and unique ids checked;
+    with ``ids_only`` just its ``material_id`` column (the CIF column is not parsed)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for all rows), got {limit}")
-    path = ensure_split_file(split, data_dir)
     kind = "parquet" if path.name.endswith(".parquet") else "CSV"
     try:
         if kind == "parquet":
-            frame = pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            columns = list(pq.read_schema(path).names)
+        else:
+            columns = list(pd.read_csv(path, nrows=0).columns)
+        columns = [c for c in columns if not str(c).startswith("Unnamed:")]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise _MissingColumns(
+                f"{path} lacks the required columns {missing} (a unique id per row and the CIF text); found "
+                f"{columns}: rename or add the columns"
+            )
+        wanted = ["material_id"] if ids_only else columns
+        if kind == "parquet":
+            frame = pd.read_parquet(path, columns=wanted)
             frame = frame.head(limit) if limit is not None else frame
         else:
-            frame = pd.read_csv(path, nrows=limit)
+            frame = pd.read_csv(path, nrows=limit, usecols=wanted)[wanted]
+    except _MissingColumns:
+        raise
     except (ValueError, UnicodeDecodeError, OSError, ImportError) as exc:  # parser errors (empty file, ...)
         raise ValueError(
             f"cannot read {path} as a {kind} table: {str(exc).strip().splitlines()[0]}"
         ) from None
-    frame = frame.loc[:, [c for c in frame.columns if not str(c).startswith("Unnamed:")]]
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{path} lacks the required columns {missing} (a unique id per row and the CIF text); found "
-            f"{list(frame.columns)}: rename or add the columns"
-        )
     frame = frame.reset_index(drop=True)
     _check_ids(frame["material_id"], path)
-    frame["material_id"] = frame["material_id"].astype(str)
     return frame
+
+
+class _MissingColumns(ValueError):
+    """A split table without the columns every split needs."""
 
 
 def _check_ids(ids: pd.Series, path: Path) -> None:
@@ -362,7 +403,7 @@ def _cache_path(split_file: Path, split: str, limit: int | None, cache_dir: Path
     key = hashlib.sha256(
         f"{file_sha256(split_file)}|{TOKENIZER_VERSION}|{limit}|{_CACHE_FORMAT}".encode()
     ).hexdigest()[:20]
-    return cache_dir / f"mp20-{split}-{key}.pt"
+    return cache_dir / f"{cache_file_prefix(split_file)}-{split}-{key}.pt"
 
 
 def _save_atomic(payload: dict, path: Path) -> None:

@@ -13,9 +13,10 @@ Composition fingerprint
 
 Reference set
     Fingerprints, densities, element counts and atom counts of the MP-20 test split, computed once and
-    cached in ``<cache_dir>/mp20-test-reference-<sha of the split file>.npz`` (CrystalNN costs ~0.25 s per
-    crystal: ~40 CPU-minutes for all 9,046). The cache grows incrementally: a ``test_limit`` run fills in
-    its seeded subset, a later full run computes only what is missing.
+    cached in ``<cache_dir>/mp20-test-reference-<sha of the split file>.npz`` (another data set's folder
+    name replaces ``mp20``). CrystalNN costs ~0.25 s per crystal: ~40 CPU-minutes for all 9,046. The cache
+    grows incrementally: a ``test_limit`` run fills in its seeded subset, a later full run computes only
+    what is missing.
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ def load_test_reference(
     Rows are computed only when absent from the cache, which is rewritten atomically as they come in
     (every minute, at the end, and on Ctrl-C).
     """
-    from matgen.data import ensure_split_file, load_split
+    from matgen.data import cache_file_prefix, ensure_split_file, load_split
 
     frame = load_split(split, data_dir)
     n = len(frame)
@@ -300,7 +301,8 @@ def load_test_reference(
         frame = frame.iloc[rows].reset_index(drop=True)
     split_file = ensure_split_file(split, data_dir, download=False)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"mp20-{split}-reference-{file_sha256(split_file)[:16]}-v{_REFERENCE_FORMAT}.npz"
+    prefix = cache_file_prefix(split_file)
+    path = cache / f"{prefix}-{split}-reference-{file_sha256(split_file)[:16]}-v{_REFERENCE_FORMAT}.npz"
 
     stored = _read_cache(path)
     have = {str(i): k for k, i in enumerate(stored.get("ids", np.array([], dtype=str)))}

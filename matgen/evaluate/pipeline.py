@@ -279,10 +279,11 @@ def evaluate(
     if not skip_stability:  # a bad --device or --hull fails now, not after the cheap stages
         resolve_device(device)
         hull_ref = load_hull(hull, data_dir)
-    from matgen.data import ensure_split_file
+    from matgen.data import check_split
 
-    for split in ("test", "train"):  # a wrong --data-dir fails now (or downloads now), not after stage 1
-        ensure_split_file(split, data_dir)
+    # a wrong --data-dir or a bad split table fails now (or downloads now), not after stage 1
+    check_split("test", data_dir)
+    check_split("train", data_dir, limit=train_limit)
 
     # 1. read, parse, validity, fingerprints --------------------------------------------------------------
     t0 = time.perf_counter()

@@ -139,3 +139,42 @@ def test_the_evaluation_names_the_data_folder_it_used_when_it_came_from_matgen_d
     assert summary["settings"]["data_dir"] == str(own.resolve())
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["settings"]["data_dir"] == str(own.resolve())
+
+
+def test_a_test_split_with_repeated_ids_is_refused_before_the_evaluation_does_any_work(tmp_path, rows):
+    from matgen.evaluate import evaluate
+
+    own = tmp_path / "own"
+    own.mkdir()
+    for split in SPLITS:
+        rows.assign(
+            material_id=["a", "b", "c", "d", "e", "a"] if split == "test" else rows["material_id"]
+        ).to_csv(own / f"{split}.csv", index=False)
+    with pytest.raises(ValueError, match=r"test.csv: material_id 'a' appears in 2 rows"):
+        evaluate(
+            list(rows["cif"]),
+            tmp_path / "out",
+            data_dir=own,
+            skip_stability=True,
+            progress=False,
+            console=False,
+        )
+    assert not (tmp_path / "out").exists()  # refused before stage 1 made its journal
+
+
+def test_cache_files_are_named_after_the_data_set_they_come_from(tmp_path, rows):
+    own = tmp_path / "carbon 24"
+    own.mkdir()
+    for split in SPLITS:
+        rows.head(3).to_csv(own / f"{split}.csv", index=False)
+    load_token_dataset("val", own, cache_dir=tmp_path / "tokens", progress=False)
+    load_test_reference(own, cache_dir=tmp_path / "fp", progress=False)
+    assert [p.name.split("-")[:2] for p in (tmp_path / "tokens").iterdir()] == [["carbon_24", "val"]]
+    assert [p.name.split("-")[:3] for p in (tmp_path / "fp").iterdir()] == [
+        ["carbon_24", "test", "reference"]
+    ]
+    mp20 = tmp_path / "mp_20"
+    mp20.mkdir()
+    (own / "val.csv").rename(mp20 / "val.csv")
+    load_token_dataset("val", mp20, cache_dir=tmp_path / "tokens", progress=False)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "tokens").iterdir()) == ["carbon_24", "mp20"]
