@@ -49,6 +49,7 @@ from dfm_core.atomic_io import (
 
 __all__ = [
     "EMA",
+    "EXPORTED_MODEL",
     "TrainConfig",
     "fit_steps_to_budget",
     "TrainResult",
@@ -68,6 +69,10 @@ __all__ = [
 ]
 
 C = TypeVar("C")
+
+# The file in a run folder that apps export the run's best weights to (with export_safetensors). A run
+# that starts afresh removes it with the run's other outputs, so an old model never sits beside new ones.
+EXPORTED_MODEL = "model.safetensors"
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], Tensor]
 ValLossFn = Callable[[nn.Module, torch.Generator], Tensor | float]
@@ -1023,7 +1028,10 @@ def train(
             )
         del ckpt
     else:
-        for stale in (metrics_path, last_path, best_path):  # a fresh run must not export an old model
+        # a fresh run must not export an old model; one asked to start afresh (resume=False) also drops
+        # the old export, which would otherwise sit beside the new config.json until the run ends
+        old_export = [] if resume else [run_dir / EXPORTED_MODEL]
+        for stale in (metrics_path, last_path, best_path, *old_export):
             if stale.exists():
                 stale.unlink()
         # dropout and any global-RNG use are seeded too (weights were initialised by the caller)

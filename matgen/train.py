@@ -26,6 +26,7 @@ from dfm_core.paths import MixturePath
 from dfm_core.schedulers import make_scheduler
 from dfm_core.sources import mask_source
 from dfm_core.training import (
+    EXPORTED_MODEL,
     TrainConfig,
     TrainResult,
     best_weights_metadata,
@@ -265,7 +266,7 @@ def train_crystal_model(
             "val_ids_sha256": metadata["data"]["val_ids_sha256"],
         },
     )
-    out = run_dir / "model.safetensors"
+    out = run_dir / EXPORTED_MODEL
     export_checkpoint(run_dir, out, config, metadata)
     if export is not None:
         export_checkpoint(run_dir, Path(export), config, metadata, dtype=export_dtype)

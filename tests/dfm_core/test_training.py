@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dfm_core.nn import DiT
 from dfm_core.training import (
     EMA,
+    EXPORTED_MODEL,
     TrainConfig,
     WarmupSchedule,
     best_weights_metadata,
@@ -195,6 +196,24 @@ def test_resume_refuses_a_different_architecture(tmp_path):
         ).resumed_from
         is None
     )
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_started_afresh_drops_the_old_exported_model_before_it_can_be_mistaken_for_its_own(
+    tmp_path, resume
+):
+    """With resume=False (--no-resume) a run killed before its end must not leave the previous run's
+    model.safetensors beside its new config.json; a run that merely finds no last.pt keeps the file."""
+    old = tmp_path / EXPORTED_MODEL
+    old.write_bytes(b"the previous run's export")
+
+    def dies_at_once(model, x1, generator):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_model(), dies_at_once, batches, config(steps=2), tmp_path, resume=resume, progress=False)
+    assert (tmp_path / "config.json").exists()
+    assert old.exists() == resume
 
 
 def test_iterable_batches_and_nan_detection(tmp_path):
