@@ -386,7 +386,7 @@ def evaluate(
 ) -> None:
     """Score samples with FD-EffNetLite0 against held-out test images, over NFEs and sampler settings."""
     out = folder_flag(out_text, "--out", "eval/")
-    from imagegen.data import SPLITS, MissingSplitError, check_count
+    from imagegen.data import MissingSplitError, check_count, check_split
     from imagegen.evaluate import check_sweep, evaluate_sweep, load_evaluation_data, reference_stats
     from imagegen.features import EffNetLite0Features
     from imagegen.frechet import score_name
@@ -410,8 +410,7 @@ def evaluate(
                 raise ValueError(
                     f"--reference-n must be at least 2 for a Frechet distance, got {reference_n}"
                 )
-        if reference_split not in SPLITS:
-            raise ValueError(f"--reference-split must be one of {', '.join(SPLITS)}, got {reference_split!r}")
+        check_split(reference_split, "--reference-split")
         check_output_folder(out, "--out")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
         extractor = EffNetLite0Features(features_weights, device=gen.device)

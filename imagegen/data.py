@@ -41,6 +41,7 @@ __all__ = [
     "ImageDataset",
     "MissingSplitError",
     "check_count",
+    "check_split",
     "default_cache_dir",
     "images_to_tokens",
     "load_cifar10",
@@ -201,9 +202,10 @@ class MissingSplitError(FileNotFoundError):
     """An image folder without the asked-for ``train/`` or ``test/`` subfolder."""
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str, what: str = "split") -> None:
+    """Refuse a split name other than ``train`` and ``test``; ``what`` names it in the message (a flag)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise ValueError(f"unknown {what} {split!r}; expected one of {', '.join(SPLITS)}")
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -248,7 +250,7 @@ def load_cifar10(
     ``limit`` images and are not cached). Images are sorted by class in the file: shuffle before
     taking subsets for training.
     """
-    _check_split(split)
+    check_split(split)
     src = _cifar_file(resolve_data_dir(data_dir), split)
     images = labels = None
     path = None
@@ -321,7 +323,7 @@ def load_fashion_mnist(
     split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None
 ) -> ImageDataset:
     """Fashion-MNIST (lossless, 28 x 28 grayscale): images (N, 1, 28, 28)."""
-    _check_split(split)
+    check_split(split)
     try:
         root = resolve_data_dir(data_dir)
     except FileNotFoundError:
@@ -448,7 +450,7 @@ def load_image_folder(
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     size = check_count(size, "image size")
     if split is not None:
-        _check_split(split)  # another name would read the whole folder, test images and all
+        check_split(split)  # another name would read the whole folder, test images and all
     root = Path(folder).expanduser()
     if root.is_file():
         raise ValueError(f"image folder {root} is a file: give the folder that holds the images")
