@@ -62,6 +62,11 @@ DEFAULT_BASE_URL = "https://raw.githubusercontent.com/txie-93/cdvae/main/data/mp
 SPLITS = ("train", "val", "test")
 DOWNLOAD_MARKER = ".mp20_download"  # in a folder that ensure_split_file fills: more splits may be fetched
 REQUIRED_COLUMNS = ("material_id", "cif")
+# MP-20 train as the shipped model saw it (matgen.train.ids_digest of its 27,125 ids in file order), and
+# the elements of Z = 1..94 that none of those crystals holds (from the pretty_formula column). Checkpoints
+# written before train_element_counts was recorded are matched to these facts by their ids digest.
+MP20_TRAIN_IDS_SHA256 = "a4f61b0728b180b5a3b7d78d06ec31ffaa61f8555ee9f99993a45b50ca7dc4a0"
+MP20_TRAIN_ABSENT_ELEMENTS = ("Ar", "Po", "At", "Rn", "Fr", "Ra")
 _CACHE_FORMAT = 1
 
 

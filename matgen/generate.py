@@ -19,6 +19,7 @@ import io
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import make_velocity
 from matgen import tokenizer as tok
 from matgen.cif import formula_fields, p1_cif
+from matgen.data import MP20_TRAIN_ABSENT_ELEMENTS, MP20_TRAIN_IDS_SHA256
 from matgen.model import CrystalDiTConfig, build_model, token_valid_mask
 from matgen.train import CHECKPOINT_FORMAT, crystal_path
 
@@ -88,6 +90,17 @@ class CrystalGenerator:
     metadata: dict[str, Any]
     device: torch.device
     checkpoint: Path
+
+    def unseen_elements(self, elements: Sequence[str]) -> list[str] | None:
+        """Of ``elements``, those that no training crystal of this model held (the model never learned
+        where they go); ``None`` if the checkpoint does not say what it was trained on."""
+        data = self.metadata.get("data") if isinstance(self.metadata.get("data"), dict) else {}
+        counts = data.get("train_element_counts")
+        if isinstance(counts, dict):
+            return [e for e in elements if not counts.get(e)]
+        if data.get("train_ids_sha256") == MP20_TRAIN_IDS_SHA256:  # MP-20 train, before counts were kept
+            return [e for e in elements if e in MP20_TRAIN_ABSENT_ELEMENTS]
+        return None
 
     @classmethod
     def from_checkpoint(
@@ -650,6 +663,13 @@ def generate(
             f"num_atoms (--num-atoms) must be between 1 and {gen.max_atoms} for this model, got {num_atoms}"
         )
     num_atoms = int(num_atoms) if num_atoms is not None else None
+    unseen = gen.unseen_elements(elements) if elements else None
+    if unseen:
+        warnings.warn(
+            f"no training crystal of {gen.checkpoint.name} holds {', '.join(unseen)}: the model never learned "
+            "where such atoms go, so crystals with them follow no learned chemistry",
+            stacklevel=2,
+        )
 
     if temperature is None:
         recommended = (gen.metadata.get("sampling") or {}).get("temperature", PAPER_TEMPERATURE)

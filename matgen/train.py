@@ -146,6 +146,16 @@ class PaddedCrystals:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def element_counts(self) -> dict[str, int]:
+        """How many crystals hold each element (symbols of Z = 1..94, zero counts left out)."""
+        atoms = self.tokens[:, 6:].reshape(len(self), -1, 4)[:, :, 0]
+        z = atoms - tok.ELEMENT_OFFSET
+        present = torch.zeros(len(self), tok.MAX_Z, dtype=torch.bool)
+        inside = (z >= 0) & (z < tok.MAX_Z)
+        present[torch.nonzero(inside)[:, 0], z[inside]] = True
+        counts = present.sum(0).tolist()
+        return {symbol: int(c) for symbol, c in zip(tok.ELEMENT_SYMBOLS, counts, strict=True) if c}
+
 
 def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
@@ -245,6 +255,7 @@ def train_crystal_model(
             "val_skipped": len(val_split.skipped),
             "train_over_max_atoms": too_large["train"],
             "val_over_max_atoms": too_large["val"],
+            "train_element_counts": train_data.element_counts(),  # generate warns of elements never seen
         },
         "atom_count_distribution": atom_count_distribution(train_data.num_atoms, config.max_atoms).tolist(),
         "parameters": count_parameters(model),

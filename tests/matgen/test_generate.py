@@ -192,6 +192,46 @@ def test_elements_constraint_holds(tiny_run: Path, tmp_path: Path) -> None:
         assert {int(row[6 + 4 * i]) for i in range(n)} <= allowed
 
 
+def test_elements_the_model_never_saw_in_training_are_named_in_a_warning(
+    tiny_run: Path, tmp_path: Path, shared_data_dir: Path
+) -> None:
+    from pymatgen.core import Composition
+
+    from matgen.data import load_split
+
+    frame = load_split("train", shared_data_dir / "mp_20", limit=64)
+    expected: dict[str, int] = {}
+    for formula in frame["pretty_formula"]:
+        for el in Composition(formula).elements:
+            expected[el.symbol] = expected.get(el.symbol, 0) + 1
+    _, meta = load_safetensors(tiny_run / "model.safetensors")
+    assert meta["data"]["train_element_counts"] == expected
+    never = next(s for s in tok.ELEMENT_SYMBOLS if s not in expected)
+    seen = sorted(expected, key=expected.get)[-2:]
+    run = dict(checkpoint=tiny_run / "model.safetensors", steps=2, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match=rf"no training crystal of model.safetensors holds {never}:"):
+        generate(1, tmp_path / "a", elements=[*seen, never], **run)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(1, tmp_path / "b", elements=seen, **run)
+    shipped = CrystalGenerator.from_checkpoint(device="cpu")  # made before the counts were kept
+    assert shipped.unseen_elements(["Fe", "Ar", "O", "Ra"]) == ["Ar", "Ra"]
+
+
+def test_the_recorded_facts_of_mp20_train_hold_for_the_shared_copy(shared_data_dir: Path) -> None:
+    from pymatgen.core import Composition
+
+    from matgen.data import MP20_TRAIN_ABSENT_ELEMENTS, MP20_TRAIN_IDS_SHA256, load_split
+    from matgen.train import ids_digest
+
+    frame = load_split("train", shared_data_dir / "mp_20")
+    assert ids_digest(list(frame["material_id"])) == MP20_TRAIN_IDS_SHA256
+    present = {el.symbol for formula in frame["pretty_formula"] for el in Composition(formula).elements}
+    assert [s for s in tok.ELEMENT_SYMBOLS if s not in present] == list(MP20_TRAIN_ABSENT_ELEMENTS)
+
+
 def test_resume_after_crash_equals_uninterrupted_run(tiny_run: Path, tmp_path: Path) -> None:
     ck = tiny_run / "model.safetensors"
     full, crashed = tmp_path / "full", tmp_path / "crashed"
