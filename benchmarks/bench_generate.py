@@ -44,7 +44,7 @@ from bench_sampler import SIZES, _version, build_crystal_model, machine_descript
 
 
 def build_random_checkpoint(path: Path, size: str, seed: int, scheduler: str = "ko") -> Path:
-    from dfm_core.training import export_safetensors
+    from dfm_core.checkpoints import export_safetensors
     from matgen.model import count_parameters
     from matgen.train import CHECKPOINT_FORMAT
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             checkpoint = build_random_checkpoint(tmp / "random.safetensors", args.size, args.seed)
             ckpt_desc = f"random-weight AtomPoolingDiT[{args.size}] (shipped checkpoint absent)"
-        from dfm_core.training import load_safetensors
+        from dfm_core.checkpoints import load_safetensors
 
         _, meta_ckpt = load_safetensors(checkpoint)
         base = Path(args.out_dir) if args.out_dir else tmp

@@ -192,7 +192,7 @@ def train_vq(
     run_dir = folder_flag(run_dir_text, "--run-dir", "runs/vqvae/")
     import math
 
-    from dfm_core.training import load_config
+    from dfm_core.config import load_config
     from imagegen.train_vq import VQTrainConfig, train_vqvae
 
     try:

@@ -9,7 +9,10 @@ Modules, one idea each:
 * :mod:`dfm_core.sampler`     posterior sampler with the always-valid step (section 3, Appendix A)
 * :mod:`dfm_core.objectives`  cross-entropy (eq 11), ELBOs (eq 36, 37), fair evaluation (E.1)
 * :mod:`dfm_core.nn`          a DiT backbone with adaLN time conditioning
-* :mod:`dfm_core.training`    the training loop shared by the apps
+* :mod:`dfm_core.training`    the training loop shared by the apps (EMA, LR schedule, resumable runs)
+* :mod:`dfm_core.checkpoints` release checkpoints: safetensors weights with JSON metadata
+* :mod:`dfm_core.config`      dataclass settings from TOML/JSON with clear errors
+* :mod:`dfm_core.runtime`     device choice and seeding
 * :mod:`dfm_core.atomic_io`   atomic file writes (checkpoints, caches, CIFs, tables)
 """
 

@@ -10,7 +10,8 @@ eq 11 of the KO-DFM paper on ``path.sample`` draws), and a batch source; :func:`
   loss, both written atomically. A checkpoint holds the model, optimizer, scheduler, EMA, step, the
   data and loss generators and the global python/numpy/torch RNG states, so a run killed after ``k``
   steps and resumed ends with exactly the weights of an uninterrupted run;
-* weights exported for release as safetensors with JSON metadata (:func:`export_safetensors`).
+* the best EMA weights of a run and their facts, ready to export for release
+  (:func:`best_weights_metadata`); :mod:`dfm_core.checkpoints` writes the safetensors file.
 """
 
 from __future__ import annotations
@@ -22,18 +23,15 @@ import os
 import random
 import shutil
 import signal
-import struct
 import sys
 import threading
 import time
-import types
-import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +44,9 @@ from dfm_core.atomic_io import (
     holds_folder_lock,
     remove_stale_temps,
 )
+from dfm_core.checkpoints import export_safetensors, load_safetensors, unwrap_compiled
+from dfm_core.config import config_from_dict, load_config
+from dfm_core.runtime import resolve_device, seed_everything
 
 __all__ = [
     "EMA",
@@ -55,20 +56,19 @@ __all__ = [
     "TrainResult",
     "TrainingStopped",
     "WarmupSchedule",
-    "config_from_dict",
-    "export_safetensors",
     "best_weights_metadata",
     "load_best_weights",
     "load_checkpoint",
+    "saved_run_facts",
+    "train",
+    # moved to dfm_core.config / .checkpoints / .runtime; kept here until every app imports them there
+    "config_from_dict",
+    "export_safetensors",
     "load_config",
     "load_safetensors",
     "resolve_device",
-    "saved_run_facts",
     "seed_everything",
-    "train",
 ]
-
-C = TypeVar("C")
 
 # The file in a run folder that apps export the run's best weights to (with export_safetensors). A run
 # that starts afresh removes it with the run's other outputs, so an old model never sits beside new ones.
@@ -77,119 +77,6 @@ EXPORTED_MODEL = "model.safetensors"
 LossFn = Callable[[nn.Module, Any, torch.Generator], Tensor]
 ValLossFn = Callable[[nn.Module, torch.Generator], Tensor | float]
 BatchSource = Callable[[torch.Generator], Any] | Iterable[Any]
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-
-def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-    """Build the dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type with
-    a clear error (a config file's ``steps = "two"`` must not surface as a TypeError deep in training).
-
-    Lists become tuples for tuple-typed fields (TOML and JSON have no tuples); whole floats become ints for
-    int fields and ints become floats for float fields.
-    """
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} settings must be a table of key = value, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} key(s): {', '.join(unknown)}; valid keys are: {', '.join(fields)}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _typed_value(f"{cls.__name__}.{key}", hints[key], value) for key, value in data.items()}
-    return cls(**kwargs)
-
-
-def _typed_value(name: str, hint: Any, value: Any) -> Any:
-    """``value`` checked (and mildly converted) against the simple type ``hint``; other hints pass through."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ValueError(f"{name} needs a value, got none")
-    problems = []
-    for option in (o for o in options if o is not type(None)):
-        origin = typing.get_origin(option)
-        if option is bool:
-            if isinstance(value, bool):
-                return value
-            problems.append("true or false")
-        elif option is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            problems.append("a whole number")
-        elif option is float:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-            problems.append("a number")
-        elif option is str:
-            if isinstance(value, str):
-                return value
-            problems.append("text")
-        elif origin is typing.Literal:
-            if value in typing.get_args(option):
-                return value
-            problems.append("one of " + ", ".join(repr(a) for a in typing.get_args(option)))
-        elif origin is tuple or option is tuple:
-            if isinstance(value, list | tuple):
-                return tuple(value)
-            problems.append("a list")
-        elif dataclasses.is_dataclass(option):
-            if isinstance(value, Mapping | option):
-                return value
-            problems.append(f"a [{name.split('.')[-1]}] table")
-        else:
-            return value  # dicts, Any, ...: the dataclass checks them itself
-    raise ValueError(f"{name} must be {' or '.join(problems)}, got {value!r}")
-
-
-def load_config(path: str | os.PathLike, cls: type[C], section: str | None = None) -> C:
-    """Load a dataclass config from a ``.toml`` or ``.json`` file.
-
-    Args:
-        path: the file.
-        cls: the dataclass (e.g. :class:`TrainConfig`).
-        section: read only this top-level table (e.g. ``"train"`` in a file with ``[train]`` and
-            ``[model]`` tables); None for the whole file.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unknown suffix, unknown keys, or a missing section.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    if path.suffix == ".toml":
-        import tomllib
-
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid TOML: {e}") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-    else:
-        raise ValueError(f"config must be a .toml or .json file, got {path}")
-    if section is not None:
-        if section not in data:
-            raise ValueError(f"{path} has no [{section}] section (it has: {', '.join(data) or 'none'})")
-        data = data[section]
-    try:
-        return config_from_dict(cls, data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
 
 @dataclass
@@ -282,38 +169,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------
 # Pieces
 # --------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy and torch (CPU and all CUDA devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) -> CUDA if available else CPU; otherwise ``torch.device(device)``.
-
-    Raises:
-        ValueError: an unknown device string, or a CUDA device on a machine that has none.
-    """
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(
-                f"device {device!r} asked for, but CUDA is not available ({why}); use cpu or auto"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
-            )
-    return dev
 
 
 _BUDGET_MARGIN = 0.92  # share of the remaining budget planned for steps (validation, checkpoints, jitter)
@@ -421,7 +276,7 @@ class EMA:
         self.num_updates = 0
         self.shadow: dict[str, Tensor] = {
             name: p.detach().clone().float()
-            for name, p in _unwrap(model).named_parameters()
+            for name, p in unwrap_compiled(model).named_parameters()
             if p.dtype.is_floating_point
         }
 
@@ -435,21 +290,21 @@ class EMA:
         """Move the shadow weights towards ``model``'s."""
         d = self.current_decay()
         self.num_updates += 1
-        for name, p in _unwrap(model).named_parameters():
+        for name, p in unwrap_compiled(model).named_parameters():
             if name in self.shadow:
                 self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite ``model``'s parameters with the shadow weights."""
-        for name, p in _unwrap(model).named_parameters():
+        for name, p in unwrap_compiled(model).named_parameters():
             if name in self.shadow:
                 p.copy_(self.shadow[name])
 
     @contextmanager
     def average_parameters(self, model: nn.Module) -> Iterator[None]:
         """Temporarily swap the EMA weights into ``model`` (restored on exit)."""
-        model = _unwrap(model)
+        model = unwrap_compiled(model)
         backup = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.shadow}
         self.copy_to(model)
         try:
@@ -483,10 +338,6 @@ class EMA:
 # --------------------------------------------------------------------------------------------------
 # Checkpoint IO
 # --------------------------------------------------------------------------------------------------
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
 
 
 def _rng_state(data_gen: torch.Generator, loss_gen: torch.Generator) -> dict[str, Any]:
@@ -523,7 +374,7 @@ def _set_rng_state(state: Mapping[str, Any], data_gen: torch.Generator, loss_gen
 
 
 def _architecture(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in _unwrap(model).state_dict().items()}
+    return {k: list(v.shape) for k, v in unwrap_compiled(model).state_dict().items()}
 
 
 def load_checkpoint(
@@ -557,7 +408,7 @@ def load_checkpoint(
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
         raise ValueError(f"{path} is not a training checkpoint written by dfm_core.training.train")
     if model is not None:
-        target = _unwrap(model)
+        target = unwrap_compiled(model)
         target.load_state_dict(ckpt["model"])
         if use_ema and ckpt.get("ema") is not None:
             with torch.no_grad():
@@ -585,43 +436,8 @@ def saved_run_facts(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# safetensors export
+# Exporting a run
 # --------------------------------------------------------------------------------------------------
-
-
-def export_safetensors(
-    model_or_state: nn.Module | Mapping[str, Tensor],
-    path: str | os.PathLike,
-    metadata: Mapping[str, Any] | None = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Save weights as a safetensors file with JSON metadata in its header, atomically.
-
-    Args:
-        model_or_state: a module (``torch.compile`` wrappers are unwrapped) or a state dict.
-        path: destination (``.safetensors``).
-        metadata: JSON-serialisable values, stored as JSON strings in the header.
-        dtype: cast the floating-point weights to this dtype (e.g. ``torch.bfloat16`` halves the file);
-            float64 tensors (probability tables such as a source PMF, not weights) are kept as they are.
-
-    Returns:
-        The written path.
-    """
-    from safetensors.torch import save_file
-
-    state = _unwrap(model_or_state).state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    tensors = {}
-    for name, value in state.items():
-        value = value.detach().to("cpu")
-        if dtype is not None and value.is_floating_point() and value.dtype != torch.float64:
-            value = value.to(dtype)
-        tensors[name] = value.contiguous().clone()  # safetensors refuses shared storage
-    header = {"format": "pt"}
-    for key, value in (metadata or {}).items():
-        header[str(key)] = json.dumps(value)
-    path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-    return path
 
 
 def load_best_weights(run_dir: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
@@ -654,65 +470,6 @@ def best_weights_metadata(
     if ran_with and isinstance(out.get(config_key), Mapping):
         out[config_key] = {**out[config_key], "train": ran_with}
     return {**out, **facts}
-
-
-def load_safetensors(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load weights and metadata written by :func:`export_safetensors`.
-
-    Returns:
-        ``(state_dict, metadata)``, metadata values JSON-decoded (non-JSON strings kept as strings).
-
-    Raises:
-        FileNotFoundError: no file.
-        ValueError: the file is not a safetensors checkpoint (e.g. a torch ``.pt`` zip, truncated or
-            corrupt data), or its weights are not all finite.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"safetensors checkpoint not found: {path}")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK":
-            raise ValueError(
-                f"{path} is not a safetensors checkpoint but a torch .pt training checkpoint (last.pt / best.pt): "
-                "pass the run folder's model.safetensors (from Python, dfm_core.training.load_checkpoint reads .pt)"
-            )
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors checkpoint: file too short ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or 8 + n > size:
-            raise ValueError(
-                f"{path} is not a safetensors checkpoint: bad header length {n} for {size} bytes"
-            )
-        try:
-            json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors checkpoint: header is not JSON ({e})") from e
-    device = str(map_location)
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            raw_meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # SafetensorError and friends: truncated or inconsistent data
-        raise ValueError(f"{path} is not a valid safetensors checkpoint ({type(e).__name__}: {e})") from e
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if broken:
-        raise ValueError(
-            f"{path} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: "
-            "a damaged file or the export of a diverged run"
-        )
-    meta: dict[str, Any] = {}
-    for key, value in raw_meta.items():
-        try:
-            meta[key] = json.loads(value)
-        except json.JSONDecodeError:
-            meta[key] = value
-    return state, meta
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1001,7 +758,7 @@ def train(
             )
         config = _resumed_config(config, ckpt)
         _check_resumable(ckpt, model, config, metadata, identity)
-        _unwrap(model).load_state_dict(ckpt["model"])
+        unwrap_compiled(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moments; the hyperparameters come from config:
         for group, weight_decay in zip(optimizer.param_groups, (config.weight_decay, 0.0), strict=True):
             group["weight_decay"], group["betas"] = weight_decay, config.betas
@@ -1053,7 +810,7 @@ def train(
 
     def checkpoint(path: Path) -> None:
         state = {
-            "model": _unwrap(model).state_dict(),
+            "model": unwrap_compiled(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "ema": ema.state_dict(),

@@ -36,8 +36,9 @@ from dfm_core.atomic_io import (
     holds_folder_lock,
     remove_stale_temps,
 )
+from dfm_core.checkpoints import load_safetensors
+from dfm_core.runtime import resolve_device
 from dfm_core.sampler import check_temperature, sample
-from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import make_velocity
 from matgen import tokenizer as tok
 from matgen.cif import formula_fields, p1_cif

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfm_core.config import config_from_dict
 from dfm_core.nn import DiT, DiTBlock, FinalLayer, TimestepEmbedder, init_dit_weights, make_attention_mask
-from dfm_core.training import config_from_dict
 
 __all__ = [
     "LATTICE_TOKENS",

@@ -21,21 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from dfm_core.atomic_io import atomic_write_text, check_writable, file_sha256, holds_folder_lock
+from dfm_core.checkpoints import export_safetensors
+from dfm_core.config import config_from_dict, load_config
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import MixturePath
+from dfm_core.runtime import seed_everything
 from dfm_core.schedulers import make_scheduler
 from dfm_core.sources import mask_source
-from dfm_core.training import (
-    EXPORTED_MODEL,
-    TrainConfig,
-    TrainResult,
-    best_weights_metadata,
-    config_from_dict,
-    export_safetensors,
-    load_config,
-    seed_everything,
-    train,
-)
+from dfm_core.training import EXPORTED_MODEL, TrainConfig, TrainResult, best_weights_metadata, train
 from matgen import tokenizer as tok
 from matgen.data import (
     atom_count_distribution,

@@ -28,7 +28,7 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from dfm_core.atomic_io import holds_folder_lock
-from dfm_core.training import resolve_device
+from dfm_core.runtime import resolve_device
 from matgen.data import data_set_name, resolve_data_dir
 from matgen.evaluate.coverage import (
     COV_COMP_CUTOFF,

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from pymatgen.core import Lattice, Structure
 
-from dfm_core.training import resolve_device
+from dfm_core.runtime import resolve_device
 
 __all__ = [
     "CHGNetBatchPotential",

@@ -8,19 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dfm_core.checkpoints import export_safetensors, load_safetensors
+from dfm_core.config import load_config
 from dfm_core.nn import DiT
+from dfm_core.runtime import resolve_device
 from dfm_core.training import (
     EMA,
     EXPORTED_MODEL,
     TrainConfig,
     WarmupSchedule,
     best_weights_metadata,
-    export_safetensors,
     fit_steps_to_budget,
     load_checkpoint,
-    load_config,
-    load_safetensors,
-    resolve_device,
     train,
 )
 
@@ -676,3 +675,23 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_at_load(tmp_path):
         ValueError, match="torch .pt training checkpoint .* pass the run folder's model.safetensors"
     ):
         load_safetensors(tmp_path / "run" / "last.pt")
+
+
+def test_a_checkpoints_metadata_is_read_from_its_header_alone(tmp_path):
+    from dfm_core.checkpoints import read_safetensors_metadata
+
+    meta = {"kind": "dfm", "steps": 3, "config": {"hidden": 16}, "note": "text"}
+    path = export_safetensors(tiny_model(), tmp_path / "m.safetensors", meta)
+    assert read_safetensors_metadata(path) == load_safetensors(path)[1]
+    assert read_safetensors_metadata(path)["config"] == {"hidden": 16}
+    broken = {k: torch.full_like(v, float("nan")) for k, v in tiny_model().state_dict().items()}
+    nan_path = export_safetensors(broken, tmp_path / "nan.safetensors", meta)
+    with pytest.raises(ValueError, match="non-finite"):
+        load_safetensors(nan_path)
+    assert read_safetensors_metadata(nan_path)["kind"] == "dfm"  # describing needs no weights
+    torch.save({"model": {}}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="training checkpoint"):
+        read_safetensors_metadata(tmp_path / "last.pt")
+    (tmp_path / "short.safetensors").write_bytes(b"\x05")
+    with pytest.raises(ValueError, match="too short"):
+        read_safetensors_metadata(tmp_path / "short.safetensors")

@@ -14,7 +14,8 @@ from pymatgen.core import Structure
 from typer.testing import CliRunner
 
 from cli.matgen import app
-from dfm_core.training import TrainConfig, export_safetensors, load_safetensors
+from dfm_core.checkpoints import export_safetensors, load_safetensors
+from dfm_core.training import TrainConfig
 from matgen import tokenizer as tok
 from matgen.generate import (
     DEFAULT_CHECKPOINT,
@@ -268,7 +269,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tiny_run: Path, tmp_path: P
 
 
 def test_temperature_defaults_to_the_checkpoints_recommendation(tiny_run: Path, tmp_path: Path) -> None:
-    from dfm_core.training import export_safetensors, load_safetensors
+    from dfm_core.checkpoints import export_safetensors, load_safetensors
 
     state, meta = load_safetensors(tiny_run / "model.safetensors")
     export_safetensors(state, tmp_path / "rec.safetensors", {**meta, "sampling": {"temperature": 1.3}})
@@ -298,7 +299,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
         CrystalGenerator.from_checkpoint(garbage)
     with pytest.raises(CheckpointError, match="not found"):
         CrystalGenerator.from_checkpoint(tmp_path / "missing.safetensors")
-    from dfm_core.training import export_safetensors
+    from dfm_core.checkpoints import export_safetensors
 
     other = tmp_path / "other.safetensors"
     export_safetensors({"w": torch.zeros(2)}, other, {"format": "something-else"})
@@ -379,7 +380,7 @@ def test_cli_train_tiny(shared_data_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (run_dir / "model.safetensors").is_file()
     assert json.loads((run_dir / "config.json").read_text())["train"]["time_budget_s"] == 300.0
-    from dfm_core.training import load_safetensors
+    from dfm_core.checkpoints import load_safetensors
 
     full, _ = load_safetensors(run_dir / "model.safetensors")
     half, _ = load_safetensors(tmp_path / "half.safetensors")

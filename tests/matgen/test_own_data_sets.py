@@ -94,7 +94,8 @@ def test_the_checkpoint_names_the_data_it_was_trained_on_when_it_came_from_matge
     tmp_path, rows, monkeypatch
 ):
     from dfm_core.atomic_io import file_sha256
-    from dfm_core.training import TrainConfig, load_safetensors
+    from dfm_core.checkpoints import load_safetensors
+    from dfm_core.training import TrainConfig
     from matgen.model import CrystalDiTConfig
     from matgen.train import MatgenTrainConfig, train_crystal_model
 

@@ -1,0 +1,148 @@
+"""Release checkpoints: weights as safetensors with JSON metadata in the header (config, data, metrics).
+
+:func:`export_safetensors` writes one atomically, :func:`load_safetensors` reads weights and metadata back
+with clear errors for the files people mistake for one (a torch ``.pt`` training checkpoint, a truncated
+download, a diverged run's NaN weights), and :func:`read_safetensors_metadata` reads only the header, for
+describing a checkpoint without loading it. Training checkpoints (``last.pt``) are
+:mod:`dfm_core.training`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfm_core.atomic_io import atomic_write
+
+__all__ = ["export_safetensors", "load_safetensors", "read_safetensors_metadata", "unwrap_compiled"]
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (the module itself otherwise)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def export_safetensors(
+    model_or_state: nn.Module | Mapping[str, Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save weights as a safetensors file with JSON metadata in its header, atomically.
+
+    Args:
+        model_or_state: a module (``torch.compile`` wrappers are unwrapped) or a state dict.
+        path: destination (``.safetensors``).
+        metadata: JSON-serialisable values, stored as JSON strings in the header.
+        dtype: cast the floating-point weights to this dtype (e.g. ``torch.bfloat16`` halves the file);
+            float64 tensors (probability tables such as a source PMF, not weights) are kept as they are.
+
+    Returns:
+        The written path.
+    """
+    from safetensors.torch import save_file
+
+    state = (
+        unwrap_compiled(model_or_state).state_dict()
+        if isinstance(model_or_state, nn.Module)
+        else model_or_state
+    )
+    tensors = {}
+    for name, value in state.items():
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point() and value.dtype != torch.float64:
+            value = value.to(dtype)
+        tensors[name] = value.contiguous().clone()  # safetensors refuses shared storage
+    header = {"format": "pt"}
+    for key, value in (metadata or {}).items():
+        header[str(key)] = json.dumps(value)
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def load_safetensors(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load weights and metadata written by :func:`export_safetensors`.
+
+    Returns:
+        ``(state_dict, metadata)``, metadata values JSON-decoded (non-JSON strings kept as strings).
+
+    Raises:
+        FileNotFoundError: no file.
+        ValueError: the file is not a safetensors checkpoint (e.g. a torch ``.pt`` zip, truncated or
+            corrupt data), or its weights are not all finite.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    _read_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            raw_meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError and friends: truncated or inconsistent data
+        raise ValueError(f"{path} is not a valid safetensors checkpoint ({type(e).__name__}: {e})") from e
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(
+            f"{path} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: "
+            "a damaged file or the export of a diverged run"
+        )
+    return state, _decoded(raw_meta)
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a safetensors checkpoint, JSON-decoded, read from its header alone (no tensor is
+    loaded or checked). Raises as :func:`load_safetensors` for a file that is not a safetensors file."""
+    raw = _read_header(Path(path)).get("__metadata__") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a safetensors checkpoint: its __metadata__ is not a table")
+    return _decoded(raw)
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, with a clear error for the files mistaken for one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"safetensors checkpoint not found: {path}")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK":
+            raise ValueError(
+                f"{path} is not a safetensors checkpoint but a torch .pt training checkpoint (last.pt / best.pt): "
+                "pass the run folder's model.safetensors (from Python, dfm_core.training.load_checkpoint reads .pt)"
+            )
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors checkpoint: file too short ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or 8 + n > size:
+            raise ValueError(
+                f"{path} is not a safetensors checkpoint: bad header length {n} for {size} bytes"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors checkpoint: header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors checkpoint: its header is not a table")
+    return header
+
+
+def _decoded(raw: Mapping[str, str]) -> dict[str, Any]:
+    """Header metadata with its values JSON-decoded (a value that is not JSON stays a string)."""
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except (TypeError, json.JSONDecodeError):
+            meta[key] = value
+    return meta
