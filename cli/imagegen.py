@@ -528,3 +528,16 @@ def path_preview(
 
 if __name__ == "__main__":  # python -m cli.imagegen, where the console script is not installed
     app()
+
+
+@app.command()
+def info(
+    checkpoint: Path = typer.Argument(..., help="Imagegen model or VQ-VAE checkpoint (.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="All of the metadata as JSON."),
+) -> None:
+    """Describe a checkpoint: config, data, training, sampling defaults (read from its header)."""
+    from cli._info import show_checkpoint
+    from imagegen.train import CHECKPOINT_FORMAT
+    from imagegen.vqvae import VQVAE_FORMAT
+
+    show_checkpoint(checkpoint, (CHECKPOINT_FORMAT, VQVAE_FORMAT), as_json)

@@ -221,6 +221,28 @@ def train(
     report_training(result, run_dir)
 
 
+@app.command()
+def info(
+    checkpoint: Path | None = typer.Argument(
+        None, help="matgen checkpoint (.safetensors); default: the shipped model."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="All of the metadata as JSON."),
+) -> None:
+    """Describe a checkpoint: config, data, training, sampling defaults (read from its header)."""
+    from cli._info import show_checkpoint
+    from matgen import tokenizer as tok
+    from matgen.generate import DEFAULT_CHECKPOINT, unseen_elements
+    from matgen.train import CHECKPOINT_FORMAT
+
+    def notes(meta: dict) -> list[str]:
+        never = unseen_elements(meta, tok.ELEMENT_SYMBOLS)
+        if never is None:
+            return []
+        return [f"elements no training crystal holds: {', '.join(never) if never else 'none'}"]
+
+    show_checkpoint(checkpoint or DEFAULT_CHECKPOINT, (CHECKPOINT_FORMAT,), as_json, notes)
+
+
 def _register_evaluate() -> None:
     from cli.matgen_evaluate import evaluate_command
 

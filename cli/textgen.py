@@ -372,3 +372,15 @@ def prepare(
 
 if __name__ == "__main__":  # python -m cli.textgen, where the console script is not installed
     app()
+
+
+@app.command()
+def info(
+    checkpoint: Path = typer.Argument(..., help="Textgen checkpoint (.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="All of the metadata as JSON."),
+) -> None:
+    """Describe a checkpoint: config, data, training, sampling defaults (read from its header)."""
+    from cli._info import show_checkpoint
+    from textgen.checkpoint import CHECKPOINT_FORMAT
+
+    show_checkpoint(checkpoint, (CHECKPOINT_FORMAT,), as_json)

@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from torch import Tensor, nn
 
 from dfm_core.atomic_io import atomic_write
 
-__all__ = ["export_safetensors", "load_safetensors", "read_safetensors_metadata", "unwrap_compiled"]
+__all__ = [
+    "CheckpointSummary",
+    "describe_safetensors",
+    "export_safetensors",
+    "load_safetensors",
+    "read_safetensors_metadata",
+    "unwrap_compiled",
+]
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -107,6 +115,39 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a safetensors checkpoint: its __metadata__ is not a table")
     return _decoded(raw)
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a safetensors checkpoint holds, from its header: metadata and the shape of its weights."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: int
+    values: int
+    dtypes: tuple[str, ...]
+    size_bytes: int
+
+
+def describe_safetensors(path: str | os.PathLike) -> CheckpointSummary:
+    """:class:`CheckpointSummary` of a safetensors file, read from its header alone (fast for any size)."""
+    path = Path(path)
+    header = _read_header(path)
+    entries = [v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    values = 0
+    for entry in entries:
+        count = 1
+        for dim in entry.get("shape", []):
+            count *= int(dim)
+        values += count
+    return CheckpointSummary(
+        path=path,
+        metadata=read_safetensors_metadata(path),
+        tensors=len(entries),
+        values=values,
+        dtypes=tuple(sorted({str(e.get("dtype")) for e in entries})),
+        size_bytes=path.stat().st_size,
+    )
 
 
 def _read_header(path: Path) -> dict[str, Any]:

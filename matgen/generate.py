@@ -93,15 +93,8 @@ class CrystalGenerator:
     checkpoint: Path
 
     def unseen_elements(self, elements: Sequence[str]) -> list[str] | None:
-        """Of ``elements``, those that no training crystal of this model held (the model never learned
-        where they go); ``None`` if the checkpoint does not say what it was trained on."""
-        data = self.metadata.get("data") if isinstance(self.metadata.get("data"), dict) else {}
-        counts = data.get("train_element_counts")
-        if isinstance(counts, dict):
-            return [e for e in elements if not counts.get(e)]
-        if data.get("train_ids_sha256") == MP20_TRAIN_IDS_SHA256:  # MP-20 train, before counts were kept
-            return [e for e in elements if e in MP20_TRAIN_ABSENT_ELEMENTS]
-        return None
+        """Of ``elements``, those that no training crystal of this model held (:func:`unseen_elements`)."""
+        return unseen_elements(self.metadata, elements)
 
     @classmethod
     def from_checkpoint(
@@ -484,6 +477,18 @@ def _decode_and_write(
         )
         rows.append(row)
     return rows
+
+
+def unseen_elements(metadata: dict[str, Any], elements: Sequence[str]) -> list[str] | None:
+    """Of ``elements``, those that no training crystal of the checkpoint with ``metadata`` held (the model
+    never learned where they go); ``None`` if the checkpoint does not say what it was trained on."""
+    data = metadata.get("data") if isinstance(metadata.get("data"), dict) else {}
+    counts = data.get("train_element_counts")
+    if isinstance(counts, dict):
+        return [e for e in elements if not counts.get(e)]
+    if data.get("train_ids_sha256") == MP20_TRAIN_IDS_SHA256:  # MP-20 train, before counts were kept
+        return [e for e in elements if e in MP20_TRAIN_ABSENT_ELEMENTS]
+    return None
 
 
 def _batch_seed(seed: int, batch: int) -> int:
