@@ -116,3 +116,6 @@ def evaluate_command(
     except KeyboardInterrupt:
         fail(f"interrupted{kept()}; run the same command again to continue from there", code=130)
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'report.md'}")
+    if not skip_stability:
+        n = len(list((out / "candidates").glob("*.cif")))
+        typer.echo(f"{n} candidate crystal(s) (metastable, unique, novel; relaxed) in {out / 'candidates'}")

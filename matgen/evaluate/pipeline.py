@@ -238,6 +238,7 @@ def evaluate(
             file; or in memory: CIF text, a DataFrame with a ``cif`` column, a pymatgen Structure, ASE
             Atoms, or a list of those (see :func:`matgen.evaluate.inputs.read_inputs`).
         out_dir: output folder: ``results.csv`` (+ ``.parquet``), ``summary.json``, ``relaxed.csv.gz``,
+            ``candidates/`` (relaxed CIFs of the metastable, unique, novel crystals) with ``candidates.csv``,
             plots, ``report.md`` and the resume journal ``journal.jsonl``. Re-running with the same folder
             resumes; only crystals without a journal record are computed.
         data_dir: MP-20 folder (default: ``$MATGEN_DATA``, see ``matgen.data.resolve_data_dir``).

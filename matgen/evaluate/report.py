@@ -6,13 +6,18 @@ Files written into the output folder:
 * ``results.csv`` (and ``results.parquet`` when pyarrow is installed): one row per input crystal;
 * ``summary.json``: the metrics dictionary returned by :func:`matgen.evaluate.evaluate`;
 * ``relaxed.csv.gz``: ``id, cif`` of the CHGNet-relaxed structures (itself a valid ``evaluate`` input);
+* ``candidates/``: one CIF per metastable, unique and novel crystal (E_hull <= 0.1 eV/atom, the M.S.U.N.
+  set, which holds the S.U.N. set), as relaxed, and ``candidates.csv`` listing them by E_hull: the
+  crystals worth a DFT check;
 * ``e_hull_hist.png``, ``element_frequency.png``, ``density.png``, ``n_atoms.png`` (matplotlib, Agg);
 * ``report.md``: the summary and the plots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ OUTPUT_FILES = (
     "results.parquet",
     "summary.json",
     "relaxed.csv.gz",
+    "candidates.csv",
     "e_hull_hist.png",
     "element_frequency.png",
     "density.png",
@@ -44,6 +50,45 @@ def remove_outputs(out: Path) -> None:
     run's numbers looking current."""
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
+    folder = out / CANDIDATES_DIR
+    if folder.is_dir():  # only the CIFs written there; anything else a user put there stays
+        for cif in folder.glob("*.cif"):
+            cif.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+CANDIDATES_DIR = "candidates"
+CANDIDATE_COLUMNS = ["id", "formula", "n_atoms", "e_hull", "stable", "sun", "file"]
+
+
+def _candidate_stem(crystal_id: str, taken: set[str]) -> str:
+    """A file name stem for ``crystal_id`` (its path separators and odd characters made safe), unique
+    among ``taken`` (which it joins)."""
+    stem = re.sub(r"\.cif(\.gz)?$", "", str(crystal_id), flags=re.IGNORECASE)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__")).strip("._")[:120] or "crystal"
+    unique, k = stem, 2
+    while unique.lower() in taken:
+        unique, k = f"{stem}_{k}", k + 1
+    taken.add(unique.lower())
+    return unique
+
+
+def _write_candidates(out: Path, results: pd.DataFrame, relaxed_cifs: dict[str, str]) -> pd.DataFrame:
+    """``candidates/<id>.cif`` (relaxed) and ``candidates.csv`` for the M.S.U.N. crystals, by E_hull."""
+    if "metastable" not in results.columns:
+        return pd.DataFrame(columns=CANDIDATE_COLUMNS)
+    flags = results[["metastable", "unique", "novel"]].fillna(False).astype(bool)
+    chosen = results[flags.all(axis=1) & results["id"].isin(list(relaxed_cifs))]
+    chosen = chosen.sort_values("e_hull", kind="stable")
+    rows, taken = [], set()
+    for _, row in chosen.iterrows():
+        name = f"{CANDIDATES_DIR}/{_candidate_stem(row['id'], taken)}.cif"
+        atomic_write_text(out / name, relaxed_cifs[row["id"]])
+        rows.append({c: row.get(c) for c in CANDIDATE_COLUMNS[:-1]} | {"file": name})
+    table = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+    atomic_write(out / "candidates.csv", lambda tmp: table.to_csv(tmp, index=False))
+    return table
 
 
 RESULT_COLUMNS = [
@@ -231,7 +276,9 @@ def _cutoffs_text(summary: dict[str, Any]) -> str:
     return f" Coverage cut-offs: structure {cuts['structure']:g}, composition {cuts['composition']:g}."
 
 
-def _report_md(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
+def _report_md(
+    summary: dict[str, Any], plots: list[tuple[str, str]], candidates: pd.DataFrame | None = None
+) -> str:
     lines = ["# matgen evaluate report", ""]
     if "stability_note" in summary:
         lines += [f"> **{summary['stability_note']}** Hull reference: {summary.get('hull_reference')}.", ""]
@@ -254,6 +301,8 @@ def _report_md(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         lines += ["## Stability caveats", "", "| reason | crystals |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["stability_reasons"].items()]
         lines.append("")
+    if candidates is not None:
+        lines += _candidates_md(candidates)
     for title, fname in plots:
         lines += [f"## {title}", "", f"![{title}]({fname})", ""]
     lines += [
@@ -266,6 +315,27 @@ def _report_md(summary: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _candidates_md(candidates: pd.DataFrame, shown: int = 20) -> list[str]:
+    """The report's table of the lowest-E_hull M.S.U.N. crystals."""
+    lines = ["## Candidates: metastable, unique and novel crystals (relaxed CIFs in `candidates/`)", ""]
+    if candidates.empty:
+        return [*lines, "None of the crystals is within 0.1 eV/atom of the hull, unique and novel.", ""]
+    more = (
+        f" (the first {shown} of {len(candidates)}; all in `candidates.csv`)"
+        if len(candidates) > shown
+        else ""
+    )
+    lines += [f"Lowest E_hull first{more}.", "", "| crystal | formula | atoms | E_hull (eV/atom) | S.U.N. |"]
+    lines.append("|---|---|---:|---:|---|")
+    for _, row in candidates.head(shown).iterrows():
+        sun = "yes" if bool(row["sun"]) else ""
+        label = str(row["id"]).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
+        lines.append(
+            f"| [{label}]({row['file']}) | {row['formula']} | {row['n_atoms']} | {row['e_hull']:.3f} | {sun} |"
+        )
+    return [*lines, ""]
 
 
 def write_outputs(
@@ -291,14 +361,17 @@ def write_outputs(
     except Exception:  # pyarrow missing or a mixed-type column
         pass
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    relaxed_rows = []
+    relaxed_cifs = {}
     for i, rec in relax_records.items():
         s = structure_from_json(rec.get("relaxed"))
         if s is not None:
-            relaxed_rows.append({"id": i, "cif": str(CifWriter(s))})
-    relaxed = pd.DataFrame(relaxed_rows, columns=["id", "cif"])
+            relaxed_cifs[i] = str(CifWriter(s))
+    relaxed = pd.DataFrame(
+        {"id": list(relaxed_cifs), "cif": list(relaxed_cifs.values())}, columns=["id", "cif"]
+    )
     atomic_write(out / "relaxed.csv.gz", lambda tmp: relaxed.to_csv(tmp, index=False, compression="gzip"))
+    candidates = _write_candidates(out, results, relaxed_cifs) if relax_records else None
     plots = _plots(out, results, summary, reference)
-    atomic_write_text(out / "report.md", _report_md(summary, plots))
+    atomic_write_text(out / "report.md", _report_md(summary, plots, candidates))
     if console:
         print_summary(summary)

@@ -200,6 +200,53 @@ def test_cli_writes_outputs(mp20_dir, hull_dir, fp_cache, tmp_path):
     assert "APPROXIMATE" in result.output
     relaxed = pd.read_csv(out / "relaxed.csv.gz")
     assert list(relaxed["id"]) == ["nacl.cif"]
+    rows = _rows(out)
+    chosen = rows[rows["metastable"].astype(bool) & rows["unique"].astype(bool) & rows["novel"].astype(bool)]
+    candidates = pd.read_csv(out / "candidates.csv")
+    assert list(candidates["id"]) == list(chosen["id"])
+    assert sorted(p.name for p in (out / "candidates").glob("*.cif")) == sorted(
+        Path(f).name for f in candidates["file"]
+    )
+    assert f"{len(candidates)} candidate crystal(s)" in result.output
+
+
+def test_candidates_are_the_relaxed_msun_crystals_by_e_hull_with_safe_unique_names(tmp_path):
+    from pymatgen.io.cif import CifWriter
+
+    from matgen.evaluate.report import _candidates_md, _write_candidates, remove_outputs
+
+    ids = ["sub/a b.cif", "sub/a_b.cif", "dup.cif", "high.cif", "plain", "unrelaxed.cif"]
+    results = pd.DataFrame(
+        {
+            "id": ids,
+            "formula": ["NaCl"] * 6,
+            "n_atoms": [2] * 6,
+            "e_hull": [0.05, -0.02, 0.0, 0.3, 0.01, -0.1],
+            "metastable": [True, True, True, False, True, True],
+            "stable": [False, True, True, False, False, True],
+            "unique": [True, True, False, True, True, True],
+            "novel": [True, True, True, True, True, True],
+            "sun": [False, True, False, False, False, True],
+        }
+    )
+    cif = str(CifWriter(rock_salt()))
+    relaxed = {i: cif for i in ids if i != "unrelaxed.cif"}
+    table = _write_candidates(tmp_path, results, relaxed)
+    assert list(table["id"]) == ["sub/a_b.cif", "plain", "sub/a b.cif"]  # by E_hull; M.S.U.N. and relaxed
+    assert list(table["file"]) == [
+        "candidates/sub__a_b.cif",
+        "candidates/plain.cif",
+        "candidates/sub__a_b_2.cif",
+    ]
+    assert pd.read_csv(tmp_path / "candidates.csv")["id"].tolist() == list(table["id"])
+    for f in table["file"]:
+        assert (tmp_path / f).read_text() == cif
+    md = "\n".join(_candidates_md(table, shown=2))
+    assert "[sub/a_b.cif](candidates/sub__a_b.cif)" in md and "the first 2 of 3" in md
+    (tmp_path / "candidates" / "mine.txt").write_text("a note of the user's")
+    remove_outputs(tmp_path)
+    assert [p.name for p in (tmp_path / "candidates").iterdir()] == ["mine.txt"]
+    assert not (tmp_path / "candidates.csv").exists()
 
 
 def test_rerun_with_other_inputs_under_the_same_ids_recomputes_them(mp20_dir, hull_dir, fp_cache, tmp_path):
