@@ -137,11 +137,12 @@ def flow_matching_sample(
 def instrumented(device: torch.device, sampler: str, workers: int = 0):
     """Patch generate's sampler choice and time sample_tokens / _decode_and_write; yields the timer dict."""
     import matgen.generate as mg
+    import matgen.sampling as ms
 
     timers = {"sampling": 0.0, "decode": 0.0, "sampling_cpu": 0.0, "decode_cpu": 0.0}
     orig_sample_tokens = mg.CrystalGenerator.sample_tokens
     orig_decode = mg._decode_and_write
-    orig_sample = mg.sample
+    orig_sample = ms.sample
 
     def sample_tokens(self, *a, **k):
         sync(device)
@@ -163,13 +164,13 @@ def instrumented(device: torch.device, sampler: str, workers: int = 0):
     if workers == 0:  # worker processes must get the module's own (picklable) function
         mg._decode_and_write = decode_and_write
     if sampler == "flow_matching":
-        mg.sample = flow_matching_sample
+        ms.sample = flow_matching_sample
     try:
         yield timers
     finally:
         mg.CrystalGenerator.sample_tokens = orig_sample_tokens
         mg._decode_and_write = orig_decode
-        mg.sample = orig_sample
+        ms.sample = orig_sample
 
 
 def run_once(
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import warnings
 
-    from matgen.generate import DEFAULT_CHECKPOINT
+    from matgen.sampling import DEFAULT_CHECKPOINT
 
     warnings.filterwarnings("ignore")  # pymatgen's electronegativity warnings for noble gases
 

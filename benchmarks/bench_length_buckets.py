@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from matgen.generate import CrystalGenerator, length_groups
+from matgen.sampling import CrystalGenerator, length_groups
 
 
 def timed(gen: CrystalGenerator, counts: torch.Tensor, steps: int, buckets: int) -> float:

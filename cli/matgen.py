@@ -91,8 +91,8 @@ def generate(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Generate crystals to CIF files (one per crystal) plus samples.csv."""
-    from matgen.generate import CheckpointError
     from matgen.generate import generate as run
+    from matgen.sampling import CheckpointError
 
     out = folder_flag(out_text, "--out", "cifs/")  # never write into (or --overwrite) the current folder
     try:
@@ -231,7 +231,7 @@ def info(
     """Describe a checkpoint: config, data, training, sampling defaults (read from its header)."""
     from cli._info import show_checkpoint
     from matgen import tokenizer as tok
-    from matgen.generate import DEFAULT_CHECKPOINT, unseen_elements
+    from matgen.sampling import DEFAULT_CHECKPOINT, unseen_elements
     from matgen.train import CHECKPOINT_FORMAT
 
     def notes(meta: dict) -> list[str]:

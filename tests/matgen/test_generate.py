@@ -17,14 +17,9 @@ from cli.matgen import app
 from dfm_core.checkpoints import export_safetensors, load_safetensors
 from dfm_core.training import TrainConfig
 from matgen import tokenizer as tok
-from matgen.generate import (
-    DEFAULT_CHECKPOINT,
-    CheckpointError,
-    CrystalGenerator,
-    coincident_atom_mask,
-    generate,
-)
+from matgen.generate import generate
 from matgen.model import CrystalDiTConfig
+from matgen.sampling import DEFAULT_CHECKPOINT, CheckpointError, CrystalGenerator, coincident_atom_mask
 from matgen.train import MatgenTrainConfig, train_crystal_model
 
 runner = CliRunner()
@@ -492,7 +487,7 @@ def test_element_order_and_repeats_do_not_change_the_run(tiny_run: Path, tmp_pat
     summary = generate(4, tmp_path / "y", elements=["O", "Li"], **run)
     again = generate(4, tmp_path / "y", elements=["Li", "O"], resume=True, **run)  # same system: resumes
     assert summary.skipped_batches == 0 and again.skipped_batches == 2
-    from matgen.generate import normalize_elements
+    from matgen.sampling import normalize_elements
 
     assert normalize_elements("li, FE ,o") == ["Li", "Fe", "O"]
     cases = (
@@ -650,7 +645,7 @@ def _brute_force_groups(values: list[int], sizes: list[int], max_groups: int, gr
 
 
 def test_length_groups_partition_the_batch_at_least_cost() -> None:
-    from matgen.generate import length_groups
+    from matgen.sampling import length_groups
 
     rng = torch.Generator().manual_seed(0)
     for trial in range(30):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli.matgen import app
 from dfm_core.checkpoints import load_safetensors
-from matgen.generate import DEFAULT_CHECKPOINT
+from matgen.sampling import DEFAULT_CHECKPOINT
 
 runner = CliRunner()
 
