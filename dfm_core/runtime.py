@@ -1,13 +1,20 @@
-"""Where code runs and how it is seeded: :func:`resolve_device` and :func:`seed_everything`."""
+"""Where code runs and how it is seeded: :func:`resolve_device`, :func:`seed_everything`, and
+:func:`keeps_global_rng`, which gives a caller its global random states back after a seeded run."""
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "seed_everything"]
+__all__ = ["keeps_global_rng", "resolve_device", "seed_everything"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def seed_everything(seed: int) -> None:
@@ -40,3 +47,23 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
                 f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
             )
     return dev
+
+
+def keeps_global_rng(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a function that seeds the global RNGs (a training run seeds python's, numpy's and torch's
+    from its own seed) so that its caller gets their states back, also after an exception: a notebook's
+    ``torch.rand`` after training goes on from where the user's stream was. A run keeps its own RNG
+    state in its checkpoints, so resuming is unaffected."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                return fn(*args, **kwargs)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    return wrapper

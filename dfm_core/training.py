@@ -44,9 +44,9 @@ from dfm_core.atomic_io import (
     holds_folder_lock,
     remove_stale_temps,
 )
-from dfm_core.checkpoints import export_safetensors, load_safetensors, unwrap_compiled
-from dfm_core.config import config_from_dict, load_config
-from dfm_core.runtime import resolve_device, seed_everything
+from dfm_core.checkpoints import unwrap_compiled
+from dfm_core.config import config_from_dict
+from dfm_core.runtime import keeps_global_rng, resolve_device, seed_everything
 
 __all__ = [
     "EMA",
@@ -61,13 +61,6 @@ __all__ = [
     "load_checkpoint",
     "saved_run_facts",
     "train",
-    # moved to dfm_core.config / .checkpoints / .runtime; kept here until every app imports them there
-    "config_from_dict",
-    "export_safetensors",
-    "load_config",
-    "load_safetensors",
-    "resolve_device",
-    "seed_everything",
 ]
 
 # The file in a run folder that apps export the run's best weights to (with export_safetensors). A run
@@ -668,6 +661,7 @@ def _check_resumable(
 
 
 @holds_folder_lock("run_dir", "run folder")
+@keeps_global_rng
 def train(
     model: nn.Module,
     loss_fn: LossFn,

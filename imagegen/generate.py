@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dfm_core.checkpoints import load_safetensors
 from dfm_core.paths import ProbabilityPath
+from dfm_core.runtime import resolve_device
 from dfm_core.sampler import sample
-from dfm_core.training import load_safetensors, resolve_device
 from dfm_core.velocities import ProbabilityVelocity, make_velocity
 from imagegen.data import check_count, tokens_to_images
 from imagegen.model import PixelUNet, UNetConfig
@@ -216,7 +217,8 @@ class ImageGenerator:
                 f"{path}: its path metadata must be a table of settings, got {meta['path']!r}"
             )
         try:
-            model = PixelUNet(UNetConfig.from_dict(meta["model_config"]))
+            with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
+                model = PixelUNet(UNetConfig.from_dict(meta["model_config"]))
             path_config = PixelPathConfig.from_dict(
                 {k: v for k, v in meta["path"].items() if k != "vocab_size"}
             )

@@ -83,7 +83,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        from dfm_core.training import config_from_dict
+        from dfm_core.config import config_from_dict
 
         return config_from_dict(cls, data)
 

@@ -89,7 +89,7 @@ class PixelPathConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PixelPathConfig:
-        from dfm_core.training import config_from_dict
+        from dfm_core.config import config_from_dict
 
         return config_from_dict(cls, data)
 

@@ -24,20 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from dfm_core.atomic_io import check_writable, file_sha256, holds_folder_lock
+from dfm_core.checkpoints import export_safetensors
+from dfm_core.config import config_from_dict, load_config
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import ProbabilityPath
-from dfm_core.training import (
-    TrainConfig,
-    TrainResult,
-    best_weights_metadata,
-    config_from_dict,
-    export_safetensors,
-    load_config,
-    resolve_device,
-    saved_run_facts,
-    seed_everything,
-    train,
-)
+from dfm_core.runtime import keeps_global_rng, resolve_device, seed_everything
+from dfm_core.training import TrainConfig, TrainResult, best_weights_metadata, saved_run_facts, train
 from imagegen.data import ImageDataset, check_count, images_sha256, load_dataset
 from imagegen.latent import check_vqvae_data, distance_scale, latent_codes
 from imagegen.model import PixelUNet, UNetConfig, count_parameters
@@ -252,6 +244,7 @@ class _CodeBatches(_Batches):
 
 
 @holds_folder_lock("run_dir", "run folder")
+@keeps_global_rng
 def train_image_model(
     config: ImagegenTrainConfig,
     run_dir: str | os.PathLike,
@@ -298,7 +291,7 @@ def train_image_model(
             warnings.warn(
                 f"the VQ-VAE {config.latent} was trained on other images ({(vq_meta.get('data') or {}).get('name')}) "
                 f"than these ({data.name}); its codes may describe them poorly",
-                stacklevel=3,
+                stacklevel=4,  # past the two decorators
             )
     train_idx, val_idx = _split_indices(data, config.val_size, config.split_seed, config.train_limit)
     train_data, val_data = data.take(train_idx, "[train]"), data.take(val_idx, "[val]")

@@ -19,18 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from dfm_core.atomic_io import check_writable, holds_folder_lock
-from dfm_core.training import (
-    TrainConfig,
-    TrainResult,
-    best_weights_metadata,
-    config_from_dict,
-    export_safetensors,
-    seed_everything,
-    train,
-)
+from dfm_core.checkpoints import export_safetensors
+from dfm_core.config import config_from_dict
+from dfm_core.runtime import keeps_global_rng, seed_everything
+from dfm_core.training import TrainConfig, TrainResult, best_weights_metadata, train
 from imagegen.data import ImageDataset, check_count, images_sha256, load_dataset
 from imagegen.model import count_parameters
-from imagegen.train import _Batches, cpu_generator, data_facts, run_data_identity, split_train_val
+from imagegen.train import (
+    _Batches,
+    cpu_generator,
+    data_facts,
+    run_data_identity,
+    split_train_val,
+)
 from imagegen.vqvae import VQVAE, VQVAE_FORMAT, VQVAEConfig
 
 __all__ = ["VQTrainConfig", "export_vqvae", "reconstruction_stats", "train_vqvae"]
@@ -97,6 +98,7 @@ def reconstruction_stats(vq: VQVAE, images: Tensor, batch_size: int = 256) -> di
 
 
 @holds_folder_lock("run_dir", "run folder")
+@keeps_global_rng
 def train_vqvae(
     config: VQTrainConfig,
     run_dir: str | os.PathLike,

@@ -93,7 +93,7 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VQVAEConfig:
-        from dfm_core.training import config_from_dict
+        from dfm_core.config import config_from_dict
 
         return config_from_dict(cls, data)
 
@@ -281,7 +281,7 @@ def load_vqvae(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         FileNotFoundError: no such file.
         ValueError: not a readable safetensors file, or not an imagegen VQ-VAE.
     """
-    from dfm_core.training import load_safetensors
+    from dfm_core.checkpoints import load_safetensors
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -298,7 +298,8 @@ def load_vqvae(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def vqvae_from_state(state: dict[str, Tensor], config: dict[str, Any], where: str) -> VQVAE:
     """A :class:`VQVAE` in eval mode from its config dict and state dict (``where`` names it in errors)."""
-    model = VQVAE(VQVAEConfig.from_dict(config))
+    with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
+        model = VQVAE(VQVAEConfig.from_dict(config))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -94,7 +94,8 @@ class CrystalGenerator:
         try:
             if not isinstance(meta["model_config"], dict):
                 raise ValueError("model_config is not a table of settings")
-            model = build_model(kind, CrystalDiTConfig.from_dict(meta["model_config"]))
+            with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
+                model = build_model(kind, CrystalDiTConfig.from_dict(meta["model_config"]))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its metadata does not describe a matgen model: {e}") from None
         try:

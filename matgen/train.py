@@ -25,7 +25,7 @@ from dfm_core.checkpoints import export_safetensors
 from dfm_core.config import config_from_dict, load_config
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import MixturePath
-from dfm_core.runtime import seed_everything
+from dfm_core.runtime import keeps_global_rng, seed_everything
 from dfm_core.schedulers import make_scheduler
 from dfm_core.sources import mask_source
 from dfm_core.training import EXPORTED_MODEL, TrainConfig, TrainResult, best_weights_metadata, train
@@ -174,6 +174,7 @@ def _ar_loss(model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Ge
 
 
 @holds_folder_lock("run_dir", "run folder")
+@keeps_global_rng
 def train_crystal_model(
     config: MatgenTrainConfig,
     run_dir: str | os.PathLike,

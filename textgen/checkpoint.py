@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dfm_core.checkpoints import export_safetensors, load_safetensors
 from dfm_core.paths import MixturePath
-from dfm_core.training import export_safetensors, load_safetensors, resolve_device
+from dfm_core.runtime import resolve_device
 from textgen.model import TextModelConfig, build_model
 from textgen.path import TextPathConfig, build_path, text_source
 
@@ -94,7 +95,8 @@ class TextModel:
             raise CheckpointError(f"{file}: metadata seq_len must be a whole number >= 1, got {seq_len!r}")
         pmf = state.pop(SOURCE_PMF_KEY, None)
         try:
-            model = build_model(kind, TextModelConfig.from_dict(meta["model_config"]))
+            with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
+                model = build_model(kind, TextModelConfig.from_dict(meta["model_config"]))
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{file}: bad model_config in its metadata: {e}") from e
         try:

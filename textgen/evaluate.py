@@ -340,17 +340,15 @@ def plot_samples_vs_nfe(samples: Sequence[SampleQuality], path: str | os.PathLik
     log-2 NFE axis; AR rows as dashed horizontal lines. None (nothing written) without a DFM row."""
     if not any(s.nfe for s in samples):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and open figures stay as they are
 
     judged = any(s.gen_perplexity is not None for s in samples)
     panels = [("unigram_entropy", "unigram entropy (nats)")]
     if judged:
         judge = next(s.judge for s in samples if s.judge)
         panels.insert(0, ("gen_perplexity", f"gen. perplexity ({judge})"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (field_name, label) in zip(axes[0], panels, strict=True):
         curves: dict[str, list[tuple[int, float]]] = {}
         for s in samples:
@@ -373,7 +371,6 @@ def plot_samples_vs_nfe(samples: Sequence[SampleQuality], path: str | os.PathLik
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
-    plt.close(fig)
     return path
 
 
@@ -483,7 +480,7 @@ def evaluate(
             if k < 1:
                 raise ValueError(f"every nfe must be >= 1, got {k}")
     check_temperature(temperature, "ar")  # finite and >= 0; 0 is refused per model below
-    sampler["alpha"] = check_alpha(sampler.get("alpha"))
+    sampler["alpha"] = check_alpha(sampler.get("alpha"), sampler.get("velocity", "ko"))
     tokenizer = tokenizer or TextTokenizer()
     if not datasets:
         raise ValueError("give at least one data set to evaluate on")

@@ -81,10 +81,13 @@ def check_temperature(temperature: float, kind: str = "dfm") -> float:
     return t
 
 
-def check_alpha(alpha: float | None) -> float | None:
-    """alpha of the power velocity: None (not given) or a finite number > 0."""
+def check_alpha(alpha: float | None, velocity: str | None = None) -> float | None:
+    """alpha of the power velocity: None (not given) or a finite number > 0; refused with any other
+    ``velocity`` (when given), which would ignore it."""
     if alpha is None:
         return None
+    if velocity is not None and velocity.strip().lower() != "power":
+        raise ValueError(f"alpha applies to the power velocity, not {velocity!r}")
     a = float(alpha)
     if not (math.isfinite(a) and a > 0):
         hint = " (use the power-inf velocity for alpha -> inf)" if a == math.inf else ""
@@ -196,7 +199,7 @@ def generate_tokens(
             raise ValueError(f"{name} must be >= 1, got {value}")
     length = resolve_length(model, length)
     temperature = check_temperature(temperature, model.kind)
-    alpha = check_alpha(alpha)
+    alpha = check_alpha(alpha, velocity)
     if template is not None and template.mask.shape[0] != length:
         raise ValueError("the template was built for another length")
     if model.kind == "ar" and template is not None and not template.is_prompt:
@@ -241,7 +244,12 @@ def generate_texts(
     **kwargs: Any,
 ) -> GeneratedTexts:
     """Sample ``n`` texts; ``prompt`` is a template (see the module docstring). Other options as
-    :func:`generate_tokens`."""
+    :func:`generate_tokens`; an autoregressive model refuses a velocity other than ``ko`` or a corrector."""
+    if model.kind == "ar" and (kwargs.get("velocity", "ko") != "ko" or kwargs.get("corrector", 0.0) != 0):
+        raise ValueError(
+            "this is an autoregressive checkpoint: it samples token by token, so velocity, corrector and "
+            "alpha do not apply"
+        )
     model.check_tokenizer(tokenizer)
     length = resolve_length(model, kwargs.pop("length", None))
     template = parse_template(prompt, tokenizer, length) if prompt else None

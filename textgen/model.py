@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfm_core.config import config_from_dict
 from dfm_core.nn import DiT
-from dfm_core.training import config_from_dict
 from textgen.tokenizer import EOT_ID, MASK_ID, VOCAB_SIZE
 
 __all__ = [

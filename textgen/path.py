@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dfm_core.config import config_from_dict
 from dfm_core.paths import MixturePath
 from dfm_core.schedulers import make_scheduler
 from dfm_core.sources import data_statistics_source, mask_source, token_statistics
-from dfm_core.training import config_from_dict
 from textgen.tokenizer import GPT2_VOCAB_SIZE, MASK_ID, VOCAB_SIZE
 
 __all__ = [

@@ -25,17 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm_core.atomic_io import check_writable, holds_folder_lock
+from dfm_core.config import config_from_dict, load_config
 from dfm_core.objectives import cross_entropy_loss, mixture_elbo_loss, sample_training_time
 from dfm_core.paths import MixturePath
-from dfm_core.training import (
-    TrainConfig,
-    TrainResult,
-    best_weights_metadata,
-    config_from_dict,
-    load_config,
-    seed_everything,
-    train,
-)
+from dfm_core.runtime import keeps_global_rng, seed_everything
+from dfm_core.training import TrainConfig, TrainResult, best_weights_metadata, train
 from textgen.checkpoint import export_text_model
 from textgen.data import TokenCorpus, load_corpora, pack
 from textgen.model import TextARModel, TextModelConfig, build_model, count_parameters
@@ -222,6 +216,7 @@ def make_loss(config: TextgenTrainConfig, path: MixturePath | None):
 
 
 @holds_folder_lock("run_dir", "run folder")
+@keeps_global_rng
 def train_text_model(
     config: TextgenTrainConfig,
     run_dir: str | os.PathLike,

@@ -133,10 +133,14 @@ def _elements_of(formulas: list[str]) -> Counter:
 def _plots(
     out: Path, results: pd.DataFrame, summary: dict[str, Any], reference: Any
 ) -> list[tuple[str, str]]:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and open figures stay as they are
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    def axes(figsize: tuple[float, float]) -> tuple[Any, Any]:
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots()
+
+    def save(fig: Any, name: str) -> None:  # renamed into place: a killed run leaves no half a PNG
+        atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
 
     made: list[tuple[str, str]] = []
     valid = results["valid"].astype(bool)
@@ -144,7 +148,7 @@ def _plots(
     if "e_hull_histogram" in summary:
         h = summary["e_hull_histogram"]
         edges, counts = np.array(h["bin_edges"]), np.array(h["counts"])
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = axes((6, 3.5))
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
         ax.axvline(0.0, color="k", lw=1)
         ax.axvline(0.1, color="k", lw=1, ls="--")
@@ -152,8 +156,7 @@ def _plots(
         ax.set_ylabel("crystals")
         ax.set_title(f"stable (<= 0): {summary.get('stable_rate', float('nan')):.1%} of all")
         fig.tight_layout()
-        fig.savefig(out / "e_hull_hist.png", dpi=120)
-        plt.close(fig)
+        save(fig, "e_hull_hist.png")
         made.append(("E_hull distribution", "e_hull_hist.png"))
 
     gen = _elements_of(results.loc[results["parsed"].astype(bool), "formula"].dropna().tolist())
@@ -162,7 +165,7 @@ def _plots(
     n_ref = max(len(reference), 1)
     top = [el for el, _ in (gen + ref).most_common(40)]
     if top:
-        fig, ax = plt.subplots(figsize=(11, 3.5))
+        fig, ax = axes((11, 3.5))
         x = np.arange(len(top))
         ax.bar(x - 0.2, [gen[e] / n_gen for e in top], width=0.4, label="generated")
         ax.bar(
@@ -175,8 +178,7 @@ def _plots(
         ax.set_ylabel("fraction of crystals containing")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "element_frequency.png", dpi=120)
-        plt.close(fig)
+        save(fig, "element_frequency.png")
         made.append(("Element frequency", "element_frequency.png"))
 
     for col, ref_values, fname, label in (
@@ -185,7 +187,7 @@ def _plots(
     ):
         g = results.loc[valid, col].to_numpy(float)
         g = g[np.isfinite(g)]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = axes((6, 3.5))
         r = np.asarray(ref_values, float)
         both = np.concatenate([g, r]) if len(g) else r
         if col == "n_atoms":
@@ -206,8 +208,7 @@ def _plots(
         ax.set_ylabel("density of crystals")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
+        save(fig, fname)
         made.append((label.split(" (")[0].capitalize() + " distribution", fname))
     return made
 

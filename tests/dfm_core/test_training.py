@@ -614,7 +614,9 @@ def test_a_budgeted_run_reissued_after_a_kill_keeps_its_fitted_schedule(tmp_path
         val_loss,
         progress=False,
     )
-    assert result.step == fitted  # the fitted count, not a new fit from 100,000
+    # the fitted count, not a new fit from 100,000 (which would train about a budget's worth more); it may
+    # end a step or two early when a busy machine makes the resumed steps slower than the fitted ones
+    assert killed["step"] < result.step <= fitted
     lrs = [r["lr"] for r in read_metrics(tmp_path) if "lr" in r and r["step"] > killed["step"]]
     assert max(lrs) <= lr_at_kill * (1 + 1e-6) and lrs[-1] == pytest.approx(0.1 * cfg.lr, rel=1e-3)
     assert load_checkpoint(tmp_path / "last.pt")["config"]["seed"] == cfg.seed  # the run's seed, not 5

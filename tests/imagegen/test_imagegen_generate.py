@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.imagegen import app
-from dfm_core.training import export_safetensors, load_safetensors
+from dfm_core.checkpoints import export_safetensors, load_safetensors
 from imagegen.generate import CheckpointError, ImageGenerator, SamplingConfig, resolve_labels
 from imagegen.grid import grid_size
 

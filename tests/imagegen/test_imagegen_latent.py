@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.imagegen import app
-from dfm_core.training import load_safetensors
+from dfm_core.checkpoints import load_safetensors
 from dfm_core.velocities import KineticOptimalVelocity
 from imagegen.generate import ImageGenerator, SamplingConfig
 from imagegen.grid import grid_size

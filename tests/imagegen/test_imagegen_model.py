@@ -8,7 +8,7 @@ import pytest
 import torch
 from imagegen_fixtures import read_metrics
 
-from dfm_core.training import load_safetensors
+from dfm_core.checkpoints import load_safetensors
 from imagegen.model import PRESETS, PixelUNet, UNetConfig, count_parameters
 from imagegen.train import CHECKPOINT_FORMAT, ImagegenTrainConfig, load_train_config
 

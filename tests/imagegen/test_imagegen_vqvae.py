@@ -8,7 +8,7 @@ import pytest
 import torch
 from imagegen_fixtures import read_metrics, synthetic_images, tiny_vq_config
 
-from dfm_core.training import load_safetensors
+from dfm_core.checkpoints import load_safetensors
 from imagegen.train import split_train_val
 from imagegen.train_vq import reconstruction_stats, train_vqvae
 from imagegen.vqvae import VQVAE, VQVAE_FORMAT, VectorQuantizer, VQVAEConfig, load_vqvae

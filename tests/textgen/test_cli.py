@@ -212,7 +212,7 @@ def test_train_exports_bf16_weights_with_an_exact_source_pmf(
 ) -> None:
     """`--export-bf16` halves the weights; the eq 38 source PMF of a stats path stays float64, bit for bit,
     and the export samples like any checkpoint."""
-    from dfm_core.training import load_safetensors
+    from dfm_core.checkpoints import load_safetensors
     from textgen.checkpoint import SOURCE_PMF_KEY
 
     run_dir, export = tmp_path / "run", tmp_path / "half.safetensors"

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from dfm_core.checkpoints import load_safetensors
 from dfm_core.objectives import fair_elbo
-from dfm_core.training import TrainConfig, load_safetensors, seed_everything
+from dfm_core.runtime import seed_everything
+from dfm_core.training import TrainConfig
 from textgen.checkpoint import CHECKPOINT_FORMAT, SOURCE_PMF_KEY, TextModel
 from textgen.model import TextModelConfig, build_model
 from textgen.path import TextPathConfig, stats_source
