@@ -387,22 +387,20 @@ def evaluate(
     """Score samples with FD-EffNetLite0 against held-out test images, over NFEs and sampler settings."""
     out = folder_flag(out_text, "--out", "eval/")
     from imagegen.data import MissingSplitError, check_count, check_split
-    from imagegen.evaluate import check_sweep, evaluate_sweep, load_evaluation_data, reference_stats
-    from imagegen.features import EffNetLite0Features
-    from imagegen.frechet import score_name
-    from imagegen.generate import CheckpointError, ImageGenerator
+    from imagegen.evaluate import evaluate as run
+    from imagegen.generate import CheckpointError
     from imagegen.grid import check_output_folder
 
-    try:  # options are checked before the (slow) reference statistics and sampling
+    try:  # the flags are checked here to name them in errors; evaluate checks everything else first
         nfes = int_list(nfe, "--nfe")
         velocities = name_list(velocity, "--velocity")
         check_alpha_flag(velocities, alpha)
+        shared = (corrector_p, corrector_q, temperature, guidance)
         settings = [
-            _sampling(1, v, alpha, w, corrector_p, corrector_q, temperature, guidance)
+            _sampling(1, v, alpha if v.strip().lower() == "power" else None, w, *shared)
             for v in velocities
             for w in float_list(corrector, "--corrector")
         ]
-        check_sweep(settings, nfes, n, grids)
         check_count(batch_size, "--batch-size")
         if reference_n is not None:
             check_count(reference_n, "--reference-n")
@@ -412,26 +410,23 @@ def evaluate(
                 )
         check_split(reference_split, "--reference-split")
         check_output_folder(out, "--out")
-        gen = ImageGenerator.from_checkpoint(checkpoint, device)
-        extractor = EffNetLite0Features(features_weights, device=gen.device)
-        ref_data = load_evaluation_data(gen, dataset, reference_split, data_dir, reference_n, seed)
-        if not quiet:
-            typer.echo(f"reference: {ref_data.name}, {len(ref_data)} images ({score_name(extractor.name)})")
-        reference = reference_stats(ref_data, extractor)
-        baseline = load_evaluation_data(gen, dataset, "train", data_dir, n, seed) if data_baseline else None
-        rows = evaluate_sweep(
-            gen,
-            settings,
-            nfes,
-            extractor,
-            reference,
+        rows = run(
+            checkpoint,
             out,
             n=n,
+            nfes=nfes,
+            settings=settings,
+            features_weights=features_weights,
+            dataset=dataset,
+            data_dir=data_dir,
+            reference_split=reference_split,
+            reference_n=reference_n,
+            data_baseline=data_baseline,
+            grids=grids,
             seed=seed,
             batch_size=batch_size,
             label=label,
-            data_baseline=baseline,
-            save_grids=grids,
+            device=device,
             progress=not quiet,
             log=typer.echo,
         )
@@ -449,7 +444,7 @@ def evaluate(
             code=130,
         )
     typer.echo(
-        f"{len(rows)} scores ({rows[0].score_name}, reference {ref_data.name}) in {out / 'results.csv'}; "
+        f"{len(rows)} scores ({rows[0].score_name}, reference above) in {out / 'results.csv'}; "
         f"plot: {out / 'fd_vs_nfe.png'}"
     )
 

@@ -238,8 +238,11 @@ def mixture_marginal_velocity(posterior: Tensor, z: Tensor, scheduler: Scheduler
 def make_velocity(
     name: str, alpha: float | None = None, corrector: float | Callable[[Tensor], Tensor] = 0.0
 ) -> ProbabilityVelocity:
-    """Build a velocity by name: 'ko', 'power' (needs alpha), 'power-inf', 'campbell'; optional corrector."""
-    key = name.lower().replace("_", "-")
+    """Build a velocity by name: 'ko', 'power' (needs alpha), 'power-inf', 'campbell'; optional corrector.
+    An ``alpha`` with any velocity but 'power' is refused: it would be ignored without a word."""
+    key = name.strip().lower().replace("_", "-")
+    if alpha is not None and key != "power":
+        raise ValueError(f"alpha applies to the power velocity, not {name!r}")
     if key in ("ko", "kinetic-optimal"):
         base: ProbabilityVelocity = KineticOptimalVelocity()
     elif key == "power":

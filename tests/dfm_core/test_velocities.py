@@ -369,7 +369,10 @@ def test_metric_path_velocities_coincide_at_t0_and_differ_later():
     g = torch.Generator().manual_seed(5)
     x1 = torch.randint(64, (32,), generator=g)
     z = torch.randint(64, (32,), generator=g)
-    velocities = [make_velocity(n, alpha=2.0) for n in ("ko", "power", "power-inf", "campbell")]
+    velocities = [
+        make_velocity(n, alpha=2.0 if n == "power" else None)
+        for n in ("ko", "power", "power-inf", "campbell")
+    ]
     for t, same in ((0.0, True), (0.5, False)):
         tt = torch.full((32,), t, dtype=torch.float64)
         p, dp = path.probs(x1, tt), path.probs_dt(x1, tt)
@@ -430,6 +433,8 @@ def test_make_velocity():
     assert isinstance(pv, PowerVelocity) and pv.alpha == 3.0
     assert isinstance(make_velocity("power-inf"), PowerInfVelocity)
     assert isinstance(make_velocity("campbell"), CampbellVelocity)
+    with pytest.raises(ValueError, match="alpha applies to the power velocity, not 'ko'"):
+        make_velocity("ko", alpha=2.0)  # would be ignored
     cv = make_velocity("ko", corrector=0.5)
     assert isinstance(cv, CorrectedVelocity) and isinstance(cv.base, KineticOptimalVelocity)
     with pytest.raises(ValueError):

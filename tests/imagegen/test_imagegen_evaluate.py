@@ -202,3 +202,40 @@ def test_cli_evaluate_on_a_folder_without_test_says_what_to_do(
     args += ["--out", str(tmp_path / "eval"), "--n", "2", "--nfe", "2", "--grids", "0", "--quiet"]
     result = runner.invoke(app, [*args, "--features-weights", str(weights)])
     one_line_error(result, str(data), "no test/ subfolder", "--reference-split train")
+
+
+def test_the_python_evaluate_is_what_the_command_runs(
+    tiny_checkpoint: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`imagegen evaluate` as one call from a notebook: checkpoint in, scored rows (and results.csv) out."""
+    from imagegen.evaluate import evaluate
+    from imagegen.generate import SamplingConfig
+
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    weights = tmp_path / WEIGHTS_FILE
+    torch.save(EfficientNetLite0().state_dict(), weights)
+    lines: list[str] = []
+    run = dict(
+        n=3,
+        nfes=(2, 3),
+        settings=[SamplingConfig(velocity="ko"), SamplingConfig(velocity="power-inf")],
+        features_weights=weights,
+        dataset="folder",
+        data_dir=image_folder,
+        grids=0,
+        device="cpu",
+        progress=False,
+    )
+    rows = evaluate(tiny_checkpoint, tmp_path / "eval", log=lines.append, **run)
+    assert [(r.velocity, r.nfe) for r in rows] == [("ko", 2), ("ko", 3), ("power-inf", 2), ("power-inf", 3)]
+    assert lines[0].startswith("reference: ") and "FD-EffNetLite0" in lines[0] and len(lines) == 5
+    with open(tmp_path / "eval" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    again = evaluate(tiny_checkpoint, tmp_path / "eval", log=None, **run)  # resumes: nothing computed twice
+    assert [r.score for r in again] == pytest.approx([r.score for r in rows], abs=1e-4)  # as kept in the CSV
+    with open(tmp_path / "eval" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    with pytest.raises(ValueError, match="unknown reference split 'val'"):
+        evaluate(tiny_checkpoint, tmp_path / "other", reference_split="val", **run)
+    assert not (tmp_path / "other").exists()
