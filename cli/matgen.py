@@ -204,14 +204,7 @@ def train(
         )
         model_cfg = cfg.model
         if size is not None:
-            presets = {
-                "tiny": CrystalDiTConfig.tiny,
-                "small": CrystalDiTConfig.small,
-                "default": CrystalDiTConfig,
-            }
-            if size not in presets:
-                raise ValueError(f"--size must be one of {sorted(presets)}, got {size!r}")
-            model_cfg = presets[size]()
+            model_cfg = CrystalDiTConfig.preset(size)
         cfg = dataclasses.replace(cfg, **top, model=model_cfg, train=dataclasses.replace(cfg.train, **tr))
         result = train_crystal_model(
             cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet, run_dir)

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,10 @@ from matgen.sampling import (
     normalize_elements,
 )
 from matgen.train import crystal_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pymatgen.core import Structure
 
 __all__ = [
     "GenerationSummary",
@@ -89,6 +93,21 @@ class GenerationSummary:
     @property
     def crystals_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else float("nan")
+
+    def samples(self) -> pd.DataFrame:
+        """``samples.csv`` of the folder: one row per requested crystal (``file`` empty where it failed)."""
+        import pandas as pd
+
+        return pd.read_csv(
+            self.out_dir / "samples.csv", dtype={"file": str, "error": str}, keep_default_na=False
+        )
+
+    def structures(self) -> dict[str, Structure]:
+        """The written crystals as pymatgen Structures, by sample id (in the order of ``samples.csv``)."""
+        from pymatgen.core import Structure
+
+        rows = self.samples()
+        return {row.id: Structure.from_file(self.out_dir / row.file) for row in rows.itertuples() if row.file}
 
 
 def _coincident_atoms(crystal: tok.DecodedCrystal) -> str | None:

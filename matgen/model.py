@@ -75,6 +75,14 @@ class CrystalDiTConfig:
         """~3.5M parameters (AR: ~3.1M): trains on a CPU."""
         return cls(**{"hidden": 192, "depth": 4, "heads": 4, **overrides})
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> CrystalDiTConfig:
+        """A size preset by name: ``tiny``, ``small`` or ``default`` (the ~25M of the paper)."""
+        presets = {"tiny": cls.tiny, "small": cls.small, "default": cls}
+        if name not in presets:
+            raise ValueError(f"unknown size {name!r}: choose one of {', '.join(presets)}")
+        return presets[name](**overrides)
+
     @property
     def max_len(self) -> int:
         return LATTICE_TOKENS + TOKENS_PER_ATOM * self.max_atoms

@@ -159,7 +159,7 @@ def test_worker_processes_write_the_same_files(tiny_run: Path, tmp_path: Path) -
 
 def test_elements_constraint_holds(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "lifepo"
-    generate(
+    summary = generate(
         8,
         out,
         checkpoint=tiny_run / "model.safetensors",
@@ -173,6 +173,13 @@ def test_elements_constraint_holds(tiny_run: Path, tmp_path: Path) -> None:
     assert all(r["constraint"] == "elements=Li,Fe,P,O" for r in rows)
     for f in _cif_files(out):
         assert {el.symbol for el in Structure.from_file(f).composition.elements} <= {"Li", "Fe", "P", "O"}
+    # the same, from the returned summary, as a notebook reads it
+    assert list(summary.samples()["id"]) == [r["id"] for r in rows] and len(rows) == 8
+    structures = summary.structures()
+    assert len(structures) == summary.written == len(_cif_files(out))
+    assert all(
+        {el.symbol for el in s.composition.elements} <= {"Li", "Fe", "P", "O"} for s in structures.values()
+    )
     # token-level check independent of decoding: every element slot holds one of the four
     gen = CrystalGenerator.from_checkpoint(tiny_run / "model.safetensors", device="cpu")
     tokens = gen.sample_tokens(
