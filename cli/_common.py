@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -69,40 +71,71 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _tolerate_unencodable_output() -> None:
+    """Let stdout write what its encoding cannot as '?' rather than fail with UnicodeEncodeError.
+
+    Python's stdout is strict, and an ASCII or Latin-1 one (``PYTHONIOENCODING=ascii``, ``LANG=C`` on some
+    systems, a latin-1 locale) cannot write the '\u2026' that rich puts in a help text's narrow column, nor
+    a sampled text's symbols. ``typer.echo`` copes by itself; rich's help and tables write to
+    ``sys.stdout`` directly. A stream that can encode them is left as it is.
+    """
+    stream = sys.stdout
+    encoding = getattr(stream, "encoding", None)
+    if not encoding or getattr(stream, "errors", "strict") != "strict" or not hasattr(stream, "reconfigure"):
+        return
+    try:
+        "\u2026\u00c5".encode(encoding)
+    except UnicodeEncodeError:
+        stream.reconfigure(errors="replace")
+
+
 class CommandGroup(TyperGroup):
     """The apps' command group: a Ctrl-C (or SIGTERM) that a command does not handle itself ends with a
     line that says so (typer alone exits 130 without a word); a training that stopped cleanly has said so
     itself and exits 130 quietly."""
 
-    def invoke(self, ctx: Any) -> Any:
-        from dfm_core.training import TrainingStopped
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        _tolerate_unencodable_output()
+        return super().main(*args, **kwargs)
 
+    def invoke(self, ctx: Any) -> Any:
         try:
             with _sigterm_as_interrupt():
                 return super().invoke(ctx)
-        except TrainingStopped:  # a clean stop: the training loop has said where its checkpoint is
-            raise typer.Exit(130) from None
-        except KeyboardInterrupt:
-            typer.secho(
-                "error: interrupted; files are written whole or not at all, so none is left half-written",
-                fg=typer.colors.RED,
-                err=True,
+        except KeyboardInterrupt as e:
+            # Not imported up front: dfm_core imports torch (2-3 s), which a subcommand's --help must not
+            # wait for. A TrainingStopped can only come from a training that imported the module already.
+            training = sys.modules.get("dfm_core.training")
+            if training is not None and isinstance(e, training.TrainingStopped):
+                raise typer.Exit(130) from None  # a clean stop: the loop has said where its checkpoint is
+            _print_error(
+                "error: interrupted; files are written whole or not at all, so none is left half-written"
             )
             raise typer.Exit(130) from None
 
 
+def _print_error(line: str) -> None:
+    """``line`` on stderr, red on a terminal; plain where ``NO_COLOR`` (https://no-color.org) or
+    ``TERM=dumb`` asks for no colour, which click (unlike rich) does not check by itself."""
+    plain = bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+    typer.secho(line, fg=typer.colors.RED, err=True, color=False if plain else None)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print an error in red to stderr and exit with ``code`` (nothing is lost: callers write atomically)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    _print_error(f"error: {message}")
     raise typer.Exit(code)
 
 
 def folder_flag(text: str, flag: str = "--out", example: str = "results/") -> Path:
     """The folder a flag names. An empty value (an unset shell variable, ``--out "$DIR"``) is refused: as a
-    Path it would mean the current folder, and a tool would write (or clean) its files there."""
+    Path it would mean the current folder, and a tool would write (or clean) its files there. A leading
+    ``~`` is the home folder, as :func:`dfm_core.atomic_io.check_writable` and the folder lock take it: the
+    shell leaves it as it is in ``--out=~/cifs``, and a run would otherwise write part of its files into a
+    folder named ``~`` here and part into the home folder."""
     if not text.strip():
         fail(f"{flag} is empty: name the folder, e.g. {flag} {example}")
-    return Path(text)
+    return Path(text).expanduser()
 
 
 def given(**flags: Any) -> dict[str, Any]:

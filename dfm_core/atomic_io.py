@@ -49,9 +49,27 @@ __all__ = [
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(\.\w+)*$")
 
 
+_NAME_MAX = 255  # bytes in one file name on most file systems; os.pathconf tells the others
+_PATH_MAX = 4096  # bytes in a path (with its end) that Linux system calls take
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (in bytes) that ``folder``'s file system takes; 255 where it cannot say."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # a folder not made yet; Windows has no pathconf
+        return _NAME_MAX
+
+
 def _temp_beside(path: Path, suffix: str) -> Path:
-    """A hidden, unique temp name next to ``path`` (:func:`remove_stale_temps` recognises it)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    """A hidden, unique temp name next to ``path`` (:func:`remove_stale_temps` recognises it). A target
+    name near the file system's limit is shortened in the temp name, which would otherwise not fit."""
+    name, tail = path.name, f".{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}"
+    if len(os.fsencode(name)) + len(tail) + 1 > 128:  # long: ask the file system what fits
+        room = min(_NAME_MAX, _name_max(path.parent)) - len(tail) - 1
+        while len(os.fsencode(name)) > room:
+            name = name[:-1]
+    return path.with_name(f".{name}{tail}")
 
 
 @contextlib.contextmanager
@@ -129,15 +147,27 @@ def check_writable(path: str | os.PathLike, what: str = "output", folder: bool =
         ValueError: naming ``what`` and the path.
     """
     path = Path(path).expanduser()
-    if path.exists() and path.is_dir() != folder:
+    exists = os.path.exists(path)  # False, not an OSError, for a name too long: refused below
+    if exists and path.is_dir() != folder:
         if folder:
             raise ValueError(f"{what} {path} is a file, not a folder")
         raise ValueError(f"{what} {path} is a folder; give a file name inside it or elsewhere")
     target_dir = path if folder else path.parent
-    ancestor = next((p for p in (target_dir, *target_dir.parents) if p.exists()), Path.cwd())
+    ancestor = next((p for p in (target_dir, *target_dir.parents) if os.path.exists(p)), Path.cwd())
     if not ancestor.is_dir():
         raise ValueError(f"{what} {path} lies under {ancestor}, which is a file")
-    if path.exists() and not folder and not os.access(path, os.W_OK):
+    limit, shown = _name_max(ancestor), str(path) if len(str(path)) <= 100 else f"{str(path)[:60]}..."
+    for part in (path, *path.parents):  # the names still to be made
+        if part == ancestor:
+            break
+        if len(os.fsencode(part.name)) > limit:
+            raise ValueError(
+                f"{what} {shown} cannot be written: a name in it is {len(os.fsencode(part.name))} bytes "
+                f"long, and the file system takes at most {limit}"
+            )
+    if len(os.fsencode(os.path.abspath(path))) >= _PATH_MAX:
+        raise ValueError(f"{what} {shown} cannot be written: the path is longer than {_PATH_MAX - 1} bytes")
+    if exists and not folder and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {path} cannot be written: no write permission")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path} cannot be written: no write permission in {ancestor}")
