@@ -106,7 +106,7 @@ def check_image_file(path: str | os.PathLike, what: str = "output") -> Path:
     from PIL import Image
 
     path = Path(path).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):  # not Path.is_dir, which raises on a name too long; check_writable names it
         raise ValueError(f"{what} {path} is a folder: give a .png file path, e.g. {path / 'samples.png'}")
     ext = path.suffix.lower()
     Image.init()

@@ -355,11 +355,23 @@ def _folder_items(folder: Path) -> list[InputItem]:
 
 
 def _with_unique_ids(items: list[InputItem]) -> list[InputItem]:
-    """The items with repeated ids suffixed ``#k`` (two blocks named ``data_FeO`` in one file, say)."""
+    """The items with printable ids (a file name that is not UTF-8 keeps its odd bytes as ``\\xfe``, so
+    the tables can be written) and repeated ids suffixed ``#k`` (two blocks named ``data_FeO`` in one
+    file, say)."""
+    printable = [_printable(it.id) for it in items]
     return [
         InputItem(i, it.cif, it.structure, it.read_error)
-        for i, it in zip(_unique([it.id for it in items]), items, strict=True)
+        for i, it in zip(_unique(printable), items, strict=True)
     ]
+
+
+def _printable(text: str) -> str:
+    """``text`` with the lone surrogates of undecodable bytes (``os.fsdecode``) written as ``\\xNN``."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 Inputs = str | Path | Structure | pd.DataFrame | Sequence[Structure | str]

@@ -411,3 +411,11 @@ def test_an_unknown_split_of_an_image_folder_is_refused(tiny_checkpoint: Path, t
             load_image_folder(data, 8, channels=1, split=split)
     ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "ev"), "--quiet"]
     one_line_error(runner.invoke(app, [*ev, "--reference-split", "validation"]), "--reference-split")
+
+
+def test_a_grid_name_too_long_for_the_file_system_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Path.is_dir raised ENAMETOOLONG before the check that names the problem."""
+    from imagegen.grid import check_image_file
+
+    with pytest.raises(ValueError, match=r"--out .* 304 bytes long, and the file system takes at most"):
+        check_image_file(tmp_path / ("s" * 300 + ".png"), "--out")

@@ -180,3 +180,36 @@ def test_coverage_cut_offs_are_a_setting_recorded_in_the_summary(
         result = _cli([*base, "--out", str(tmp_path / "bad"), "--cov-cutoffs", bad], fp_cache)
         assert result.exit_code == 2 and "cov" in result.output.lower(), (bad, result.output)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_file_name_that_is_not_utf8_gets_a_printable_id_and_the_tables_are_written(
+    mp20_dir: Path, hull_dir: Path, fp_cache: Path, tmp_path: Path
+):
+    """A CIF named with a Latin-1 byte (b'x\\xfe.cif', from an old archive) made the run fail at its very
+    end: the results table could not encode the name."""
+    import os
+
+    import pandas as pd
+
+    from matgen.evaluate import evaluate
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cif = write_cif(tmp_path / "salt.cif", rock_salt()).read_text()
+    (folder / os.fsdecode(b"x\xfe.cif")).write_text(cif)
+    (folder / "x\\xfe.cif").write_text(cif)  # the printable form of the other name, taken already
+    assert sorted(it.id for it in read_inputs(folder)) == ["x\\xfe.cif", "x\\xfe.cif#1"]
+    summary = evaluate(
+        folder,
+        tmp_path / "out",
+        data_dir=mp20_dir,
+        hull=hull_dir,
+        skip_stability=True,
+        test_limit=6,
+        train_limit=50,
+        cache_dir=fp_cache,
+        progress=False,
+        console=False,
+    )
+    assert summary["n_inputs"] == 2 and summary["struct_valid"] == 1.0
+    assert sorted(pd.read_csv(tmp_path / "out" / "results.csv")["id"]) == ["x\\xfe.cif", "x\\xfe.cif#1"]
