@@ -271,7 +271,10 @@ def load_cifar10(
             try:
                 _atomic_save_npz(path, images=images, labels=labels)
             except OSError as e:  # a read-only cache must not stop anything
-                warnings.warn(f"could not write image cache {path}: {e}", stacklevel=2)
+                warnings.warn(
+                    f"could not write image cache {path}: {e} (set IMAGEGEN_CACHE to cache elsewhere)",
+                    stacklevel=2,
+                )
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(
         tensor, torch.from_numpy(labels.astype(np.int64)), CIFAR10_CLASSES, f"cifar10/{split}"

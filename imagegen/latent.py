@@ -165,7 +165,10 @@ def latent_codes(
     try:
         _atomic_save_npz(path, codes=codes.numpy())
     except OSError as e:  # a read-only cache must not stop training
-        warnings.warn(f"could not write latent code cache {path}: {e}", stacklevel=2)
+        warnings.warn(
+            f"could not write latent code cache {path}: {e} (set IMAGEGEN_CACHE to cache elsewhere)",
+            stacklevel=2,
+        )
     return codes
 
 

@@ -491,7 +491,10 @@ def load_token_dataset(
         try:
             _save_atomic(payload, path)
         except OSError as exc:  # a read-only cache must not stop training
-            warnings.warn(f"could not write token cache {path}: {exc}", stacklevel=2)
+            warnings.warn(
+                f"could not write token cache {path}: {exc} (set MATGEN_CACHE to cache elsewhere)",
+                stacklevel=2,
+            )
     return result
 
 

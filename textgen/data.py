@@ -433,19 +433,21 @@ def load_corpus(
     docs = reader(path)
     tokens = tokenize_documents(docs, tokenizer)
     if use_cache:
-        atomic_write(file, lambda tmp: np.save(tmp, tokens, allow_pickle=False), suffix=".npy")
-        atomic_write_text(
-            meta_file,
-            json.dumps(
-                {
-                    "name": name,
-                    "source": str(path),
-                    "num_documents": len(docs),
-                    "num_tokens": int(tokens.shape[0]),
-                }
+        facts = {
+            "name": name,
+            "source": str(path),
+            "num_documents": len(docs),
+            "num_tokens": int(tokens.shape[0]),
+        }
+        try:
+            atomic_write(file, lambda tmp: np.save(tmp, tokens, allow_pickle=False), suffix=".npy")
+            atomic_write_text(meta_file, json.dumps(facts) + "\n")
+        except OSError as exc:  # a read-only cache must not stop training or evaluation
+            warnings.warn(
+                f"could not write the token cache {file} ({exc.strerror or exc}); going on without it "
+                "(set TEXTGEN_CACHE or pass --cache-dir to cache elsewhere)",
+                stacklevel=2,
             )
-            + "\n",
-        )
     return TokenCorpus(name, tokens, len(docs), [str(path)])
 
 

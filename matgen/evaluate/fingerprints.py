@@ -251,7 +251,11 @@ def _fingerprint_into_cache(
         try:
             _save_npz_atomic(path, merged)
         except OSError as exc:  # a read-only cache must not stop the evaluation
-            warnings.warn(f"could not write the reference cache {path}: {exc}", stacklevel=3)
+            warnings.warn(
+                f"could not write the reference cache {path}: {exc} (set MATGEN_CACHE or pass --cache-dir to "
+                "cache elsewhere; without a cache the fingerprints are computed again next run)",
+                stacklevel=3,
+            )
         stored, pending = merged, []
 
     if len(todo) >= 1000:  # a notice, not a bar: said with --no-progress too (a silent wait of minutes)

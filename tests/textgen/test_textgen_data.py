@@ -116,6 +116,18 @@ def test_named_corpora_resolve_under_the_data_dir(tmp_path, monkeypatch):
         resolve_corpora(["ptb"], data_dir=tmp_path / "elsewhere")
 
 
+def test_a_cache_that_cannot_be_written_is_warned_about_and_the_text_still_read(tokenizer, tmp_path):
+    """A read-only home (a shared machine, a container) stopped `textgen train` at its first corpus."""
+    src = tmp_path / "t.txt"
+    src.write_text("one two three four five")
+    (tmp_path / "blocker").write_text("a file where the cache folder would go")
+    with pytest.warns(
+        UserWarning, match="could not write the token cache .* TEXTGEN_CACHE or pass --cache-dir"
+    ):
+        corpus = load_corpus("t", src, read_documents, tokenizer, cache_dir=tmp_path / "blocker" / "cache")
+    assert tokenizer.decode(corpus.tokens[:-1].tolist()) == src.read_text()
+
+
 def test_token_stream_cache_and_packing(tokenizer, tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("one two three four five six seven eight nine ten")
