@@ -35,7 +35,7 @@ app = typer.Typer(
     cls=CommandGroup,
 )
 
-_DATA_HELP = "Text data folder (else $TEXTGEN_DATA, else <repo>/../shared/data/text)."
+_DATA_HELP = "Text data folder (else $TEXTGEN_DATA, else ../shared/data/text beside a source checkout, else ~/.local/share/textgen/text)."
 _TOKENIZER_HELP = "GPT-2 tokenizer folder or tokenizer.json (else $TEXTGEN_TOKENIZER, else the shared copy)."
 _CACHE_HELP = "Token cache folder (else $TEXTGEN_CACHE, else ~/.cache/textgen)."
 

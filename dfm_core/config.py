@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["config_from_dict", "load_config"]
+__all__ = ["config_from_dict", "find_config", "load_config"]
 
 C = TypeVar("C")
 
@@ -88,22 +88,47 @@ def _typed_value(name: str, hint: Any, value: Any) -> Any:
     raise ValueError(f"{name} must be {' or '.join(problems)}, got {value!r}")
 
 
-def load_config(path: str | os.PathLike, cls: type[C], section: str | None = None) -> C:
+def find_config(path: str | os.PathLike, shipped: Path | None = None) -> Path:
+    """The config file ``path`` names: the file itself, else (for a relative path) the file of that name
+    in ``shipped``, an app's own ``configs/`` folder that installs with it; a bare name such as
+    ``ko_dfm_small_cpu`` gets ``.toml``. So ``--config matgen/configs/x.toml``, written for a source
+    tree, also works from any folder with an installed package.
+
+    Raises:
+        FileNotFoundError: neither, naming the configs that ship.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if shipped is not None and not path.is_absolute():
+        for name in (path.name, f"{path.name}.toml"):
+            if (shipped / name).is_file():
+                return shipped / name
+        names = sorted(p.stem for p in shipped.glob("*.toml")) if shipped.is_dir() else []
+        if names:
+            raise FileNotFoundError(
+                f"config file not found: {path} (the shipped configs are: {', '.join(names)})"
+            )
+    raise FileNotFoundError(f"config file not found: {path}")
+
+
+def load_config(
+    path: str | os.PathLike, cls: type[C], section: str | None = None, shipped: Path | None = None
+) -> C:
     """Load a dataclass config from a ``.toml`` or ``.json`` file.
 
     Args:
-        path: the file.
+        path: the file (see :func:`find_config`).
         cls: the dataclass (e.g. :class:`TrainConfig`).
         section: read only this top-level table (e.g. ``"train"`` in a file with ``[train]`` and
             ``[model]`` tables); None for the whole file.
+        shipped: the app's own configs folder, where a relative ``path`` not found is looked up by name.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: unknown suffix, unknown keys, or a missing section.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    path = find_config(path, shipped)
     if path.suffix == ".toml":
         import tomllib
 

@@ -46,6 +46,7 @@ __all__ = [
     "train_image_model",
 ]
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # installed with the package
 CHECKPOINT_FORMAT = "imagegen-checkpoint-v1"
 
 
@@ -119,8 +120,9 @@ class ImagegenTrainConfig:
 
 
 def load_train_config(path: str | os.PathLike) -> ImagegenTrainConfig:
-    """Read a TOML or JSON file with top-level keys and [path] / [model] / [train] tables."""
-    return load_config(path, ImagegenTrainConfig)
+    """Read a TOML or JSON file with top-level keys and [path] / [model] / [train] tables; a relative path
+    that is not found is looked up by name among the shipped configs (``imagegen/configs``)."""
+    return load_config(path, ImagegenTrainConfig, shipped=SHIPPED_CONFIGS)
 
 
 def model_config_for(config: ImagegenTrainConfig, data: ImageDataset, vq: VQVAE | None = None) -> UNetConfig:

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 MAX_ATOMS = 20
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # installed with the package
 CHECKPOINT_FORMAT = "matgen-checkpoint-v1"
 
 
@@ -102,8 +103,9 @@ class MatgenTrainConfig:
 
 
 def load_train_config(path: str | os.PathLike) -> MatgenTrainConfig:
-    """Read a TOML or JSON file with top-level keys and [model] / [train] tables."""
-    return load_config(path, MatgenTrainConfig)
+    """Read a TOML or JSON file with top-level keys and [model] / [train] tables; a relative path that is
+    not found is looked up by name among the shipped configs (``matgen/configs``)."""
+    return load_config(path, MatgenTrainConfig, shipped=SHIPPED_CONFIGS)
 
 
 def crystal_path(scheduler: str = "ko") -> MixturePath:

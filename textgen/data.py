@@ -4,8 +4,8 @@ Data flow: files -> documents (``str``; detokenised for the tokenized evaluation
 each document followed by ``<|endoftext|>`` -> one ``uint16`` stream per corpus (cached as ``.npy``)
 -> consecutive chunks of ``seq_len`` tokens (:func:`pack`; the ragged tail is dropped).
 
-Named corpora (paths relative to the data folder: ``--data-dir``, else ``$TEXTGEN_DATA``, else
-``<repo>/../shared/data/text``):
+Named corpora (paths relative to the data folder: ``--data-dir``, else ``$TEXTGEN_DATA``, else ``text``
+in the default data root, :func:`textgen.tokenizer.default_data_root`):
 
 * training: ``ptb_train``, ``sotu``, ``wiki_summaries``, ``tinyshakespeare``, ``moby_dick``
   (``train`` names them all);
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from dfm_core.atomic_io import atomic_write, atomic_write_text, visible_files_warning_others
-from textgen.tokenizer import EOT_ID, TextTokenizer
+from textgen.tokenizer import EOT_ID, TextTokenizer, default_data_root
 
 __all__ = [
     "TRAIN_CORPORA",
@@ -59,14 +59,14 @@ __all__ = [
 ]
 
 CACHE_VERSION = 1
-_REPO_ROOT = Path(__file__).resolve().parents[1]
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".tokens", ".jsonl")
 
 
 def default_data_dir() -> Path:
-    """``$TEXTGEN_DATA`` if set, else ``<repo>/../shared/data/text``."""
+    """``$TEXTGEN_DATA`` if set, else ``text`` in :func:`textgen.tokenizer.default_data_root` (in a source
+    checkout ``<repo>/../shared/data/text``)."""
     env = os.environ.get("TEXTGEN_DATA")
-    return Path(env) if env else _REPO_ROOT.parent / "shared" / "data" / "text"
+    return Path(env) if env else default_data_root() / "text"
 
 
 def default_cache_dir() -> Path:

@@ -4,8 +4,8 @@ The 50,257 GPT-2 ids are kept unchanged (``<|endoftext|>`` = 50256 separates doc
 autoregressive model's BOS); one extra id, ``MASK_ID = 50257``, is appended for the mask source
 ``p = delta_m``, so every text model has ``VOCAB_SIZE = 50258`` logits. MASK is never a data token.
 
-Files are found from an explicit path, else ``$TEXTGEN_TOKENIZER``, else the shared data folder next
-to the repository (``<repo>/../shared/data/tokenizer/gpt2``).
+Files are found from an explicit path, else ``$TEXTGEN_TOKENIZER``, else ``tokenizer/gpt2`` in the
+default data root (:func:`default_data_root`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "MASK_ID",
     "VOCAB_SIZE",
     "TextTokenizer",
+    "default_data_root",
     "default_tokenizer_path",
 ]
 
@@ -38,12 +39,22 @@ MASK_TEXT = "[MASK]"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def default_data_root() -> Path:
+    """Where text data and tokenizer files are looked for by default: in a source checkout the shared data
+    folder beside it (``<repo>/../shared/data``); in an installed package ``$XDG_DATA_HOME/textgen``
+    (``~/.local/share/textgen``), since a path relative to site-packages means nothing to a user."""
+    if (_REPO_ROOT / "pyproject.toml").is_file():
+        return _REPO_ROOT.parent / "shared" / "data"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "textgen"
+
+
 def default_tokenizer_path() -> Path:
-    """``$TEXTGEN_TOKENIZER`` if set, else ``<repo>/../shared/data/tokenizer/gpt2``."""
+    """``$TEXTGEN_TOKENIZER`` if set, else ``tokenizer/gpt2`` in :func:`default_data_root`."""
     env = os.environ.get("TEXTGEN_TOKENIZER")
     if env:
         return Path(env)
-    return _REPO_ROOT.parent / "shared" / "data" / "tokenizer" / "gpt2"
+    return default_data_root() / "tokenizer" / "gpt2"
 
 
 def split_points(text: str, every: int, window: int = 1 << 16) -> list[int]:

@@ -430,6 +430,25 @@ def test_shipped_training_configs_load(name: str) -> None:
         assert 2 * count_parameters(build_model(cfg.kind, cfg.model)) < 25e6
 
 
+def test_a_shipped_config_is_found_from_any_folder_by_its_path_in_the_repo_or_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed package has no matgen/configs/ under the user's folder: the README's
+    `--config matgen/configs/ko_dfm_small_cpu.toml` must still find the file that ships with it."""
+    from matgen.train import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    expected = load_train_config(CONFIG_DIR / "ko_dfm_small_cpu.toml")
+    assert load_train_config("matgen/configs/ko_dfm_small_cpu.toml") == expected
+    assert load_train_config("ko_dfm_small_cpu") == expected
+    (tmp_path / "ko_dfm_small_cpu.toml").write_text('kind = "dfm"\nscheduler = "linear"\n')
+    assert load_train_config("ko_dfm_small_cpu.toml").scheduler == "linear"  # a file of one's own wins
+    with pytest.raises(FileNotFoundError, match=r"nope.toml \(the shipped configs are: ko_dfm_default_gpu, "):
+        load_train_config("nope.toml")
+    with pytest.raises(FileNotFoundError, match=r"config file not found: /nowhere/x.toml$"):
+        load_train_config("/nowhere/x.toml")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -253,3 +253,22 @@ def test_a_binary_file_named_txt_is_called_binary_not_another_encoding(tmp_path)
     with pytest.raises(ValueError, match=r"photo\.txt is a binary file") as e:
         read_text(png)
     assert "iconv" not in str(e.value)
+
+
+def test_the_default_data_root_is_the_shared_folder_only_beside_a_source_checkout(tmp_path, monkeypatch):
+    """Installed from a wheel, '<repo>/../shared/data' would be a folder beside site-packages."""
+    import textgen.tokenizer as tk
+    from textgen.data import default_data_dir
+
+    monkeypatch.delenv("TEXTGEN_DATA", raising=False)
+    monkeypatch.delenv("TEXTGEN_TOKENIZER", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    site = tmp_path / "site-packages"  # an installed package: no pyproject.toml above textgen/
+    monkeypatch.setattr(tk, "_REPO_ROOT", site)
+    assert default_data_dir() == tmp_path / "xdg" / "textgen" / "text"
+    assert tk.default_tokenizer_path() == tmp_path / "xdg" / "textgen" / "tokenizer" / "gpt2"
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("[project]\n")
+    monkeypatch.setattr(tk, "_REPO_ROOT", checkout)
+    assert default_data_dir() == tmp_path / "shared" / "data" / "text"
