@@ -308,7 +308,7 @@ def sample(
         check_count(n, "--n")
         check_count(batch_size, "--batch-size")
         check_grid_options(nrow, scale)
-        check_image_file(out, "--out")
+        out = check_image_file(out, "--out")
         if images_dir is not None:
             check_output_folder(images_dir, "--images-dir")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
@@ -328,6 +328,7 @@ def sample(
         images = gen.sample(
             n, cfg, seed=seed, batch_size=batch_size, label=label, progress=not quiet, on_batch=on_batch
         )
+        remove_stale_temps(out.parent, target=out.name)  # a half-saved grid of a killed earlier run
         save_grid(images, out, nrow=nrow, scale=scale)
     except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
@@ -496,7 +497,7 @@ def path_preview(
         if not 1 <= times <= MAX_PREVIEW_TIMES:
             raise ValueError(f"--times must be in 1..{MAX_PREVIEW_TIMES} (rows), got {times}")
         check_grid_options(scale=scale)
-        check_image_file(out, "--out")
+        out = check_image_file(out, "--out")
         try:
             data = load_dataset(dataset, "test", data_dir, image_size=image_size, channels=channels)
         except MissingSplitError:

@@ -191,15 +191,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> int:
+def remove_stale_temps(folder: str | os.PathLike, target: str | None = None) -> int:
     """Delete temp files that :func:`atomic_write` left in ``folder`` when its process was killed
-    (SIGKILL, power cut); temp files of live processes are kept. Returns how many were removed."""
+    (SIGKILL, power cut); temp files of live processes are kept. With ``target`` (a file name), only the
+    temps of that file: for a folder of the user's own, where one output of ours is written. Returns how
+    many were removed."""
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     for entry in os.scandir(folder):
         match = _TEMP_NAME.match(entry.name) if entry.name.startswith(".") else None
+        if match and target is not None and not target.startswith(match["target"]):  # (a long name is cut)
+            continue
         if match and entry.is_file() and not _alive(int(match["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)

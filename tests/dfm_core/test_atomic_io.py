@@ -108,9 +108,12 @@ def test_stale_temps_of_dead_processes_are_removed(tmp_path):
     for p in (stale, mine, keep):
         p.write_text("x")
     atomic_write_text(tmp_path / "last.pt", "complete")
-    assert remove_stale_temps(tmp_path) == 1
-    assert not stale.exists() and mine.exists() and keep.exists()
+    other = tmp_path / f".grid.png.{dead_pid}.0123abcd.png"  # a dead temp of another file
+    other.write_text("x")
+    assert remove_stale_temps(tmp_path, target="last.pt") == 1  # only that file's temps
+    assert not stale.exists() and mine.exists() and keep.exists() and other.exists()
     assert (tmp_path / "last.pt").read_text() == "complete"
+    assert remove_stale_temps(tmp_path) == 1 and not other.exists()
 
 
 def test_check_writable_names_the_problem(tmp_path):

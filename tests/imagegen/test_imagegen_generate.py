@@ -40,9 +40,20 @@ def test_cli_sample_writes_a_grid_png_of_the_asked_size(tiny_checkpoint: Path, t
         "3",
         "--quiet",
     ]
+    import subprocess
+    import sys
+
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout
+    )
+    half_saved = tmp_path / f".grid.png.{dead}.0123abcd.png"  # a grid a killed earlier run was saving
+    not_ours = tmp_path / f".notes.txt.{dead}.0123abcd.tmp"  # the folder is the user's: others stay
+    for p in (half_saved, not_ours):
+        p.write_bytes(b"half")
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "wrote a grid of 6 images" in result.output
+    assert not half_saved.exists() and not_ours.exists()
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == grid_size(6, (8, 8)) == (3 * 10 + 2, 2 * 10 + 2)
     assert len(list(folder.glob("image_*.png"))) == 6
