@@ -89,10 +89,29 @@ def _tolerate_unencodable_output() -> None:
         stream.reconfigure(errors="replace")
 
 
+LOGGED_PROGRESS_INTERVAL_S = 30  # seconds between progress-bar updates written to a log file
+
+
+@contextlib.contextmanager
+def _calm_progress_when_logged() -> Iterator[None]:
+    """Within the block, progress bars update every 30 s instead of 10 times a second when stderr is not a
+    terminal (``nohup``, a batch job's log, a pipe): each update is a line's worth of text in a log, and an
+    hour of training would write tens of megabytes of them. tqdm reads ``TQDM_MININTERVAL``; a value the
+    user set is kept, and the environment is restored afterwards (a notebook's CliRunner shares it)."""
+    if getattr(sys.stderr, "isatty", lambda: False)() or "TQDM_MININTERVAL" in os.environ:
+        yield
+        return
+    os.environ["TQDM_MININTERVAL"] = str(LOGGED_PROGRESS_INTERVAL_S)
+    try:
+        yield
+    finally:
+        os.environ.pop("TQDM_MININTERVAL", None)
+
+
 class CommandGroup(TyperGroup):
     """The apps' command group: a Ctrl-C (or SIGTERM) that a command does not handle itself ends with a
     line that says so (typer alone exits 130 without a word); a training that stopped cleanly has said so
-    itself and exits 130 quietly."""
+    itself and exits 130 quietly. Progress bars written to a log update every 30 s."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         _tolerate_unencodable_output()
@@ -100,7 +119,7 @@ class CommandGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            with _sigterm_as_interrupt():
+            with _sigterm_as_interrupt(), _calm_progress_when_logged():
                 return super().invoke(ctx)
         except KeyboardInterrupt as e:
             # Not imported up front: dfm_core imports torch (2-3 s), which a subcommand's --help must not

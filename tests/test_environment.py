@@ -146,3 +146,22 @@ def test_error_lines_are_red_unless_colour_is_turned_off(
     result = CliRunner().invoke(app, ["generate", "--out", ""], env=env, color=True)  # color: as on a tty
     assert result.exit_code == 2 and "error: --out is empty" in result.output
     assert ("\x1b[" in result.output) == coloured
+
+
+def test_progress_bars_written_to_a_log_update_every_half_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under nohup or a batch scheduler stderr is a file, and ten bar updates a second filled it."""
+    from typer.testing import CliRunner
+
+    import matgen.generate
+    from cli.matgen import app
+
+    seen = []
+    monkeypatch.setattr(
+        matgen.generate, "generate", lambda *a, **k: seen.append(os.environ.get("TQDM_MININTERVAL"))
+    )
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    CliRunner().invoke(app, ["generate", "--n", "1", "--out", "x"])  # CliRunner's stderr is no terminal
+    assert seen == ["30"] and "TQDM_MININTERVAL" not in os.environ  # set for the command only
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")
+    CliRunner().invoke(app, ["generate", "--n", "1", "--out", "x"])
+    assert seen[-1] == "2"  # the user's own choice stays
