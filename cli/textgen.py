@@ -273,6 +273,7 @@ def evaluate(
     from rich.console import Console
 
     from dfm_core.atomic_io import folder_lock
+    from textgen.evaluate import REPORT_FILES
     from textgen.evaluate import evaluate as run
     from textgen.judge import JudgeUnavailable, load_judge
     from textgen.tokenizer import TextTokenizer
@@ -313,7 +314,7 @@ def evaluate(
                 velocity=velocity,
                 corrector=corrector,
                 alpha=alpha,
-                resume_dir=out,
+                out_dir=out,
                 log=console.print,
             )
         except (
@@ -334,11 +335,7 @@ def evaluate(
             console.print(report.likelihood_table())
         if report.samples:
             console.print(report.samples_table())
-        try:
-            paths = report.write(out)
-        except (ValueError, OSError) as e:
-            fail(str(e))
-        console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        console.print("wrote " + ", ".join(str(out / n) for n in REPORT_FILES if (out / n).is_file()))
 
 
 @app.command()

@@ -418,7 +418,7 @@ def _model_names(models: Sequence[TextModel], names: Sequence[str] | None) -> li
     ]
 
 
-@holds_folder_lock("resume_dir", "output folder")
+@holds_folder_lock("out_dir", "output folder")
 def evaluate(
     checkpoints: Sequence[str | os.PathLike],
     datasets: Sequence[str] = DEFAULT_EVAL_SETS,
@@ -438,7 +438,7 @@ def evaluate(
     device: str = "auto",
     seed: int = 0,
     progress: bool = False,
-    resume_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
     **sampler: Any,
 ) -> EvaluationReport:
@@ -453,9 +453,11 @@ def evaluate(
         samples / nfe / temperature / judge: sample-quality settings (``samples = 0`` skips them);
             temperature 0 (greedy) only for AR checkpoints.
         sampler: ``velocity``, ``alpha``, ``corrector``, ``float64`` of :func:`generate_tokens`.
-        resume_dir: keep each finished cell in ``resume_dir/cells.jsonl`` as it is computed and reuse the
-            cells found there, keyed by the checkpoint's and sequences' digests and every setting the
-            number depends on: a killed run loses at most the cell in flight.
+        out_dir: the evaluation folder (what ``textgen evaluate --out`` names): each finished cell is kept
+            in ``out_dir/cells.jsonl`` as it is computed and the cells found there are reused, keyed by
+            the checkpoint's and sequences' digests and every setting the number depends on (a killed
+            run loses at most the cell in flight); at the end the report's tables and figure are written
+            there (:meth:`EvaluationReport.write`). None: nothing is written.
         log: called with a line for each reused cell.
 
     Raises:
@@ -521,9 +523,9 @@ def evaluate(
             **sampler,
         }
     )
-    if resume_dir is not None:
-        remove_stale_temps(resume_dir)  # half-written tables or figure of a killed run
-    cells = ResultLog(Path(resume_dir) / RESULT_LOG) if resume_dir is not None else None
+    if out_dir is not None:
+        remove_stale_temps(out_dir)  # half-written tables or figure of a killed run
+    cells = ResultLog(Path(out_dir) / RESULT_LOG) if out_dir is not None else None
     # every data set is read (and tokenized, cached) before the first likelihood pass: a missing, short or
     # badly encoded file stops the run now, not after hours of work on the columns before it
     cache: dict[tuple[str, int], tuple[Tensor, str]] = {}
@@ -534,11 +536,9 @@ def evaluate(
             except (ValueError, OSError) as e:
                 raise ValueError(f"data set {name!r}: {e}") from None
             cache[(target, L)] = seqs, hashlib.sha256(seqs.numpy().tobytes()).hexdigest()
-    if (
-        resume_dir is not None
-    ):  # the tables of an earlier run go now: a killed run must not leave them looking current
+    if out_dir is not None:  # the tables of an earlier run go now: a killed run must not leave them current
         for name in REPORT_FILES:
-            (Path(resume_dir) / name).unlink(missing_ok=True)
+            (Path(out_dir) / name).unlink(missing_ok=True)
     done_here: set[str] = set()  # cells computed by this run (keys as JSON), to word a repeat rightly
     for model, label in zip(models, labels, strict=True):
         L = seq_len or model.seq_len
@@ -617,6 +617,8 @@ def evaluate(
                 if cells is not None:
                     cells.add(key, asdict(quality))
                     done_here.add(json.dumps(key, sort_keys=True))
+    if out_dir is not None:
+        report.write(out_dir)
     return report
 
 

@@ -341,6 +341,30 @@ def test_evaluate_takes_a_lone_checkpoint_data_set_name_and_nfe(tiny_run: Path, 
     assert as_path.datasets() == [tiny_corpus.stem]  # a lone Path is one data set, named by its stem
 
 
+def test_evaluate_with_an_out_dir_writes_what_the_command_writes(
+    tiny_run: Path, tiny_corpus: Path, tokenizer, tmp_path
+):
+    """One call does what `textgen evaluate --out` does: cells kept as they finish, tables at the end."""
+    import csv
+
+    from textgen.evaluate import evaluate
+
+    out = tmp_path / "eval"
+    run = dict(
+        datasets=f"tiny={tiny_corpus}", names="m", limit=2, n_points=4, tokenizer=tokenizer, device="cpu"
+    )
+    report = evaluate(str(tiny_run / "model.safetensors"), out_dir=out, **run)
+    with open(out / "likelihood.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["m"] and float(rows[0]["tiny"]) == pytest.approx(
+        report.cell("m", "tiny").perplexity, rel=1e-3
+    )
+    assert (out / "report.json").is_file() and (out / "cells.jsonl").is_file()
+    lines: list[str] = []
+    again = evaluate(str(tiny_run / "model.safetensors"), out_dir=out, log=lines.append, **run)
+    assert again.cell("m", "tiny").perplexity == report.cell("m", "tiny").perplexity and lines  # reused
+
+
 def test_a_tokenizer_other_than_the_trained_one_is_pointed_out(
     tiny_run: Path, tokenizer, tokenizer_dir: Path, tmp_path: Path
 ):
