@@ -522,10 +522,6 @@ def path_preview(
     typer.echo(f"wrote {out}{note}: rows t = {', '.join(f'{t:.2f}' for t in ts.tolist())}")
 
 
-if __name__ == "__main__":  # python -m cli.imagegen, where the console script is not installed
-    app()
-
-
 @app.command()
 def info(
     checkpoint: Path = typer.Argument(..., help="Imagegen model or VQ-VAE checkpoint (.safetensors)."),
@@ -537,3 +533,7 @@ def info(
     from imagegen.vqvae import VQVAE_FORMAT
 
     show_checkpoint(checkpoint, (CHECKPOINT_FORMAT, VQVAE_FORMAT), as_json)
+
+
+if __name__ == "__main__":  # python -m cli.imagegen, where the console script is not installed
+    app()

@@ -367,10 +367,6 @@ def prepare(
     Console().print(table)
 
 
-if __name__ == "__main__":  # python -m cli.textgen, where the console script is not installed
-    app()
-
-
 @app.command()
 def info(
     checkpoint: Path = typer.Argument(..., help="Textgen checkpoint (.safetensors)."),
@@ -381,3 +377,7 @@ def info(
     from textgen.checkpoint import CHECKPOINT_FORMAT
 
     show_checkpoint(checkpoint, (CHECKPOINT_FORMAT,), as_json)
+
+
+if __name__ == "__main__":  # python -m cli.textgen, where the console script is not installed
+    app()

@@ -24,6 +24,18 @@ def test_cli_modules_run_with_python_m(app: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(app)
+    last = subprocess.run(  # the module's last command is registered before `python -m` runs the app
+        [sys.executable, "-m", f"cli.{app}", list(typer.main.get_command(_app(app)).commands)[-1], "--help"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert last.returncode == 0 and "Usage:" in last.stdout, last.stderr
+
+
+def _app(name: str) -> typer.Typer:
+    return importlib.import_module(f"cli.{name}").app
 
 
 _RICH_TAG = re.compile(r"(?<!\\)\[[a-z#/@][^\[\]]*\]")
