@@ -479,7 +479,6 @@ def path_preview(
     A folder without a test/ subfolder is previewed on its training images. With --latent, the metric
     path runs on the VQ-VAE codes of the images and x_t is shown decoded.
     """
-    import torch
 
     from imagegen.data import MissingSplitError, load_dataset
     from imagegen.grid import check_grid_fits, check_grid_options, check_image_file, save_grid
@@ -508,14 +507,9 @@ def path_preview(
         if latent is None:
             xt, ts = path_preview(data, cfg, n, times, seed)
         else:
-            from imagegen.latent import check_vqvae_data, latent_path_samples
-            from imagegen.vqvae import load_vqvae
+            from imagegen.latent import latent_path_preview
 
-            vq, vq_meta = load_vqvae(latent)
-            check_vqvae_data(vq_meta, data.shape, str(latent))
-            ts = torch.linspace(0.0, 1.0, times)
-            subset = data.random_subset(n, seed)
-            xt = latent_path_samples(vq, subset.images, cfg, ts, torch.Generator().manual_seed(seed))
+            xt, ts = latent_path_preview(latent, data, cfg, n, times, seed)
         save_grid(xt.reshape(-1, *data.shape), out, nrow=xt.shape[1], scale=scale)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))

@@ -42,6 +42,7 @@ __all__ = [
     "encode_codes",
     "latent_codes",
     "latent_path",
+    "latent_path_preview",
     "latent_path_samples",
 ]
 
@@ -195,3 +196,20 @@ def latent_path_samples(
         for t in times.tolist()
     ]
     return torch.stack(out)
+
+
+def latent_path_preview(
+    vqvae: str | os.PathLike, data: Any, config: Any, n: int = 8, times: int = 11, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """:func:`imagegen.paths.path_preview` on the codes of the VQ-VAE file ``vqvae`` (eq 107): decoded x_t
+    for ``n`` random images of ``data`` at ``times`` evenly spaced t. Refuses a VQ-VAE trained on images
+    of another shape than the data's."""
+    from imagegen.paths import check_preview_size
+    from imagegen.vqvae import load_vqvae
+
+    check_preview_size(n, times)
+    vq, meta = load_vqvae(vqvae)
+    check_vqvae_data(meta, data.shape, str(vqvae))
+    ts = torch.linspace(0.0, 1.0, times)
+    subset = data.random_subset(n, seed)
+    return latent_path_samples(vq, subset.images, config, ts, torch.Generator().manual_seed(seed)), ts

@@ -157,13 +157,18 @@ def path_preview(
     Raises:
         ValueError: ``n`` outside 1..MAX_PREVIEW_IMAGES or ``times`` outside 1..MAX_PREVIEW_TIMES.
     """
+    check_preview_size(n, times)
+    subset = data.random_subset(n, seed)
+    ts = torch.linspace(0.0, 1.0, times)
+    return path_samples(subset.images, config, ts, torch.Generator().manual_seed(seed)), ts
+
+
+def check_preview_size(n: int, times: int) -> None:
+    """Refuse a preview of ``n`` images (columns) or ``times`` rows beyond the grid a preview draws."""
     if not _is_int(n) or not 1 <= n <= MAX_PREVIEW_IMAGES:
         raise ValueError(f"a path preview shows 1 to {MAX_PREVIEW_IMAGES} images (n), got {n}")
     if not _is_int(times) or not 1 <= times <= MAX_PREVIEW_TIMES:
         raise ValueError(f"a path preview shows 1 to {MAX_PREVIEW_TIMES} times, got {times}")
-    subset = data.random_subset(n, seed)
-    ts = torch.linspace(0.0, 1.0, times)
-    return path_samples(subset.images, config, ts, torch.Generator().manual_seed(seed)), ts
 
 
 def _is_int(value: object) -> bool:
