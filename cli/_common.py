@@ -316,7 +316,11 @@ class TrainFlags:
     eval_every = typer.Option(None, min=0, help="Validate (and keep best.pt) every N steps (0: never).")
     ckpt_every = typer.Option(None, min=0, help="Write last.pt every N steps (0: only at the end).")
     seed = typer.Option(None, help="Seed of the weights, data order and noise.")
-    no_resume = typer.Option(False, "--no-resume", help="Start afresh even if run-dir has a checkpoint.")
+    no_resume = typer.Option(
+        False,
+        "--no-resume",
+        help="Start afresh even if run-dir has a checkpoint (its checkpoints, metrics and model.safetensors go).",
+    )
     quiet = typer.Option(False, help="No progress bar.")
     time_budget = typer.Option(
         None,
