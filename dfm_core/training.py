@@ -587,6 +587,14 @@ class _DeferredInterrupt:
 _PER_INVOCATION = ("device", "compile", "time_budget_s", "bf16")  # may differ between sessions of a run
 
 
+def _write_run_config(run_dir: Path, config: TrainConfig, metadata: Mapping[str, Any]) -> None:
+    """``run_dir/config.json``, a record of the settings (not read back), written whole or not at all."""
+    atomic_write_text(
+        run_dir / "config.json",
+        json.dumps({"train": config.to_dict(), "metadata": metadata}, indent=2) + "\n",
+    )
+
+
 def _resumed_config(config: TrainConfig, ckpt: Mapping[str, Any]) -> TrainConfig:
     """The config a resumed run trains with: ``config``, except that the seed stays the run's (the data
     and loss generators continue from the checkpoint's RNG state, so another seed would only mislabel the
@@ -673,6 +681,7 @@ def train(
     extra_metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
     identity: Mapping[str, Any] | None = None,
+    exported: str = EXPORTED_MODEL,
 ) -> TrainResult:
     """Train ``model`` to minimise ``loss_fn``; see the module docstring for what it writes.
 
@@ -697,6 +706,8 @@ def train(
             checkpoint whose identity differs is refused. Changed :class:`TrainConfig` settings are allowed
             on resume (with a warning) and take effect: the LR schedule, weight decay and betas follow the
             new config from the resumed step on (e.g. more ``steps`` extend the cosine decay).
+        exported: the file in ``run_dir`` the app exports the run's weights to; a run started afresh
+            (``resume=False``) removes an old one with the run's other outputs.
 
     Returns:
         :class:`TrainResult`.
@@ -781,16 +792,13 @@ def train(
     else:
         # a fresh run must not export an old model; one asked to start afresh (resume=False) also drops
         # the old export, which would otherwise sit beside the new config.json until the run ends
-        old_export = [] if resume else [run_dir / EXPORTED_MODEL]
+        old_export = [] if resume else [run_dir / exported]
         for stale in (metrics_path, last_path, best_path, *old_export):
             if stale.exists():
                 stale.unlink()
         # dropout and any global-RNG use are seeded too (weights were initialised by the caller)
         seed_everything(config.seed)
-    atomic_write_text(  # a record of the settings (not read back): whole or the previous one
-        run_dir / "config.json",
-        json.dumps({"train": config.to_dict(), "metadata": metadata}, indent=2) + "\n",
-    )
+    _write_run_config(run_dir, config, metadata)
 
     forward_model = torch.compile(model) if config.compile else model
     batches = None if callable(train_batches) else iter(train_batches)
@@ -937,9 +945,7 @@ def train(
                     config = fitted
                     scheduler = lr_scheduler(step)
                     bar.total = config.steps
-                    (run_dir / "config.json").write_text(
-                        json.dumps({"train": config.to_dict(), "metadata": metadata}, indent=2) + "\n"
-                    )
+                    _write_run_config(run_dir, config, metadata)
             if interrupt.requested:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:

@@ -34,7 +34,9 @@ from imagegen.train import (
 )
 from imagegen.vqvae import VQVAE, VQVAE_FORMAT, VQVAEConfig
 
-__all__ = ["VQTrainConfig", "export_vqvae", "reconstruction_stats", "train_vqvae"]
+__all__ = ["VQVAE_FILE", "VQTrainConfig", "export_vqvae", "reconstruction_stats", "train_vqvae"]
+
+VQVAE_FILE = "vqvae.safetensors"  # the run folder's export
 
 
 def _default_vq_train() -> TrainConfig:
@@ -165,8 +167,9 @@ def train_vqvae(
             "data": run_data_identity(metadata["data"]),
             "train_limit": config.train_limit,
         },
+        exported=VQVAE_FILE,
     )
-    export_vqvae(run_dir, run_dir / "vqvae.safetensors", metadata, val_data.images)
+    export_vqvae(run_dir, run_dir / VQVAE_FILE, metadata, val_data.images)
     if export is not None:
         export_vqvae(run_dir, Path(export), metadata, val_data.images)
     return result

@@ -213,6 +213,12 @@ def test_a_run_started_afresh_drops_the_old_exported_model_before_it_can_be_mist
         train(tiny_model(), dies_at_once, batches, config(steps=2), tmp_path, resume=resume, progress=False)
     assert (tmp_path / "config.json").exists()
     assert old.exists() == resume
+    other = tmp_path / "vqvae.safetensors"  # an app exporting under its own name says so
+    other.write_bytes(b"the previous run's export")
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_model(), dies_at_once, batches, config(steps=2), tmp_path, resume=False, progress=False,
+              exported=other.name)  # fmt: skip
+    assert not other.exists()
 
 
 def test_iterable_batches_and_nan_detection(tmp_path):
