@@ -451,9 +451,9 @@ def evaluate(
                     relax_steps=r["relax_steps"],
                     relax_converged=r["relax_converged"],
                 )
+                assert hull_ref is not None  # stability on: the hull was loaded before stage 1
                 try:
                     relaxed = structure_from_json(r["relaxed"])
-                    assert hull_ref is not None
                     row["e_hull"] = float(hull_ref.e_above_hull(relaxed.composition, r["e_relaxed_per_atom"]))
                     row["hull_compounds"] = hull_compounds(hull_ref, relaxed.composition)
                 except Exception as exc:
@@ -608,7 +608,13 @@ def _summarize(
     s["unique_rate"] = frac(uniq)
     s["novel_rate"] = frac(nov)
     s["unique_novel_rate"] = frac(uniq & nov)
-    s["novelty_reference"] = f"{data_name} train ({training.size} rows{', limited' if train_limit else ''})"
+    undetermined = (results["unique"].isna() | results["novel"].isna()) & results["sane"].astype(bool)
+    if undetermined.any():  # StructureMatcher failed on them: counted as neither unique nor novel
+        s["n_match_undetermined"] = int(undetermined.sum())
+    unreadable = f", {training.unreadable} unreadable and left out" if training.unreadable else ""
+    s["novelty_reference"] = (
+        f"{data_name} train ({training.size} rows{', limited' if train_limit else ''}{unreadable})"
+    )
 
     if not skip_stability:
         eh = results["e_hull"].to_numpy(float)

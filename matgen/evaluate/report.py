@@ -237,6 +237,7 @@ SUMMARY_ROWS = [
     ("unique_rate", "unique"),
     ("novel_rate", "novel"),
     ("unique_novel_rate", "unique & novel"),
+    ("n_match_undetermined", "  StructureMatcher failed (neither)"),
     ("n_relaxed", "relaxed (CHGNet)"),
     ("n_relax_failed", "relaxation failed"),
     ("n_relax_unconverged", "relaxation not converged"),

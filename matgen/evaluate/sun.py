@@ -44,18 +44,32 @@ def elements_only(structure: Structure) -> Structure:
     return plain
 
 
-def _fit(matcher, a: Structure, b: Structure) -> bool:
+def _fit(matcher, a: Structure, b: Structure) -> bool | None:
+    """Whether ``a`` and ``b`` match; ``None`` when the matcher fails on them (an odd cell, say), which the
+    callers turn into "undetermined" rather than "no match": a failure must not count as novel or unique."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return bool(matcher.fit(a, b))
     except Exception:
-        return False
+        return None
+
+
+def _matched(matcher, s: Structure, others: Sequence[Structure]) -> bool | None:
+    """``True`` if ``s`` matches one of ``others``, ``False`` if it matches none, ``None`` if it matches none
+    but the matcher failed on some."""
+    failed = False
+    for other in others:
+        fit = _fit(matcher, s, other)
+        if fit:
+            return True
+        failed |= fit is None
+    return None if failed else False
 
 
 def uniqueness_flags(structures: Sequence[Structure | None], progress: bool = True) -> list[bool | None]:
     """``True`` for the first member of each StructureMatcher class, ``False`` for later ones, ``None`` for
-    missing structures."""
+    missing structures and for those the matcher failed on (undetermined; they join no class)."""
     from tqdm.auto import tqdm
 
     matcher = make_matcher()
@@ -67,7 +81,10 @@ def uniqueness_flags(structures: Sequence[Structure | None], progress: bool = Tr
             continue
         s = elements_only(s)
         group = reps.setdefault(s.composition.reduced_formula, [])
-        if any(_fit(matcher, s, r) for r in group):
+        matched = _matched(matcher, s, group)
+        if matched is None:
+            out.append(None)
+        elif matched:
             out.append(False)
         else:
             group.append(s)
@@ -91,15 +108,16 @@ class TrainingSet:
 
         frame = load_split(split, data_dir, limit)
         self.size = len(frame)
+        self.unreadable = 0  # rows that are not in the reference: a crystal like them would count as novel
         self._cifs: dict[str, list[str]] = {}
         formulas = frame["pretty_formula"] if "pretty_formula" in frame.columns else [None] * len(frame)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for formula, cif in zip(formulas, frame["cif"], strict=True):
-                if not isinstance(cif, str):
-                    continue
-                key = self._key(formula, cif)
-                if key is not None:
+                key = self._key(formula, cif) if isinstance(cif, str) else None
+                if key is None:
+                    self.unreadable += 1
+                else:
                     self._cifs.setdefault(key, []).append(cif)
         self._parsed: dict[str, list[Structure]] = {}
 
@@ -127,8 +145,8 @@ class TrainingSet:
             for cif in self._cifs.get(reduced_formula, []):
                 try:
                     parsed.append(elements_only(parse_cif(cif)))
-                except Exception:
-                    continue
+                except Exception:  # counted: the summary says how many rows the reference lacks
+                    self.unreadable += 1
             self._parsed[reduced_formula] = parsed
         return self._parsed[reduced_formula]
 
@@ -139,7 +157,8 @@ class TrainingSet:
 def novelty_flags(
     structures: Sequence[Structure | None], training: TrainingSet, progress: bool = True
 ) -> list[bool | None]:
-    """``True`` if no training crystal of the same reduced formula matches (``None`` for missing)."""
+    """``True`` if no training crystal of the same reduced formula matches, ``False`` if one does, ``None``
+    for missing structures and for those the matcher failed on without finding a match (undetermined)."""
     from tqdm.auto import tqdm
 
     matcher = make_matcher()
@@ -149,6 +168,6 @@ def novelty_flags(
             out.append(None)
             continue
         s = elements_only(s)
-        known = training.structures(s.composition.reduced_formula)
-        out.append(not any(_fit(matcher, s, t) for t in known))
+        matched = _matched(matcher, s, training.structures(s.composition.reduced_formula))
+        out.append(None if matched is None else not matched)
     return out

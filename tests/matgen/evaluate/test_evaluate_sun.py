@@ -54,3 +54,33 @@ def test_a_training_row_with_an_unreadable_formula_still_counts_for_novelty(tmp_
     training = TrainingSet(tmp_path)
     assert training.n_formulas() == 1 and len(training.structures("NaCl")) == 2
     assert novelty_flags([salt], training, progress=False) == [False]
+
+
+def test_a_matcher_failure_is_undetermined_not_unique_or_novel(monkeypatch) -> None:
+    """StructureMatcher raising on a pair used to read as "no match": the crystal counted as unique and
+    novel, and S.U.N. went up with every failure."""
+    import matgen.evaluate.sun as sun
+
+    class Failing:
+        def fit(self, a, b):
+            raise ValueError("singular lattice")
+
+    monkeypatch.setattr(sun, "make_matcher", Failing)
+    salt, other = rock_salt(), rock_salt(5.0)
+    assert uniqueness_flags([salt, other], progress=False) == [True, None]  # the first has nothing to fail on
+    assert novelty_flags([salt], _Training([other]), progress=False) == [None]
+    assert novelty_flags([salt], _Training([]), progress=False) == [True]  # nothing to compare: novel
+
+
+def test_unreadable_training_rows_are_counted(tmp_path) -> None:
+    import pandas as pd
+
+    from matgen.evaluate.sun import TrainingSet
+
+    cif = rock_salt().to(fmt="cif")
+    frame = pd.DataFrame({"material_id": ["a", "b", "c"], "pretty_formula": ["NaCl", "", "NaCl"],
+                          "cif": [cif, "not a cif", cif.replace("_cell_length_a", "_cell_length_q")]})  # fmt: skip
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    training = TrainingSet(tmp_path)
+    assert training.unreadable == 1  # row b: neither its formula nor its CIF reads
+    assert len(training.structures("NaCl")) == 1 and training.unreadable == 2  # row c's CIF fails to parse
