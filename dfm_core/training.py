@@ -862,7 +862,7 @@ def train(
         first = int(bad_step)
         return FloatingPointError(
             f"non-finite training loss or gradient at step {first if first >= 0 else step} (logged loss {loss}); "
-            f"{kept} (try a lower lr)"
+            f"{kept} (lr {config.lr:g}: try a lower lr)"
         )
 
     start_time = time.perf_counter()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from dfm_core.config import config_from_dict
 from dfm_core.nn import DiT, DiTBlock, FinalLayer, TimestepEmbedder, init_dit_weights, make_attention_mask
+from dfm_core.sampler import categorical
 
 __all__ = [
     "LATTICE_TOKENS",
@@ -281,9 +282,10 @@ class CrystalARModel(nn.Module):
                 if temperature == 0:
                     nxt = logits.argmax(-1)
                 else:
-                    probs = torch.softmax(logits / temperature, dim=-1).nan_to_num(0.0)
+                    # float64 softmax and draw, as the DFM sampler's (low precision biases draws)
+                    probs = torch.softmax(logits.double() / temperature, dim=-1).nan_to_num(0.0)
                     probs[~active, 0] = 1.0  # finished crystals: any draw, overwritten with PAD below
-                    nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                    nxt = categorical(probs, generator)
                 seq[:, i + 1] = torch.where(active, nxt, torch.full_like(nxt, cfg.pad_id))
         finally:
             self.train(was_training)

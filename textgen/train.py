@@ -263,34 +263,25 @@ def train_text_model(
         "data": data.facts(),
         "parameters": count_parameters(model),
     }
-    try:
-        result = train(
-            model,
-            loss_fn,
-            train_batches,
-            config.train,
-            run_dir,
-            val_loss_fn=val_loss,
-            resume=resume,
-            extra_metadata=metadata,
-            progress=progress,
-            identity={
-                "kind": config.kind,
-                "path": metadata["path"],
-                "loss": config.loss,
-                "seq_len": config.seq_len,
-                "tokenizer_sha256": tokenizer.digest,
-                "train_sha256": metadata["data"]["train_sha256"],
-            },
-        )
-    except FloatingPointError as e:
-        # dfm_core names run_dir/last.pt as the last good checkpoint, which a young run has not written
-        if (run_dir / "last.pt").is_file():
-            raise
-        reason = str(e).split("; ")[0]  # dfm_core's "non-finite training loss ... at step N"
-        raise FloatingPointError(
-            f"{reason}; no checkpoint was written (lr {config.train.lr:g}: try a lower lr)"
-        ) from None
+    result = train(
+        model,
+        loss_fn,
+        train_batches,
+        config.train,
+        run_dir,
+        val_loss_fn=val_loss,
+        resume=resume,
+        extra_metadata=metadata,
+        progress=progress,
+        identity={
+            "kind": config.kind,
+            "path": metadata["path"],
+            "loss": config.loss,
+            "seq_len": config.seq_len,
+            "tokenizer_sha256": tokenizer.digest,
+            "train_sha256": metadata["data"]["train_sha256"],
+        },
+    )
     meta = best_weights_metadata(run_dir, model, metadata, "textgen_config")
     export_text_model(model, run_dir / "model.safetensors", meta, source_pmf)
     if export is not None:

@@ -221,7 +221,7 @@ def test_diverging_training_is_one_line_without_a_missing_checkpoint(
     run_dir = tmp_path / "run"
     message = _error(*_train_args(run_dir, tiny_corpus, tokenizer_dir), "--lr", "1e30")
     assert "non-finite" in message and "last.pt" not in message and not (run_dir / "last.pt").exists()
-    assert message.count("no checkpoint was written") == 1
+    assert message.count("no checkpoint was written") == 1 and "lr 1e+30: try a lower lr" in message
 
 
 # 6. non-UTF-8 text --------------------------------------------------------------------------------
