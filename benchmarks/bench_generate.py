@@ -45,7 +45,7 @@ from bench_sampler import SIZES, _version, build_crystal_model, machine_descript
 
 def build_random_checkpoint(path: Path, size: str, seed: int, scheduler: str = "ko") -> Path:
     from dfm_core.checkpoints import export_safetensors
-    from matgen.model import count_parameters
+    from dfm_core.nn import count_parameters
     from matgen.train import CHECKPOINT_FORMAT
 
     model = build_crystal_model(size, seed)

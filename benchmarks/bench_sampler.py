@@ -183,12 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
     from flow_matching.solver import MixtureDiscreteEulerSolver
     from flow_matching.utils import ModelWrapper
 
+    from dfm_core.nn import count_parameters
     from dfm_core.paths import MixturePath
     from dfm_core.sampler import posterior_probs, sample
     from dfm_core.schedulers import PolynomialScheduler
     from dfm_core.sources import mask_source
     from matgen import tokenizer as tok
-    from matgen.model import count_parameters, token_valid_mask
+    from matgen.model import token_valid_mask
 
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads > 0:

@@ -204,7 +204,10 @@ def train(
         )
         model_cfg = cfg.model
         if size is not None:
-            model_cfg = CrystalDiTConfig.preset(size)
+            try:
+                model_cfg = CrystalDiTConfig.preset(size)
+            except ValueError as e:
+                raise ValueError(f"--size: {e}") from None
         cfg = dataclasses.replace(cfg, **top, model=model_cfg, train=dataclasses.replace(cfg.train, **tr))
         result = train_crystal_model(
             cfg, run_dir, **run_options(no_resume, export, export_bf16, quiet, run_dir)

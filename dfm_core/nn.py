@@ -1,12 +1,12 @@
 """Diffusion Transformer (DiT, Peebles & Xie 2023) for token sequences.
 
 The network every app shares: a stack of adaLN-Zero transformer blocks conditioned on the flow time
-``t`` (and optionally on an extra vector, e.g. an atom-count embedding), mapping tokens ``(B, L)`` to
+``t`` (and optionally on an extra conditioning vector an app supplies), mapping tokens ``(B, L)`` to
 logits ``(B, L, V)`` of the posterior ``p_{1|t}(x_1^i | x_t)`` that the cross-entropy (eq 11 of the
 KO-DFM paper) trains. It follows the DiT of SEDD (Lou et al. 2024), which the paper's models modify.
 
-The pieces are public so apps can compose them differently (``matgen.model.AtomPoolingDiT`` pools
-atoms between the embedding and the blocks). Everything is device-agnostic, correct under bf16
+The pieces are public so apps can compose them differently (e.g. pool groups of tokens between the
+embedding and the blocks). Everything is device-agnostic, correct under bf16
 autocast (layer norms and the residual stream stay in fp32), and free of data-dependent Python
 control flow in ``forward`` so ``torch.compile`` traces it in one graph.
 """
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "count_parameters",
     "DiT",
     "DiTBlock",
     "FinalLayer",
@@ -391,3 +392,8 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c, attn_mask, is_causal, rotary)
         return self.final(x, c)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters: the ``parameters`` every app records in its checkpoints."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNetConfig", "PixelUNet", "count_parameters", "PRESETS"]
+__all__ = ["UNetConfig", "PixelUNet", "PRESETS"]
 
 
 @dataclass
@@ -139,10 +139,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         dropout=0.3,
     ),
 }
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -33,7 +33,6 @@ __all__ = [
     "CrystalARModel",
     "CrystalDiTConfig",
     "build_model",
-    "count_parameters",
     "token_valid_mask",
 ]
 
@@ -290,11 +289,6 @@ class CrystalARModel(nn.Module):
         finally:
             self.train(was_training)
         return seq[:, 1:]
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def build_model(kind: Literal["dfm", "ar"], config: CrystalDiTConfig | None = None) -> nn.Module:

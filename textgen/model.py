@@ -32,7 +32,6 @@ __all__ = [
     "TextDiT",
     "TextARModel",
     "build_model",
-    "count_parameters",
 ]
 
 
@@ -212,10 +211,6 @@ class TextARModel(nn.Module):
         finally:
             self.train(was_training)
         return seq[:, 1:]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def build_model(kind: Literal["dfm", "ar"], config: TextModelConfig | None = None) -> nn.Module:

@@ -9,7 +9,8 @@ import torch
 from imagegen_fixtures import read_metrics
 
 from dfm_core.checkpoints import load_safetensors
-from imagegen.model import PRESETS, PixelUNet, UNetConfig, count_parameters
+from dfm_core.nn import count_parameters
+from imagegen.model import PRESETS, PixelUNet, UNetConfig
 from imagegen.train import CHECKPOINT_FORMAT, ImagegenTrainConfig, load_train_config
 
 

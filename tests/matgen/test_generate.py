@@ -421,7 +421,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "matgen" / "configs"
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.toml")))
 def test_shipped_training_configs_load(name: str) -> None:
-    from matgen.model import build_model, count_parameters
+    from dfm_core.nn import count_parameters
+    from matgen.model import build_model
     from matgen.train import load_train_config
 
     cfg = load_train_config(CONFIG_DIR / name)

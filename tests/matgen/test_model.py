@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from dfm_core.nn import count_parameters
 from matgen.model import (
     AtomPoolingDiT,
     CrystalARModel,
     CrystalDiTConfig,
     build_model,
-    count_parameters,
     token_valid_mask,
 )
 
