@@ -36,10 +36,10 @@ def show_checkpoint(
 ) -> None:
     """Print a checkpoint's file facts and metadata, one ``key: value`` line each (``as_json``: all of it
     as JSON); ``notes(metadata)`` adds app-specific lines. Exits with one error line for a bad file."""
-    from dfm_core.checkpoints import describe_safetensors
+    from dfm_core.checkpoints import EXPORTED_MODEL, describe_safetensors
 
     if path.is_dir():
-        inside = path / "model.safetensors"
+        inside = path / EXPORTED_MODEL
         hint = f"; did you mean {inside}?" if inside.is_file() else ""
         fail(f"{path} is a folder, not a checkpoint file{hint}")
     try:

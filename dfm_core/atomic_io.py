@@ -1,6 +1,6 @@
 """Atomic file writes: a reader (or a restarted run) sees the old file or the complete new one, never half.
 
-Every app writes its checkpoints, caches, CIFs and tables through :func:`atomic_write`: the content goes to a
+Every app writes its checkpoints, caches, samples and tables through :func:`atomic_write`: the content goes to a
 hidden temp file beside the target, is flushed to disk, and is then renamed over the target (``os.replace``
 is atomic on POSIX and Windows). The temp file is created with mode 0666 minus the umask, so the result has
 the permissions of a plain ``open(path, "w")``, whatever mode the writer callback chose.
@@ -42,6 +42,7 @@ __all__ = [
     "hidden_name",
     "holds_folder_lock",
     "remove_stale_temps",
+    "user_cache_dir",
     "visible_files",
     "visible_files_warning_others",
 ]
@@ -113,7 +114,7 @@ def atomic_write(
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`.
 
-    The same guarantees in fewer system calls (create, write, [fsync,] close, rename): ``matgen generate``
+    The same guarantees in fewer system calls (create, write, [fsync,] close, rename): for an app that
     writes thousands of small files, where the callback version's extra open, stat and chmod showed.
     """
     path = Path(path)
@@ -209,6 +210,16 @@ def remove_stale_temps(folder: str | os.PathLike, target: str | None = None) -> 
                 os.unlink(entry.path)
                 removed += 1
     return removed
+
+
+def user_cache_dir(app: str, env_var: str | None = None) -> Path:
+    """An app's cache folder: ``$<env_var>`` when set, else ``$XDG_CACHE_HOME/<app>`` (``~/.cache/<app>``).
+    It need not exist yet."""
+    env = os.environ.get(env_var) if env_var else None
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / app
 
 
 LOCK_NAME = ".lock"  # in a folder a run writes into: holds the pid, host and start time of the holder

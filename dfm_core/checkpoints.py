@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from dfm_core.atomic_io import atomic_write
 
 __all__ = [
+    "EXPORTED_MODEL",
     "CheckpointSummary",
     "describe_safetensors",
     "export_safetensors",
@@ -30,6 +31,12 @@ __all__ = [
     "read_safetensors_metadata",
     "unwrap_compiled",
 ]
+
+
+# The file in a run folder that apps export the run's best weights to (with export_safetensors). A run
+# that starts afresh removes it with the run's other outputs (dfm_core.training.train), so an old model
+# never sits beside new ones; a folder given where a checkpoint is expected is searched for it.
+EXPORTED_MODEL = "model.safetensors"
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:

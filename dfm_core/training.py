@@ -44,7 +44,7 @@ from dfm_core.atomic_io import (
     holds_folder_lock,
     remove_stale_temps,
 )
-from dfm_core.checkpoints import unwrap_compiled
+from dfm_core.checkpoints import EXPORTED_MODEL, unwrap_compiled
 from dfm_core.config import config_from_dict
 from dfm_core.runtime import keeps_global_rng, resolve_device, seed_everything
 
@@ -63,9 +63,6 @@ __all__ = [
     "train",
 ]
 
-# The file in a run folder that apps export the run's best weights to (with export_safetensors). A run
-# that starts afresh removes it with the run's other outputs, so an old model never sits beside new ones.
-EXPORTED_MODEL = "model.safetensors"
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], Tensor]
 ValLossFn = Callable[[nn.Module, torch.Generator], Tensor | float]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write, file_sha256, visible_files_warning_others
+from dfm_core.atomic_io import atomic_write, file_sha256, user_cache_dir, visible_files_warning_others
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -191,11 +191,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def default_cache_dir() -> Path:
     """``$IMAGEGEN_CACHE``, else ``$XDG_CACHE_HOME/imagegen`` (``~/.cache/imagegen``)."""
-    env = os.environ.get("IMAGEGEN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "imagegen"
+    return user_cache_dir("imagegen", "IMAGEGEN_CACHE")
 
 
 class MissingSplitError(FileNotFoundError):

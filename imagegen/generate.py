@@ -22,7 +22,6 @@ A latent checkpoint (sec 8.4, :mod:`imagegen.latent`) carries its VQ-VAE: the sa
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -33,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.checkpoints import load_safetensors
+from dfm_core.checkpoints import EXPORTED_MODEL, load_safetensors
 from dfm_core.paths import ProbabilityPath
-from dfm_core.runtime import resolve_device
+from dfm_core.runtime import batch_seed, resolve_device
 from dfm_core.sampler import sample
 from dfm_core.velocities import ProbabilityVelocity, make_velocity
 from imagegen.data import check_count, tokens_to_images
@@ -49,7 +48,6 @@ __all__ = [
     "CorrectorSchedule",
     "ImageGenerator",
     "SamplingConfig",
-    "batch_seed",
     "resolve_labels",
 ]
 
@@ -147,12 +145,6 @@ class SamplingConfig:
         return asdict(self)
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """A 63-bit seed for batch ``batch`` of a run seeded with ``seed``."""
-    digest = hashlib.sha256(f"imagegen:{seed}:{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def resolve_labels(
     label: int | str | None, n: int, num_classes: int, class_names: list[str] | None
 ) -> Tensor | None:
@@ -196,7 +188,7 @@ class ImageGenerator:
         """Load a ``model.safetensors`` written by :func:`imagegen.train.train_image_model`."""
         path = Path(checkpoint).expanduser()
         if path.is_dir():
-            inside = path / "model.safetensors"
+            inside = path / EXPORTED_MODEL
             hint = f"did you mean {inside}?" if inside.is_file() else "give the .safetensors file"
             raise CheckpointError(f"checkpoint {path} is a folder, not a model file: {hint}")
         if not path.is_file():
@@ -362,7 +354,7 @@ class ImageGenerator:
         out = []
         for b, start in enumerate(iterator):
             size = min(batch_size, n - start)
-            g = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
+            g = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b, "imagegen:"))
             yb = None if labels is None else labels[start : start + size]
             tokens = self.sample_tokens(size, sampling, yb, g).tokens
             images = self.tokens_to_images(tokens)

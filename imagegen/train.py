@@ -24,15 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from dfm_core.atomic_io import check_writable, file_sha256, holds_folder_lock
-from dfm_core.checkpoints import export_safetensors
+from dfm_core.checkpoints import EXPORTED_MODEL, export_safetensors
 from dfm_core.config import config_from_dict, load_config
+from dfm_core.nn import count_parameters
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import ProbabilityPath
 from dfm_core.runtime import keeps_global_rng, resolve_device, seed_everything
 from dfm_core.training import TrainConfig, TrainResult, best_weights_metadata, saved_run_facts, train
 from imagegen.data import ImageDataset, check_count, images_sha256, load_dataset
 from imagegen.latent import check_vqvae_data, distance_scale, latent_codes
-from imagegen.model import PixelUNet, UNetConfig, count_parameters
+from imagegen.model import PixelUNet, UNetConfig
 from imagegen.paths import NUM_LEVELS, PixelPathConfig, build_path
 from imagegen.vqvae import VQVAE, load_vqvae
 
@@ -373,7 +374,7 @@ def train_image_model(
         identity=identity,
     )
     vq_state = vq.state_dict() if vq is not None else None
-    export_checkpoint(run_dir, run_dir / "model.safetensors", metadata, vq_state=vq_state)
+    export_checkpoint(run_dir, run_dir / EXPORTED_MODEL, metadata, vq_state=vq_state)
     if export is not None:
         export_checkpoint(run_dir, Path(export), metadata, dtype=export_dtype, vq_state=vq_state)
     return result

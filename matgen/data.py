@@ -28,7 +28,7 @@ import torch
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
-from dfm_core.atomic_io import atomic_write, file_sha256
+from dfm_core.atomic_io import atomic_write, file_sha256, user_cache_dir
 from matgen.cif import crystal_blocks, parse_cif
 from matgen.tokenizer import (
     PAD_ID,
@@ -80,11 +80,6 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
-def _user_cache_root() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "matgen"
-
-
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """Directory holding the MP-20 split files.
 
@@ -98,7 +93,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     elif env := os.environ.get("MATGEN_DATA"):
         chosen = Path(env).expanduser()
     else:
-        return _user_cache_root() / "mp_20"
+        return user_cache_dir("matgen") / "mp_20"
     if not _has_split_files(chosen) and _has_split_files(chosen / "mp_20"):
         return chosen / "mp_20"
     return chosen
@@ -130,10 +125,7 @@ def cache_file_prefix(split_file: Path) -> str:
 def default_token_cache_dir() -> Path:
     """Where tokenized splits are cached: ``$MATGEN_CACHE/tokens``, else ``$XDG_CACHE_HOME/matgen/tokens``
     (``~/.cache/matgen/tokens``); ``matgen evaluate`` keeps its fingerprints beside it in ``evaluate/``."""
-    env = os.environ.get("MATGEN_CACHE")
-    if env:
-        return Path(env).expanduser() / "tokens"
-    return _user_cache_root() / "tokens"
+    return user_cache_dir("matgen", "MATGEN_CACHE") / "tokens"
 
 
 SPLIT_SUFFIXES = (".csv.gz", ".csv", ".parquet")  # in order of preference when a folder holds several

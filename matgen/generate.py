@@ -14,7 +14,6 @@ crystals an uninterrupted one would.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from dfm_core.atomic_io import (
     holds_folder_lock,
     remove_stale_temps,
 )
+from dfm_core.runtime import batch_seed
 from dfm_core.sampler import check_temperature
 from dfm_core.velocities import make_velocity
 from matgen import tokenizer as tok
@@ -183,11 +183,6 @@ def _decode_and_write(
         )
         rows.append(row)
     return rows
-
-
-def _batch_seed(seed: int, batch: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _read_done_rows(samples: Path, size_of: Callable[[int], int]) -> list[dict[str, str]]:
@@ -469,7 +464,7 @@ def generate(
     try:
         for b in iterator:
             size = size_of(b)
-            g = torch.Generator(device=gen.device).manual_seed(_batch_seed(seed, b))
+            g = torch.Generator(device=gen.device).manual_seed(batch_seed(seed, b))
             if dist is None:
                 counts = torch.full((size,), int(num_atoms), dtype=torch.long)
             else:
@@ -477,7 +472,7 @@ def generate(
                     dist,
                     size,
                     replacement=True,
-                    generator=torch.Generator().manual_seed(_batch_seed(seed, b) ^ 1),
+                    generator=torch.Generator().manual_seed(batch_seed(seed, b) ^ 1),
                 )
             tokens = gen.sample_tokens(
                 counts,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.checkpoints import load_safetensors
+from dfm_core.checkpoints import EXPORTED_MODEL, load_safetensors
 from dfm_core.runtime import resolve_device
 from dfm_core.sampler import sample
 from dfm_core.velocities import make_velocity
@@ -66,7 +66,7 @@ class CrystalGenerator:
         for long runs: every step calls the network on the same shapes)."""
         path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         if path.is_dir():
-            inside = path / "model.safetensors"
+            inside = path / EXPORTED_MODEL
             hint = f"; did you mean {inside}?" if inside.is_file() else ""
             raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
         if not path.is_file():
@@ -75,7 +75,7 @@ class CrystalGenerator:
         try:
             state, meta = load_safetensors(path)
         except (ValueError, OSError) as e:
-            exported = path.parent / "model.safetensors"
+            exported = path.parent / EXPORTED_MODEL
             hint = f"; {exported} is the model this training run exported" if exported.is_file() else ""
             raise CheckpointError(f"cannot read checkpoint {path}: {e}{hint}") from e
         if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:

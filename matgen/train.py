@@ -21,14 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from dfm_core.atomic_io import atomic_write_text, check_writable, file_sha256, holds_folder_lock
-from dfm_core.checkpoints import export_safetensors
+from dfm_core.checkpoints import EXPORTED_MODEL, export_safetensors
 from dfm_core.config import config_from_dict, load_config
+from dfm_core.nn import count_parameters
 from dfm_core.objectives import cross_entropy_loss
 from dfm_core.paths import MixturePath
 from dfm_core.runtime import keeps_global_rng, seed_everything
 from dfm_core.schedulers import make_scheduler
 from dfm_core.sources import mask_source
-from dfm_core.training import EXPORTED_MODEL, TrainConfig, TrainResult, best_weights_metadata, train
+from dfm_core.training import TrainConfig, TrainResult, best_weights_metadata, train
 from matgen import tokenizer as tok
 from matgen.data import (
     atom_count_distribution,
@@ -37,7 +38,7 @@ from matgen.data import (
     load_token_dataset,
     resolve_data_dir,
 )
-from matgen.model import CrystalDiTConfig, build_model, count_parameters, token_valid_mask
+from matgen.model import CrystalDiTConfig, build_model, token_valid_mask
 
 __all__ = [
     "MatgenTrainConfig",

@@ -1,6 +1,6 @@
 """Released text models: safetensors weights plus everything needed to rebuild the path.
 
-A textgen checkpoint is a safetensors file written by :func:`dfm_core.training.export_safetensors` whose
+A textgen checkpoint is a safetensors file written by :func:`dfm_core.checkpoints.export_safetensors` whose
 metadata holds ``format = "textgen-checkpoint-v1"``, the ``kind`` (``dfm`` or ``ar``), the
 ``model_config``, the ``path`` config (source, beta0, scheduler), ``seq_len`` and the training run's
 facts. For the data-statistics source (eq 38) the source PMF itself is stored as the float64 tensor
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_core.checkpoints import export_safetensors, load_safetensors
+from dfm_core.checkpoints import EXPORTED_MODEL, export_safetensors, load_safetensors
 from dfm_core.paths import MixturePath
 from dfm_core.runtime import resolve_device
 from textgen.model import TextModelConfig, build_model
@@ -65,7 +65,7 @@ class TextModel:
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> TextModel:
         file = Path(checkpoint)
         if file.is_dir():
-            inside = file / "model.safetensors"
+            inside = file / EXPORTED_MODEL
             hint = (
                 f"did you mean {inside}?"
                 if inside.is_file()

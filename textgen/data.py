@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dfm_core.atomic_io import atomic_write, atomic_write_text, visible_files_warning_others
+from dfm_core.atomic_io import atomic_write, atomic_write_text, user_cache_dir, visible_files_warning_others
 from textgen.tokenizer import EOT_ID, TextTokenizer, default_data_root
 
 __all__ = [
@@ -72,11 +72,7 @@ def default_data_dir() -> Path:
 def default_cache_dir() -> Path:
     """``$TEXTGEN_CACHE`` if set, else ``$XDG_CACHE_HOME/textgen`` (``~/.cache/textgen``), as matgen and
     imagegen place theirs."""
-    env = os.environ.get("TEXTGEN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "textgen"
+    return user_cache_dir("textgen", "TEXTGEN_CACHE")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dfm_core.atomic_io import atomic_write_text, check_writable
+from dfm_core.runtime import batch_seed
 from dfm_core.sampler import sample
 from dfm_core.velocities import make_velocity
 from textgen.checkpoint import TextModel
@@ -159,10 +160,6 @@ class GeneratedTexts:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _batch_seed(seed: int, batch: int) -> int:
-    return (int(seed) * 1_000_003 + batch) % (2**63 - 1)
-
-
 @torch.no_grad()
 def generate_tokens(
     model: TextModel,
@@ -208,7 +205,7 @@ def generate_tokens(
     out = []
     for b, start in enumerate(range(0, n, batch_size)):
         size = min(batch_size, n - start)
-        g = torch.Generator(device=model.device).manual_seed(_batch_seed(seed, b))
+        g = torch.Generator(device=model.device).manual_seed(batch_seed(seed, b, "textgen:"))
         if model.kind == "ar":
             prefix = template.prefix if template is not None else None
             out.append(model.model.sample(size, length, prefix, temperature, g, float64).cpu())

@@ -25,14 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm_core.atomic_io import check_writable, holds_folder_lock
+from dfm_core.checkpoints import EXPORTED_MODEL
 from dfm_core.config import config_from_dict, load_config
+from dfm_core.nn import count_parameters
 from dfm_core.objectives import cross_entropy_loss, mixture_elbo_loss, sample_training_time
 from dfm_core.paths import MixturePath
 from dfm_core.runtime import keeps_global_rng, seed_everything
 from dfm_core.training import TrainConfig, TrainResult, best_weights_metadata, train
 from textgen.checkpoint import export_text_model
 from textgen.data import TokenCorpus, load_corpora, pack
-from textgen.model import TextARModel, TextModelConfig, build_model, count_parameters
+from textgen.model import TextARModel, TextModelConfig, build_model
 from textgen.path import TextPathConfig, build_path, text_source, text_token_statistics
 from textgen.tokenizer import TextTokenizer
 
@@ -283,7 +285,7 @@ def train_text_model(
         },
     )
     meta = best_weights_metadata(run_dir, model, metadata, "textgen_config")
-    export_text_model(model, run_dir / "model.safetensors", meta, source_pmf)
+    export_text_model(model, run_dir / EXPORTED_MODEL, meta, source_pmf)
     if export is not None:
         export_text_model(model, export, meta, source_pmf, dtype=export_dtype)
     return result

@@ -22,7 +22,6 @@ Reference set
 from __future__ import annotations
 
 import base64
-import os
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Composition, Structure
 
-from dfm_core.atomic_io import atomic_write, file_sha256
+from dfm_core.atomic_io import atomic_write, file_sha256, user_cache_dir
 from matgen.evaluate._cdvae_constants import COMP_SCALER_MEANS, COMP_SCALER_STDS
 
 __all__ = [
@@ -50,18 +49,13 @@ __all__ = [
 ]
 
 STRUCT_FP_DIM = 61
-COMP_FP_DIM = 132
 _REFERENCE_FORMAT = 1
 _FEATURIZERS: dict[str, Any] = {}
 
 
 def default_cache_dir() -> Path:
     """``$MATGEN_CACHE/evaluate``, else ``$XDG_CACHE_HOME/matgen/evaluate`` (``~/.cache/matgen/evaluate``)."""
-    env = os.environ.get("MATGEN_CACHE")
-    if env:
-        return Path(env).expanduser() / "evaluate"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "matgen" / "evaluate"
+    return user_cache_dir("matgen", "MATGEN_CACHE") / "evaluate"
 
 
 def _featurizer(name: str) -> Any:
