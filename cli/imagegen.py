@@ -1,7 +1,9 @@
 """`imagegen` command-line app: pixel-space discrete flow matching (metric-induced paths, corrector).
 
 Each command is a thin layer over the Python API: ``imagegen.train.train_image_model``,
-``imagegen.train_vq.train_vqvae``, ``imagegen.generate.ImageGenerator``, ``imagegen.evaluate.evaluate_sweep`` and ``imagegen.paths.path_samples``.
+``imagegen.train_vq.train_vqvae``, ``imagegen.generate.ImageGenerator``, ``imagegen.evaluate.evaluate``,
+``imagegen.paths.path_preview`` (``imagegen.latent.latent_path_preview``) and
+``dfm_core.checkpoints.describe_safetensors``.
 """
 
 from __future__ import annotations

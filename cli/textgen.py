@@ -1,7 +1,8 @@
 """`textgen` command-line app: text generation with discrete flow matching (KO-DFM section 8.1).
 
 Each command is a thin layer over the Python API: ``textgen.train.train_text_model``,
-``textgen.generate.generate_texts``, ``textgen.evaluate.evaluate`` and ``textgen.data.load_corpora``.
+``textgen.generate.generate_texts``, ``textgen.evaluate.evaluate``, ``textgen.data.load_corpus`` and
+``dfm_core.checkpoints.describe_safetensors``.
 """
 
 from __future__ import annotations

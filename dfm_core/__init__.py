@@ -13,7 +13,7 @@ Modules, one idea each:
 * :mod:`dfm_core.checkpoints` release checkpoints: safetensors weights with JSON metadata
 * :mod:`dfm_core.config`      dataclass settings from TOML/JSON with clear errors
 * :mod:`dfm_core.runtime`     device choice and seeding
-* :mod:`dfm_core.atomic_io`   atomic file writes (checkpoints, caches, CIFs, tables)
+* :mod:`dfm_core.atomic_io`   atomic file writes (checkpoints, caches, samples, tables), folder locks
 """
 
 from dfm_core.objectives import (

@@ -91,8 +91,8 @@ def _typed_value(name: str, hint: Any, value: Any) -> Any:
 def find_config(path: str | os.PathLike, shipped: Path | None = None) -> Path:
     """The config file ``path`` names: the file itself, else (for a relative path) the file of that name
     in ``shipped``, an app's own ``configs/`` folder that installs with it; a bare name such as
-    ``ko_dfm_small_cpu`` gets ``.toml``. So ``--config matgen/configs/x.toml``, written for a source
-    tree, also works from any folder with an installed package.
+    ``small_cpu`` gets ``.toml``. So ``--config app/configs/x.toml``, written for a source tree, also
+    works from any folder with an installed package.
 
     Raises:
         FileNotFoundError: neither, naming the configs that ship.

@@ -190,7 +190,8 @@ def fair_elbo(
     generator: torch.Generator | None = None,
     chunk: int | None = None,
 ) -> FairELBOResult:
-    """Fair ELBO evaluation of Appendix E.1 (eq 98-106) for a mixture path; returns nats per token.
+    """Fair ELBO evaluation of Appendix E.1 (eq 98-106) for a mixture path (a :class:`FairELBOResult`:
+    nats per sequence and per token).
 
     The time integral of eq 37 is taken in the variable kappa of a reference scheduler: the path's own
     scheduler when it is token-independent (eq 98-99), else the KO scheduler with Omega = pi/4

@@ -103,7 +103,6 @@ def _masked_softmax(logits: Tensor, temperature: float, banned: Tensor | None, d
     return torch.softmax(logits, dim=-1)
 
 
-@torch.no_grad()
 def check_temperature(temperature: float) -> float:
     """The posterior softmax temperature as a float; a ValueError unless it is finite and > 0."""
     if not (math.isfinite(temperature) and temperature > 0):

@@ -52,7 +52,6 @@ __all__ = [
     "evaluate",
     "evaluate_sweep",
     "load_evaluation_data",
-    "load_reference",
     "plot_score_vs_nfe",
     "reference_stats",
     "score_images",
@@ -450,20 +449,6 @@ def plot_score_vs_nfe(
     # renamed into place: a run killed while plotting keeps the previous plot, not half a PNG
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix or ".png")
     return path
-
-
-def load_reference(
-    dataset: str,
-    data_dir: str | os.PathLike | None,
-    extractor: FeatureExtractor,
-    split: str = "test",
-    limit: int | None = None,
-    image_size: int | None = None,
-    channels: int = 3,
-) -> tuple[FeatureStats, ImageDataset]:
-    """Load ``split`` of ``dataset`` and its (cached) feature statistics."""
-    data = load_dataset(dataset, split, data_dir, limit=limit, image_size=image_size, channels=channels)
-    return reference_stats(data, extractor), data
 
 
 def evaluate(

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from dfm_core.atomic_io import check_writable, holds_folder_lock
 from dfm_core.checkpoints import export_safetensors
 from dfm_core.config import config_from_dict
+from dfm_core.nn import count_parameters
 from dfm_core.runtime import keeps_global_rng, seed_everything
 from dfm_core.training import TrainConfig, TrainResult, best_weights_metadata, train
 from imagegen.data import ImageDataset, check_count, images_sha256, load_dataset
-from imagegen.model import count_parameters
 from imagegen.train import (
     _Batches,
     cpu_generator,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -360,8 +361,9 @@ def write_outputs(
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     try:
         results.to_parquet(out / "results.parquet", index=False)
-    except Exception:  # pyarrow missing or a mixed-type column
-        pass
+    except (ImportError, ValueError, TypeError, OSError) as exc:  # pyarrow missing, a mixed-type column
+        (out / "results.parquet").unlink(missing_ok=True)
+        warnings.warn(f"results.parquet not written ({exc}); results.csv holds the same table", stacklevel=2)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
     relaxed_cifs = {}
     for i, rec in relax_records.items():
