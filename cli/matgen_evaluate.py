@@ -26,7 +26,7 @@ def evaluate_command(
         "--out",
         "-o",
         metavar="PATH",
-        help="Output folder (re-running with the same folder resumes).",
+        help="Output folder (re-running with the same inputs resumes; other inputs need --overwrite).",
     ),
     data_dir: Path | None = typer.Option(
         None,
@@ -67,6 +67,9 @@ def evaluate_command(
         help="Coverage cut-offs of the structure and composition fingerprint distances: CDVAE's 0.4,10 for "
         "MP-20; 0.2,4 for carbon-24 and perov-5.",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier evaluation of other crystals in --out."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Evaluate generated crystals: validity, coverage, distributions, CHGNet stability, S.U.N."""
@@ -74,6 +77,7 @@ def evaluate_command(
     from matgen.data import DownloadError
     from matgen.evaluate import evaluate
     from matgen.evaluate.journal import JournalMismatch, NotAJournal
+    from matgen.evaluate.pipeline import OtherEvaluation
 
     out = folder_flag(out_text, "--out", "eval_out/")
 
@@ -97,6 +101,7 @@ def evaluate_command(
             seed=seed,
             workers=workers,
             cache_dir=cache_dir,
+            overwrite=overwrite,
             cov_cutoffs=tuple(float_list(cov_cutoffs, "--cov-cutoffs")),  # evaluate checks the two numbers
             progress=progress,
             console=True,
@@ -106,7 +111,7 @@ def evaluate_command(
             f"{e}\nthe MP-20 reference (test set for coverage, train set for novelty) is needed: pass --data-dir or "
             f"set MATGEN_DATA to a folder with train/val/test.csv[.gz]{kept()}"
         )
-    except (FolderInUse, NotAJournal) as e:  # refused before any work: nothing of this run to keep
+    except (FolderInUse, NotAJournal, OtherEvaluation) as e:  # refused before any work: nothing to keep
         fail(str(e))
     except (ValueError, FileNotFoundError, JournalMismatch) as e:
         fail(f"{e}{kept()}")

@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,11 +187,31 @@ def _check_settings(**values: Any) -> None:
         raise ValueError(f"cov_cutoffs must be two positive numbers (structure, composition), got {cuts!r}")
 
 
-def _check_out_folder(out: Path) -> None:
+class OtherEvaluation(ValueError):
+    """The output folder holds the finished evaluation of other crystals, which this run would replace."""
+
+
+def _check_out_folder(out: Path, ids: Sequence[str], overwrite: bool) -> None:
     """Refuse an output folder holding files by the names this run writes (``report.md``, ``results.csv``,
     ...) but no journal: they are someone's own files, not an earlier evaluation's, and must not be
-    deleted or overwritten. With a journal the folder is an evaluation's, and its tables are rewritten."""
+    deleted or overwritten. With a journal the folder is an evaluation's, and its tables are rewritten:
+    unless they hold crystals these inputs lack (another evaluation: its tables and candidates/ would be
+    replaced) and ``overwrite`` is not given."""
     if (out / "journal.jsonl").exists():
+        if overwrite or not (out / "results.csv").is_file():
+            return
+        try:
+            before = pd.read_csv(out / "results.csv", usecols=["id"], dtype=str, keep_default_na=False)["id"]
+        except (ValueError, OSError):  # unreadable tables are rewritten anyway
+            return
+        dropped = sorted(set(before) - set(ids))
+        if dropped:
+            raise OtherEvaluation(
+                f"{out} holds the evaluation of other crystals: {len(dropped)} of its {len(before)} (e.g. "
+                f"{dropped[0]!r}) are not among these inputs, and its tables, plots and candidates/ would be "
+                "replaced. Use another output folder, or overwrite (--overwrite); what it computed stays in "
+                "its journal, so evaluating those crystals again there is quick"
+            )
         return
     theirs = [name for name in OUTPUT_FILES if (out / name).exists()]
     if theirs:
@@ -227,6 +248,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     chunk_size: int = 64,
     cov_cutoffs: tuple[float, float] = (COV_STRUCT_CUTOFF, COV_COMP_CUTOFF),
+    overwrite: bool = False,
     progress: bool = True,
     console: bool = True,
 ) -> dict[str, Any]:
@@ -258,6 +280,9 @@ def evaluate(
         chunk_size: crystals per journal write in stage 1.
         cov_cutoffs: (structure, composition) fingerprint distance cut-offs of coverage: CDVAE's (0.4, 10)
             for MP-20, (0.2, 4) for carbon-24 and perov-5.
+        overwrite: replace the tables of an earlier evaluation in ``out_dir`` of crystals these inputs
+            lack (refused otherwise, :class:`OtherEvaluation`); a rerun of the same inputs, or of more,
+            needs no flag.
         progress: show progress bars; console: print the summary table.
 
     Returns:
@@ -297,7 +322,7 @@ def evaluate(
     ids = [it.id for it in items]
     digests = {it.id: it.digest for it in items}
     relax_settings = {"step_cap": relax_steps, "fmax_target": fmax}  # kept in each relax record
-    _check_out_folder(out)
+    _check_out_folder(out, ids, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / "journal.jsonl", {"format": JOURNAL_FORMAT})
     remove_outputs(out)  # written again at the end: a killed run leaves no earlier run's tables behind

@@ -338,14 +338,23 @@ def test_a_killed_rerun_leaves_no_earlier_tables_looking_current(
     other = tmp_path / "other"
     other.mkdir()
     write_cif(other / "salt.cif", rock_salt())
+    with pytest.raises(pipeline.OtherEvaluation, match=r"holds the evaluation of other crystals: 6 of its 6"):
+        _run(other, out, mp20_dir, hull_dir, fp_cache)  # another evaluation's tables are not replaced unasked
+    assert (out / "results.csv").is_file()
     monkeypatch.setattr(pipeline, "analyze_crystal", killed)
     with pytest.raises(KeyboardInterrupt):
-        _run(other, out, mp20_dir, hull_dir, fp_cache)
+        _run(other, out, mp20_dir, hull_dir, fp_cache, overwrite=True)
     left = {p.name for p in out.iterdir()}
     assert left == {"journal.jsonl"}, left  # the journal keeps the work; no table of the earlier inputs
     monkeypatch.undo()
-    _run(other, out, mp20_dir, hull_dir, fp_cache)
+    _run(other, out, mp20_dir, hull_dir, fp_cache)  # no tables left to protect: no flag needed
     assert list(_rows(out)["id"]) == ["salt.cif"]
+    more = tmp_path / "more"  # the same crystal and one more: nothing of the earlier run is dropped
+    more.mkdir()
+    write_cif(more / "salt.cif", rock_salt())
+    write_cif(more / "salt2.cif", rock_salt(5.0))
+    _run(more, out, mp20_dir, hull_dir, fp_cache)
+    assert sorted(_rows(out)["id"]) == ["salt.cif", "salt2.cif"]
 
 
 def test_records_of_earlier_reading_rules_are_redone(mp20_dir, hull_dir, fp_cache, tmp_path, monkeypatch):
