@@ -58,11 +58,16 @@ class Scheduler:
 
 
 class PolynomialScheduler(Scheduler):
-    """kappa_t = t^n (n = 1 is the linear scheduler of DFM)."""
+    """kappa_t = t^n (n = 1 is the linear scheduler of DFM), n >= 1: below 1 the jump rate
+    kappa'/(1 - kappa) is infinite at t = 0, which the sampler's step (Appendix A, the rate at the step's
+    start) cannot take: its first step would move every position at once."""
 
     def __init__(self, n: float = 1.0) -> None:
-        if n <= 0:
-            raise ValueError(f"polynomial scheduler exponent must be > 0, got {n}")
+        if not n >= 1:  # also refuses NaN
+            raise ValueError(
+                f"polynomial scheduler exponent must be >= 1 (t^n with n < 1 has an infinite jump rate at "
+                f"t = 0, which the sampler cannot step over), got {n}"
+            )
         self.n = float(n)
 
     def kappa(self, t: Tensor, x1: Tensor | None = None) -> Tensor:
