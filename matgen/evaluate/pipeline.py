@@ -658,7 +658,9 @@ def _summarize(
             (results["stable"].astype(bool) & (results["hull_compounds"] == 0)).sum()
         )
         s["n_sun"] = int(results["sun"].astype(bool).sum())
-        finite = eh[np.isfinite(eh)]
+        # the distribution of E_hull: converged relaxations only (one stopped at the step cap can sit eV
+        # above its minimum, and a few such dominate a mean); the rates above count every crystal
+        finite = eh[np.isfinite(eh) & (conv == True).to_numpy()]  # noqa: E712
         s["e_hull_mean"] = float(finite.mean()) if len(finite) else float("nan")
         s["e_hull_median"] = float(np.median(finite)) if len(finite) else float("nan")
         clipped = np.clip(finite, EHULL_BINS[0], EHULL_BINS[-1])
@@ -666,7 +668,7 @@ def _summarize(
         s["e_hull_histogram"] = {
             "bin_edges": EHULL_BINS.tolist(),
             "counts": counts.tolist(),
-            "note": "values outside the range are counted in the first/last bin",
+            "note": "converged relaxations only; values outside the range are counted in the first/last bin",
         }
         s["hull_reference"] = getattr(hull_ref, "description", str(hull_ref))
         s["stability_note"] = STABILITY_NOTE

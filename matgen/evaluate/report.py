@@ -154,7 +154,7 @@ def _plots(
         ax.axvline(0.0, color="k", lw=1)
         ax.axvline(0.1, color="k", lw=1, ls="--")
         ax.set_xlabel("E_hull (eV/atom), CHGNet vs approximate hull; clipped to the range")
-        ax.set_ylabel("crystals")
+        ax.set_ylabel("crystals (converged relaxations)")
         ax.set_title(f"stable (<= 0): {summary.get('stable_rate', float('nan')):.1%} of all")
         fig.tight_layout()
         save(fig, "e_hull_hist.png")
@@ -247,7 +247,7 @@ SUMMARY_ROWS = [
     ("metastable_rate", "E_hull <= 0.1 eV/atom"),
     ("sun_rate", "S.U.N."),
     ("msun_rate", "M.S.U.N. (<= 0.1)"),
-    ("e_hull_median", "median E_hull (eV/atom)"),
+    ("e_hull_median", "median E_hull (eV/atom), converged"),
 ]
 
 
@@ -336,7 +336,7 @@ def _candidates_md(candidates: pd.DataFrame, shown: int = 20) -> list[str]:
         sun = "yes" if bool(row["sun"]) else ""
         label = str(row["id"]).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
         lines.append(
-            f"| [{label}]({row['file']}) | {row['formula']} | {row['n_atoms']} | {row['e_hull']:.3f} | {sun} |"
+            f"| [{label}]({row['file']}) | {row['formula']} | {int(row['n_atoms'])} | {row['e_hull']:.3f} | {sun} |"
         )
     return [*lines, ""]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -270,9 +271,12 @@ def test_a_cheap_rerun_after_a_stability_run_with_other_settings(mp20_dir, hull_
     """Relaxation settings live with the relaxations: a --skip-stability rerun (or new settings) is fine."""
     folder = tmp_path / "one"
     folder.mkdir()
-    write_cif(folder / "nacl.cif", rock_salt())
+    write_cif(folder / "nacl.cif", rattled(rock_salt(), 0.04, 0.2))
     out = tmp_path / "out"
-    _run(folder, out, mp20_dir, hull_dir, fp_cache, skip_stability=False, relax_steps=3)
+    capped = _run(folder, out, mp20_dir, hull_dir, fp_cache, skip_stability=False, relax_steps=3)
+    assert not bool(_rows(out).loc[0, "relax_converged"])  # 3 steps: E_hull kept, out of the distribution
+    assert np.isfinite(_rows(out).loc[0, "e_hull"]) and math.isnan(capped["e_hull_median"])
+    assert sum(capped["e_hull_histogram"]["counts"]) == 0 and capped["n_relax_unconverged"] == 1
     assert _run(folder, out, mp20_dir, hull_dir, fp_cache)["n_inputs"] == 1
     summary = _run(folder, out, mp20_dir, hull_dir, fp_cache, skip_stability=False, relax_steps=60)
     rows = _rows(out)
