@@ -66,7 +66,9 @@ def generate(
         None, min=1, help="Fix the atom count (default: the training distribution)."
     ),
     elements: str | None = typer.Option(
-        None, help="Restrict atom types to a chemical system, e.g. Li,Fe,P,O."
+        None,
+        help="Restrict atom types to these elements, e.g. Li,Fe,P,O: every atom is one of them (a subset, so a "
+        "crystal need not hold all of them).",
     ),
     overwrite: bool = typer.Option(False, help="Replace the crystals of an earlier run in --out."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out with the same settings."),
