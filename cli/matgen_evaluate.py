@@ -5,6 +5,7 @@ Registered in ``cli/matgen.py`` with ``app.command("evaluate")(evaluate_command)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -123,4 +124,12 @@ def evaluate_command(
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'report.md'}")
     if not skip_stability:
         n = len(list((out / "candidates").glob("*.cif")))
-        typer.echo(f"{n} candidate crystal(s) (metastable, unique, novel; relaxed) in {out / 'candidates'}")
+        known = json.loads((out / "summary.json").read_text()).get("n_candidates_known", 0)
+        also = (
+            f"; {known} of them match held-out crystals of the data set (candidates.csv, known_as)"
+            if known
+            else ""
+        )
+        typer.echo(
+            f"{n} candidate crystal(s) (metastable, unique, novel; relaxed) in {out / 'candidates'}{also}"
+        )

@@ -221,6 +221,31 @@ def _check_out_folder(out: Path, ids: Sequence[str], overwrite: bool) -> None:
         )
 
 
+def _metastable(row: dict[str, Any]) -> bool:
+    eh = row.get("e_hull")
+    return (
+        (row.get("n_elements") or 0) >= 2
+        and eh is not None
+        and not math.isnan(eh)
+        and eh <= METASTABLE_CUTOFF
+    )
+
+
+def _held_out_sets(data_dir: str | Path | None) -> list[Any]:
+    """The data set's val and test splits (those that exist), for :func:`matgen.evaluate.sun.known_as`."""
+    from matgen.data import ensure_split_file
+    from matgen.evaluate.sun import TrainingSet
+
+    sets = []
+    for split in ("val", "test"):
+        try:
+            ensure_split_file(split, data_dir, download=False)
+        except FileNotFoundError:
+            continue
+        sets.append(TrainingSet(data_dir, split=split))
+    return sets
+
+
 def _described(inputs: Inputs, n: int | None = None) -> str:
     """The inputs in a few words for messages and the summary: the path, or what was passed in memory."""
     if isinstance(inputs, Path) or (isinstance(inputs, str) and "\n" not in inputs):
@@ -492,7 +517,7 @@ def evaluate(
 
     # 5. uniqueness and novelty ---------------------------------------------------------------------------
     t0 = time.perf_counter()
-    from matgen.evaluate.sun import TrainingSet, novelty_flags, uniqueness_flags
+    from matgen.evaluate.sun import TrainingSet, known_as, novelty_flags, uniqueness_flags
 
     sun_structures = []
     for i, s in zip(ids, structures, strict=True):
@@ -504,6 +529,12 @@ def evaluate(
     novel = novelty_flags(sun_structures, training, progress=progress)
     timings["unique_novel_s"] = time.perf_counter() - t0
 
+    candidates = {  # metastable, unique, novel: are they in the held-out splits (known crystals)?
+        i: s
+        for i, s, row, u, n in zip(ids, sun_structures, rows, unique, novel, strict=True)
+        if s is not None and u is True and n is True and i in relax_recs and _metastable(row)
+    }
+    known = known_as(candidates, _held_out_sets(data_dir)) if candidates and not skip_stability else {}
     for row, u, n in zip(rows, unique, novel, strict=True):
         row["unique"] = u
         row["novel"] = n
@@ -517,6 +548,7 @@ def evaluate(
                 multi and eh is not None and not math.isnan(eh) and eh <= METASTABLE_CUTOFF
             )
             row["sun"] = bool(row["stable"] and u and n)
+        row["known_as"] = known.get(row["id"], "")
 
     # 6. outputs ------------------------------------------------------------------------------------------
     results = pd.DataFrame(rows)
@@ -658,6 +690,7 @@ def _summarize(
             (results["stable"].astype(bool) & (results["hull_compounds"] == 0)).sum()
         )
         s["n_sun"] = int(results["sun"].astype(bool).sum())
+        s["n_candidates_known"] = int((results["known_as"].fillna("").astype(str) != "").sum())
         # the distribution of E_hull: converged relaxations only (one stopped at the step cap can sit eV
         # above its minimum, and a few such dominate a mean); the rates above count every crystal
         finite = eh[np.isfinite(eh) & (conv == True).to_numpy()]  # noqa: E712

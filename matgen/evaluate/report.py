@@ -60,7 +60,7 @@ def remove_outputs(out: Path) -> None:
 
 
 CANDIDATES_DIR = "candidates"
-CANDIDATE_COLUMNS = ["id", "formula", "n_atoms", "e_hull", "stable", "sun", "file"]
+CANDIDATE_COLUMNS = ["id", "formula", "n_atoms", "e_hull", "stable", "sun", "known_as", "file"]
 
 
 def _candidate_stem(crystal_id: str, taken: set[str]) -> str:
@@ -86,7 +86,7 @@ def _write_candidates(out: Path, results: pd.DataFrame, relaxed_cifs: dict[str, 
     for _, row in chosen.iterrows():
         name = f"{CANDIDATES_DIR}/{_candidate_stem(row['id'], taken)}.cif"
         atomic_write_text(out / name, relaxed_cifs[row["id"]])
-        rows.append({c: row.get(c) for c in CANDIDATE_COLUMNS[:-1]} | {"file": name})
+        rows.append({c: row.get(c, "") for c in CANDIDATE_COLUMNS[:-1]} | {"file": name})
     table = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
     atomic_write(out / "candidates.csv", lambda tmp: table.to_csv(tmp, index=False))
     return table
@@ -116,6 +116,7 @@ RESULT_COLUMNS = [
     "unique",
     "novel",
     "sun",
+    "known_as",
     "reason",
     "stability_reason",
 ]
@@ -246,6 +247,7 @@ SUMMARY_ROWS = [
     ("n_stable_no_reference_compounds", "  of which no reference compound in system"),
     ("metastable_rate", "E_hull <= 0.1 eV/atom"),
     ("sun_rate", "S.U.N."),
+    ("n_candidates_known", "  candidates that are held-out MP-20 crystals"),
     ("msun_rate", "M.S.U.N. (<= 0.1)"),
     ("e_hull_median", "median E_hull (eV/atom), converged"),
 ]
@@ -330,13 +332,20 @@ def _candidates_md(candidates: pd.DataFrame, shown: int = 20) -> list[str]:
         if len(candidates) > shown
         else ""
     )
-    lines += [f"Lowest E_hull first{more}.", "", "| crystal | formula | atoms | E_hull (eV/atom) | S.U.N. |"]
-    lines.append("|---|---|---:|---:|---|")
+    lines += [
+        f"Lowest E_hull first{more}. Novel means new to the training split; a crystal that matches a row of "
+        "the held-out splits (val, test) is named in the last column: it is a known crystal.",
+        "",
+        "| crystal | formula | atoms | E_hull (eV/atom) | S.U.N. | known as |",
+        "|---|---|---:|---:|---|---|",
+    ]
     for _, row in candidates.head(shown).iterrows():
         sun = "yes" if bool(row["sun"]) else ""
         label = str(row["id"]).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
+        known = row.get("known_as") if isinstance(row.get("known_as"), str) else ""
         lines.append(
-            f"| [{label}]({row['file']}) | {row['formula']} | {int(row['n_atoms'])} | {row['e_hull']:.3f} | {sun} |"
+            f"| [{label}]({row['file']}) | {row['formula']} | {int(row['n_atoms'])} | {row['e_hull']:.3f} | "
+            f"{sun} | {known} |"
         )
     return [*lines, ""]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pymatgen.core import Composition, Element, Structure
 
-__all__ = ["TrainingSet", "make_matcher", "novelty_flags", "uniqueness_flags"]
+__all__ = ["TrainingSet", "known_as", "make_matcher", "novelty_flags", "uniqueness_flags"]
 
 LTOL, STOL, ANGLE_TOL = 0.2, 0.3, 5.0
 
@@ -109,17 +109,17 @@ class TrainingSet:
         frame = load_split(split, data_dir, limit)
         self.size = len(frame)
         self.unreadable = 0  # rows that are not in the reference: a crystal like them would count as novel
-        self._cifs: dict[str, list[str]] = {}
+        self._cifs: dict[str, list[tuple[str, str]]] = {}  # reduced formula -> (material_id, cif)
         formulas = frame["pretty_formula"] if "pretty_formula" in frame.columns else [None] * len(frame)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for formula, cif in zip(formulas, frame["cif"], strict=True):
+            for material_id, formula, cif in zip(frame["material_id"], formulas, frame["cif"], strict=True):
                 key = self._key(formula, cif) if isinstance(cif, str) else None
                 if key is None:
                     self.unreadable += 1
                 else:
-                    self._cifs.setdefault(key, []).append(cif)
-        self._parsed: dict[str, list[Structure]] = {}
+                    self._cifs.setdefault(key, []).append((str(material_id), cif))
+        self._parsed: dict[str, list[tuple[str, Structure]]] = {}
 
     @staticmethod
     def _key(formula: object, cif: str) -> str | None:
@@ -138,13 +138,17 @@ class TrainingSet:
             return None
 
     def structures(self, reduced_formula: str) -> list[Structure]:
+        return [s for _, s in self.entries(reduced_formula)]
+
+    def entries(self, reduced_formula: str) -> list[tuple[str, Structure]]:
+        """``(material_id, structure)`` of the rows of this reduced formula (parsed on first use)."""
         if reduced_formula not in self._parsed:
             from matgen.evaluate.inputs import parse_cif
 
             parsed = []
-            for cif in self._cifs.get(reduced_formula, []):
+            for material_id, cif in self._cifs.get(reduced_formula, []):
                 try:
-                    parsed.append(elements_only(parse_cif(cif)))
+                    parsed.append((material_id, elements_only(parse_cif(cif))))
                 except Exception:  # counted: the summary says how many rows the reference lacks
                     self.unreadable += 1
             self._parsed[reduced_formula] = parsed
@@ -171,3 +175,22 @@ def novelty_flags(
         matched = _matched(matcher, s, training.structures(s.composition.reduced_formula))
         out.append(None if matched is None else not matched)
     return out
+
+
+def known_as(structures: dict[str, Structure], references: Sequence[TrainingSet]) -> dict[str, str]:
+    """For crystals (by id) that match a row of one of ``references`` (e.g. the held-out splits, which
+    novelty does not consult), that row's material id: "novel" means new to the training set, and a
+    crystal the data set already holds elsewhere is no discovery."""
+    matcher = make_matcher()
+    found: dict[str, str] = {}
+    for crystal_id, structure in structures.items():
+        s = elements_only(structure)
+        for reference in references:
+            match = next(
+                (mid for mid, t in reference.entries(s.composition.reduced_formula) if _fit(matcher, s, t)),
+                None,
+            )
+            if match is not None:
+                found[crystal_id] = match
+                break
+    return found

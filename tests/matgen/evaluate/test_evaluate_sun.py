@@ -84,3 +84,19 @@ def test_unreadable_training_rows_are_counted(tmp_path) -> None:
     training = TrainingSet(tmp_path)
     assert training.unreadable == 1  # row b: neither its formula nor its CIF reads
     assert len(training.structures("NaCl")) == 1 and training.unreadable == 2  # row c's CIF fails to parse
+
+
+def test_a_candidate_that_a_held_out_split_holds_is_named_as_known(tmp_path) -> None:
+    """Novelty is judged against the training split only; a crystal the val or test split holds is a known
+    material, and the candidates list names it rather than offering it as a discovery."""
+    import pandas as pd
+
+    from matgen.evaluate.sun import TrainingSet, known_as
+
+    pd.DataFrame(
+        {"material_id": ["mp-22862"], "pretty_formula": ["NaCl"], "cif": [rock_salt().to(fmt="cif")]}
+    ).to_csv(tmp_path / "test.csv", index=False)
+    held_out = TrainingSet(tmp_path, split="test")
+    cscl = Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    found = known_as({"salt": _decorated(rock_salt(5.5)), "cscl": cscl}, [held_out])
+    assert found == {"salt": "mp-22862"}  # the strained rock salt is the known one; CsCl-type is not held
