@@ -115,26 +115,13 @@ def test_a_parse_error_of_several_lines_counts_as_one_reason(
 ):
     """pymatgen puts the cause of a parse error on its second line; the summary's reason counts must not
     turn that line into a category of its own ("cannot convert float NaN to integer": 1)."""
-    from matgen.evaluate import evaluate
-
     cif = write_cif(tmp_path / "salt.cif", rock_salt()).read_text()
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "ok.cif").write_text(cif)
     x = next(line for line in cif.splitlines() if line.strip().startswith("Na"))
     (folder / "nan.cif").write_text(cif.replace(x, x.replace("0.00000000", "nan", 1)))
-    summary = evaluate(
-        folder,
-        tmp_path / "out",
-        data_dir=mp20_dir,
-        hull=hull_dir,
-        skip_stability=True,
-        test_limit=6,
-        train_limit=50,
-        cache_dir=fp_cache,
-        progress=False,
-        console=False,
-    )
+    summary = _cheap_evaluation(folder, tmp_path / "out", mp20_dir, hull_dir, fp_cache)
     assert summary["n_unparsable"] == 1
     assert summary["invalid_reasons"] == {"unparsable CIF": 1}, summary["invalid_reasons"]
 
@@ -191,17 +178,24 @@ def test_a_file_name_that_is_not_utf8_gets_a_printable_id_and_the_tables_are_wri
 
     import pandas as pd
 
-    from matgen.evaluate import evaluate
-
     folder = tmp_path / "in"
     folder.mkdir()
     cif = write_cif(tmp_path / "salt.cif", rock_salt()).read_text()
     (folder / os.fsdecode(b"x\xfe.cif")).write_text(cif)
     (folder / "x\\xfe.cif").write_text(cif)  # the printable form of the other name, taken already
     assert sorted(it.id for it in read_inputs(folder)) == ["x\\xfe.cif", "x\\xfe.cif#1"]
-    summary = evaluate(
-        folder,
-        tmp_path / "out",
+    summary = _cheap_evaluation(folder, tmp_path / "out", mp20_dir, hull_dir, fp_cache)
+    assert summary["n_inputs"] == 2 and summary["struct_valid"] == 1.0
+    assert sorted(pd.read_csv(tmp_path / "out" / "results.csv")["id"]) == ["x\\xfe.cif", "x\\xfe.cif#1"]
+
+
+def _cheap_evaluation(inputs: Path, out: Path, mp20_dir: Path, hull_dir: Path, fp_cache: Path) -> dict:
+    """``evaluate`` without stability against a small seeded reference (a few seconds)."""
+    from matgen.evaluate import evaluate
+
+    return evaluate(
+        inputs,
+        out,
         data_dir=mp20_dir,
         hull=hull_dir,
         skip_stability=True,
@@ -211,5 +205,3 @@ def test_a_file_name_that_is_not_utf8_gets_a_printable_id_and_the_tables_are_wri
         progress=False,
         console=False,
     )
-    assert summary["n_inputs"] == 2 and summary["struct_valid"] == 1.0
-    assert sorted(pd.read_csv(tmp_path / "out" / "results.csv")["id"]) == ["x\\xfe.cif", "x\\xfe.cif#1"]
