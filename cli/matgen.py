@@ -127,6 +127,8 @@ def generate(
         full = "; the finished batches are kept: free some space, then run again with --resume"
         fail(f"cannot write{where}: {e.strerror or e}{full if e.errno == errno.ENOSPC else ''}")
     except KeyboardInterrupt:
+        if not (out / "samples.csv").is_file():
+            fail("interrupted before the first batch was written; nothing to keep", code=130)
         fail(
             f"interrupted; the crystals of finished batches are kept in {out} (listed in samples.csv); "
             "run the same command with --resume to continue",

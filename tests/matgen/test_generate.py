@@ -776,6 +776,10 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(matgen.generate, "generate", interrupted)
     result = runner.invoke(app, ["generate", "--n", "2", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 130 and "before the first batch was written; nothing to keep" in result.output
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "samples.csv").write_text("id,file\n")  # a batch was written before the Ctrl-C
+    result = runner.invoke(app, ["generate", "--n", "2", "--out", str(tmp_path / "g"), "--resume"])
     assert result.exit_code == 130 and "--resume to continue" in result.output
     monkeypatch.setattr(matgen.evaluate, "evaluate", interrupted)
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--out", str(tmp_path / "e")])
@@ -816,7 +820,7 @@ def test_sigterm_stops_like_ctrl_c_and_restores_the_handler(tmp_path: Path) -> N
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     first, rest = done.stdout.split("\n", 1)
-    assert first == "130 True" and "--resume to continue" in rest, done.stdout
+    assert first == "130 True" and "interrupted before the first batch" in rest, done.stdout
 
 
 @pytest.mark.parametrize(
