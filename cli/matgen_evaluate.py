@@ -18,7 +18,7 @@ __all__ = ["evaluate_command"]
 def evaluate_command(
     inputs: Path = typer.Argument(
         ...,
-        help="Generated crystals: a folder of .cif files, one .cif, a .csv/.parquet with a 'cif' column, a .zip "
+        help="Generated crystals: a folder of .cif files (POSCARs and .extxyz files in it are read too), one .cif, a .csv/.parquet with a 'cif' column, a .zip "
         "of CIFs, an .extxyz of periodic frames, or a POSCAR.",
         exists=True,
     ),

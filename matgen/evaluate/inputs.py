@@ -9,8 +9,10 @@ frames get ids ``file.extxyz:k`` (k from 0). A frame without a periodic 3D cell 
 a malformed line, is recorded as a failure of its own; an atom-count line that cannot be read ends the
 file with one failure row. A POSCAR without element symbols (VASP 4) is a failure, not hydrogen.
 
-Folders are searched recursively (symlinked folders included) for ``.cif`` and ``.cif.gz`` files; hidden
-files and folders (``.ipynb_checkpoints``, macOS ``._x.cif``) and ``__MACOSX`` are skipped. A CIF file with
+Folders are searched recursively (symlinked folders included) for ``.cif`` and ``.cif.gz`` files, POSCARs
+(``POSCAR*``, ``CONTCAR*``, ``.vasp``, ``.poscar``) and extended XYZ files; hidden files and folders
+(``.ipynb_checkpoints``, macOS ``._x.cif``), ``__MACOSX`` and an evaluation's own output folder (one with
+a ``journal.jsonl``) are skipped. A CIF file with
 several crystal data blocks gives one crystal per block (id ``file.cif:blockname``). Text is read as
 UTF-8, or UTF-16 when the file starts with a UTF-16 byte-order mark.
 
@@ -342,16 +344,31 @@ def _folder_items(folder: Path) -> list[InputItem]:
                 (folder / f).resolve().as_posix() for f in frame["file"] if isinstance(f, str) and f.strip()
             }
     extra: list[InputItem] = []
-    for f in visible_files(folder, CIF_SUFFIXES):
+    for f in visible_files(folder, ("",), skip_dir=_evaluation_folder):
         if f.resolve().as_posix() in listed_files:
             continue
-        extra.extend(_file_items(f, f.relative_to(folder).as_posix()))
+        name, rel = f.name.lower(), f.relative_to(folder).as_posix()
+        if name.endswith(CIF_SUFFIXES):
+            extra.extend(_file_items(f, rel))
+        elif name.endswith(POSCAR_SUFFIXES) or f.name.startswith(POSCAR_NAMES):
+            extra.extend(InputItem(rel, it.cif, it.structure, it.read_error) for it in _poscar_items(f))
+        elif name.endswith(EXTXYZ_SUFFIXES):
+            prefix = rel[: -len(f.name)]
+            extra.extend(
+                InputItem(prefix + it.id, it.cif, it.structure, it.read_error) for it in _extxyz_items(f)
+            )
     if listed and extra:
         warnings.warn(
             f"{len(extra)} CIF(s) in {folder} are not listed in {MANIFEST_NAME}; they are evaluated too",
             stacklevel=3,
         )
     return listed + extra
+
+
+def _evaluation_folder(folder: Path) -> bool:
+    """A folder an evaluation writes into (it holds a journal): its relaxed ``candidates/*.cif`` are
+    outputs, not inputs, when ``--out`` lies inside the folder of crystals being evaluated."""
+    return (folder / "journal.jsonl").is_file()
 
 
 def _with_unique_ids(items: list[InputItem]) -> list[InputItem]:

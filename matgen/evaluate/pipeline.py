@@ -280,7 +280,7 @@ def evaluate(
     """Evaluate generated crystals: validity, coverage, property distances, stability and S.U.N.
 
     Args:
-        inputs: a folder of ``.cif`` files (searched recursively), one CIF, a CSV/parquet with a ``cif``
+        inputs: a folder of ``.cif`` files, POSCARs or extxyz files (searched recursively), one CIF, a CSV/parquet with a ``cif``
             column (optional id column ``material_id``/``id``/``name``/``file``), a zip, extxyz or POSCAR
             file; or in memory: CIF text, a DataFrame with a ``cif`` column, a pymatgen Structure, ASE
             Atoms, or a list of those (see :func:`matgen.evaluate.inputs.read_inputs`).

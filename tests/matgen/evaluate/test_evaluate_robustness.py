@@ -205,3 +205,25 @@ def _cheap_evaluation(inputs: Path, out: Path, mp20_dir: Path, hull_dir: Path, f
         progress=False,
         console=False,
     )
+
+
+def test_a_folder_is_read_for_poscars_and_extxyz_too_but_not_for_an_evaluations_outputs(tmp_path: Path):
+    """A folder holding only a POSCAR found no crystals; and with --out inside the folder of crystals, a
+    rerun read the evaluation's own relaxed candidates/*.cif as new inputs."""
+    from ase.io import write as ase_write
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.vasp import Poscar
+
+    folder = tmp_path / "crystals"
+    (folder / "vasp").mkdir(parents=True)
+    write_cif(folder / "salt.cif", rock_salt())
+    (folder / "vasp" / "POSCAR").write_text(str(Poscar(rock_salt(5.0))))
+    atoms = AseAtomsAdaptor.get_atoms(rock_salt(5.2))
+    ase_write(folder / "frames.extxyz", [atoms, atoms], format="extxyz")
+    evaluation = folder / "eval"  # an evaluation's folder inside the input folder
+    (evaluation / "candidates").mkdir(parents=True)
+    (evaluation / "journal.jsonl").write_text('{"format": 1}\n')
+    write_cif(evaluation / "candidates" / "salt.cif", rock_salt())
+    items = read_inputs(folder)
+    assert sorted(it.id for it in items) == ["frames.extxyz:0", "frames.extxyz:1", "salt.cif", "vasp/POSCAR"]
+    assert all(it.read_error is None for it in items)
