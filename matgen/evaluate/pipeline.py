@@ -50,9 +50,11 @@ from matgen.evaluate.inputs import InputItem, Inputs, error_text, parse_cif, rea
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
 from matgen.evaluate.report import OUTPUT_FILES, remove_outputs
 from matgen.evaluate.validity import (
+    SLAB_GAP,
     check_sanity,
     composition_validity,
     in_reduced_cell,
+    largest_vacuum_gap,
     structure_validity,
 )
 
@@ -468,9 +470,11 @@ def evaluate(
         disable=not progress or skip_stability,
         leave=False,
     )
-    for i, rec in hull_bar:
+    for k, (i, rec) in enumerate(hull_bar):
         row = {key: rec.get(key) for key in rec if key not in ("stage", "struct_fp", "comp_fp")}
         row["id"] = i
+        s_k = structures[k]
+        row["vacuum_gap"] = round(largest_vacuum_gap(s_k), 3) if s_k is not None else float("nan")
         r = relax_recs.get(i)
         nan = float("nan")
         row.update(
@@ -532,7 +536,12 @@ def evaluate(
     candidates = {  # metastable, unique, novel: are they in the held-out splits (known crystals)?
         i: s
         for i, s, row, u, n in zip(ids, sun_structures, rows, unique, novel, strict=True)
-        if s is not None and u is True and n is True and i in relax_recs and _metastable(row)
+        if s is not None
+        and u is True
+        and n is True
+        and i in relax_recs
+        and _metastable(row)
+        and not row["vacuum_gap"] > SLAB_GAP  # a slab or a molecule in a box is no bulk candidate
     }
     known = known_as(candidates, _held_out_sets(data_dir)) if candidates and not skip_stability else {}
     for row, u, n in zip(rows, unique, novel, strict=True):
@@ -691,6 +700,7 @@ def _summarize(
         )
         s["n_sun"] = int(results["sun"].astype(bool).sum())
         s["n_candidates_known"] = int((results["known_as"].fillna("").astype(str) != "").sum())
+        s["n_slab_like"] = int((results["vacuum_gap"].to_numpy(float) > SLAB_GAP).sum())
         # the distribution of E_hull: converged relaxations only (one stopped at the step cap can sit eV
         # above its minimum, and a few such dominate a mean); the rates above count every crystal
         finite = eh[np.isfinite(eh) & (conv == True).to_numpy()]  # noqa: E712

@@ -7,8 +7,8 @@ Files written into the output folder:
 * ``summary.json``: the metrics dictionary returned by :func:`matgen.evaluate.evaluate`;
 * ``relaxed.csv.gz``: ``id, cif`` of the CHGNet-relaxed structures (itself a valid ``evaluate`` input);
 * ``candidates/``: one CIF per metastable, unique and novel crystal (E_hull <= 0.1 eV/atom, the M.S.U.N.
-  set, which holds the S.U.N. set), as relaxed, and ``candidates.csv`` listing them by E_hull: the
-  crystals worth a DFT check;
+  set, which holds the S.U.N. set) that is not slab-like (``vacuum_gap`` over 7 A), as relaxed, and
+  ``candidates.csv`` listing them by E_hull: the crystals worth a DFT check;
 * ``e_hull_hist.png``, ``element_frequency.png``, ``density.png``, ``n_atoms.png`` (matplotlib, Agg);
 * ``report.md``: the summary and the plots.
 """
@@ -79,8 +79,12 @@ def _write_candidates(out: Path, results: pd.DataFrame, relaxed_cifs: dict[str, 
     """``candidates/<id>.cif`` (relaxed) and ``candidates.csv`` for the M.S.U.N. crystals, by E_hull."""
     if "metastable" not in results.columns:
         return pd.DataFrame(columns=CANDIDATE_COLUMNS)
+    from matgen.evaluate.validity import SLAB_GAP
+
     flags = results[["metastable", "unique", "novel"]].fillna(False).astype(bool)
-    chosen = results[flags.all(axis=1) & results["id"].isin(list(relaxed_cifs))]
+    gap = results["vacuum_gap"].to_numpy(float) if "vacuum_gap" in results else np.zeros(len(results))
+    slab = gap > SLAB_GAP
+    chosen = results[flags.all(axis=1) & ~slab & results["id"].isin(list(relaxed_cifs))]
     chosen = chosen.sort_values("e_hull", kind="stable")
     rows, taken = [], set()
     for _, row in chosen.iterrows():
@@ -117,6 +121,7 @@ RESULT_COLUMNS = [
     "novel",
     "sun",
     "known_as",
+    "vacuum_gap",
     "reason",
     "stability_reason",
 ]
@@ -248,6 +253,7 @@ SUMMARY_ROWS = [
     ("metastable_rate", "E_hull <= 0.1 eV/atom"),
     ("sun_rate", "S.U.N."),
     ("n_candidates_known", "  candidates that are held-out MP-20 crystals"),
+    ("n_slab_like", "slab-like (> 7 A of vacuum; not candidates)"),
     ("msun_rate", "M.S.U.N. (<= 0.1)"),
     ("e_hull_median", "median E_hull (eV/atom), converged"),
 ]

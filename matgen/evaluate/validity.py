@@ -46,6 +46,7 @@ from pymatgen.core import Composition, Structure
 __all__ = [
     "SanityBounds",
     "check_sanity",
+    "largest_vacuum_gap",
     "composition_validity",
     "in_reduced_cell",
     "min_interatomic_distance",
@@ -199,3 +200,22 @@ def composition_validity(composition: Composition | Structure | str) -> bool:
     counts = [int(round(a)) for a in amounts]
     g = math.gcd(*counts)
     return _smact_valid(symbols, tuple(c // g for c in counts))
+
+
+SLAB_GAP = 7.0  # A of empty space across the cell: a slab, wire or molecule in a box, not a bulk crystal
+
+
+def largest_vacuum_gap(structure: Structure) -> float:
+    """The widest empty layer across the cell, in A: over the three lattice planes, the largest gap between
+    the atoms' fractional coordinates along the plane normal (periodic), times the interplanar spacing.
+    Bulk crystals stay below a few A; a slab with 10 A of vacuum shows about 10."""
+    matrix = np.asarray(structure.lattice.matrix, dtype=float)
+    volume = abs(float(np.linalg.det(matrix)))
+    areas = np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)  # |a_j x a_k| for a_i
+    frac = np.mod(np.asarray(structure.frac_coords, dtype=float), 1.0)
+    widest = 0.0
+    for axis in range(3):
+        x = np.sort(frac[:, axis])
+        gaps = np.diff(np.concatenate([x, x[:1] + 1.0]))
+        widest = max(widest, float(gaps.max()) * volume / areas[axis])
+    return widest

@@ -99,3 +99,21 @@ def test_an_analysis_error_is_recorded_not_raised(monkeypatch):
     rec = pipeline.analyze_crystal(("nacl.cif", cif, None, None))
     assert rec["parsed"] and rec["sane"] and not rec["valid"]
     assert "analysis failed: RuntimeError: simulated neighbour-search failure" in rec["reason"]
+
+
+def test_the_vacuum_gap_tells_a_slab_from_a_bulk_crystal() -> None:
+    """A monolayer with 10 A of vacuum relaxed to E_hull ~ 0 and was offered as a bulk candidate."""
+    from pymatgen.core import Lattice, Structure
+
+    from matgen.evaluate.validity import SLAB_GAP, largest_vacuum_gap
+
+    bulk = rock_salt()
+    assert largest_vacuum_gap(bulk) < 3.0
+    slab = Structure(Lattice.orthorhombic(4.0, 4.0, 14.0), ["Na", "Cl"], [[0, 0, 0.5], [0.5, 0.5, 0.5]])
+    assert largest_vacuum_gap(slab) == pytest.approx(14.0)  # one atomic layer: the whole c is empty
+    thick = Structure(Lattice.orthorhombic(4.0, 4.0, 14.0), ["Na", "Cl"] * 2,
+                      [[0, 0, 0.4], [0.5, 0.5, 0.4], [0, 0, 0.6], [0.5, 0.5, 0.6]])  # fmt: skip
+    assert largest_vacuum_gap(thick) == pytest.approx(0.8 * 14.0) and largest_vacuum_gap(thick) > SLAB_GAP
+    skewed = bulk.copy()
+    skewed.make_supercell([[1, 1, 0], [0, 1, 0], [0, 0, 1]])  # the same bulk in another basis
+    assert largest_vacuum_gap(skewed) < SLAB_GAP
