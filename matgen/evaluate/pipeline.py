@@ -64,7 +64,7 @@ JOURNAL_FORMAT = 1
 METASTABLE_CUTOFF = 0.1  # eV/atom
 EHULL_BINS = np.round(np.arange(-0.5, 2.0 + 1e-9, 0.05), 3)
 STABILITY_NOTE = (
-    "Stability numbers are CHGNet (0.3.0) energies after a CHGNet relaxation, compared with an APPROXIMATE "
+    "Stability numbers are CHGNet (model 0.3.0) energies after a CHGNet relaxation, compared with an APPROXIMATE "
     "convex hull; they are a cheap proxy, not DFT stability."
 )
 

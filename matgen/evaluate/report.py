@@ -90,7 +90,10 @@ def _write_candidates(out: Path, results: pd.DataFrame, relaxed_cifs: dict[str, 
     for _, row in chosen.iterrows():
         name = f"{CANDIDATES_DIR}/{_candidate_stem(row['id'], taken)}.cif"
         atomic_write_text(out / name, relaxed_cifs[row["id"]])
-        rows.append({c: row.get(c, "") for c in CANDIDATE_COLUMNS[:-1]} | {"file": name})
+        rows.append(
+            {c: row.get(c, "") for c in CANDIDATE_COLUMNS[:-1]}
+            | {"n_atoms": int(row["n_atoms"]), "file": name}
+        )
     table = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
     atomic_write(out / "candidates.csv", lambda tmp: table.to_csv(tmp, index=False))
     return table
