@@ -294,13 +294,12 @@ def sample(
     from imagegen.data import check_count
     from imagegen.generate import CheckpointError, ImageGenerator
     from imagegen.grid import (
+        ImageFolderWriter,
         check_grid_fits,
         check_grid_options,
         check_image_file,
         check_output_folder,
-        remove_images_beyond,
         save_grid,
-        save_images,
     )
 
     images_dir = None if images_dir_text is None else folder_flag(images_dir_text, "--images-dir", "images/")
@@ -315,36 +314,27 @@ def sample(
             check_output_folder(images_dir, "--images-dir")
         gen = ImageGenerator.from_checkpoint(checkpoint, device)
         check_grid_fits(n, gen.image_shape[1:], nrow, scale)
-        on_batch, removed, written = None, [], [0]
-        if images_dir is not None:
-
-            def on_batch(start, images):
-                if start == 0:  # an earlier run's images go when the first batch is ready (every option
-                    # was accepted by then): a run stopped half way must not leave a mix of two runs
-                    removed.append(remove_images_beyond(images_dir, 0) if images_dir.is_dir() else 0)
-                    remove_stale_temps(images_dir)  # and the half-written PNGs of a killed run
-                save_images(images, images_dir, start=start)
-                written[0] = start + len(images)
+        writer = ImageFolderWriter(images_dir) if images_dir is not None else None
 
         start = time.perf_counter()
         images = gen.sample(
-            n, cfg, seed=seed, batch_size=batch_size, label=label, progress=not quiet, on_batch=on_batch
+            n, cfg, seed=seed, batch_size=batch_size, label=label, progress=not quiet, on_batch=writer
         )
         remove_stale_temps(out.parent, target=out.name)  # a half-saved grid of a killed earlier run
         save_grid(images, out, nrow=nrow, scale=scale)
     except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        if not written[0]:
+        if writer is None or not writer.written:
             raise
         fail(
-            f"interrupted: {out} was not written and {images_dir} holds {written[0]} of the {n} images; the "
+            f"interrupted: {out} was not written and {images_dir} holds {writer.written} of the {n} images; the "
             "same command writes them all again",
             code=130,
         )
     extra = f" and {n} PNGs to {images_dir}" if images_dir is not None else ""
-    if sum(removed):
-        extra += f" (first removed the {sum(removed)} image_*.png of an earlier run there)"
+    if writer is not None and writer.removed:
+        extra += f" (first removed the {writer.removed} image_*.png of an earlier run there)"
     typer.echo(
         f"wrote a grid of {n} images ({cfg.label()}, {steps} steps) to {out}{extra} "
         f"in {time.perf_counter() - start:.1f} s"

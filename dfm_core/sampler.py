@@ -89,8 +89,7 @@ def posterior_probs(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Softmax of logits / temperature restricted to allowed tokens, in ``dtype``."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)  # finite and > 0 (a NaN passed ``<= 0``)
     return _masked_softmax(logits, temperature, None if allowed is None else ~allowed, dtype)
 
 

@@ -14,6 +14,7 @@ from dfm_core.atomic_io import atomic_write, check_writable
 from imagegen.data import check_count
 
 __all__ = [
+    "ImageFolderWriter",
     "check_grid_fits",
     "check_grid_options",
     "check_image_file",
@@ -186,3 +187,24 @@ def remove_images_beyond(folder: str | os.PathLike, n: int, prefix: str = "image
             path.unlink()
             removed += 1
     return removed
+
+
+class ImageFolderWriter:
+    """``on_batch`` for :meth:`imagegen.generate.ImageGenerator.sample`: writes each batch's images into
+    ``folder`` as they come (:func:`save_images`). When the first batch is ready (every option was accepted
+    by then) the ``image_*.png`` and half-written temps an earlier run left there go, so a run stopped half
+    way never leaves a mix of two runs. ``written``: images written so far; ``removed``: earlier ones."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = check_output_folder(folder, "image folder")
+        self.written = 0
+        self.removed = 0
+
+    def __call__(self, start: int, images: Tensor) -> None:
+        if start == 0:
+            from dfm_core.atomic_io import remove_stale_temps
+
+            self.removed = remove_images_beyond(self.folder, 0) if self.folder.is_dir() else 0
+            remove_stale_temps(self.folder)
+        save_images(images, self.folder, start=start)
+        self.written = start + len(images)

@@ -186,3 +186,22 @@ def test_cli_train_on_an_image_folder_keeps_the_given_flags(tmp_path: Path) -> N
     assert bare.exit_code != 0 and "--export-bf16 needs --export" in bare.output
     again = runner.invoke(app, [*args[:-1], "--no-resume", "--steps", "2", "--quiet"])
     assert again.exit_code == 0 and "trained to step 2" in again.output
+
+
+def test_an_image_folder_writer_is_what_images_dir_does_from_python(
+    generator: ImageGenerator, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from imagegen.grid import ImageFolderWriter
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(7):  # an earlier, larger run's images
+        Image.new("L", (8, 8)).save(folder / f"image_{i:06d}.png")
+    writer = ImageFolderWriter(folder)
+    images = generator.sample(3, SamplingConfig(steps=2), seed=0, batch_size=2, on_batch=writer)
+    assert writer.written == 3 and writer.removed == 7
+    assert sorted(p.name for p in folder.iterdir()) == [f"image_{i:06d}.png" for i in range(3)]
+    with Image.open(folder / "image_000002.png") as img:
+        assert torch.equal(torch.from_numpy(np.asarray(img)), images[2, 0])
