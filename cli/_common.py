@@ -298,10 +298,12 @@ def report_resume(result: Any, run_dir: Path) -> None:
 
 def report_training(result: Any, run_dir: Path) -> None:
     """The lines every ``train`` command ends with: whether it resumed, the step, the best loss, the weights."""
+    from dfm_core.checkpoints import EXPORTED_MODEL  # after a training: torch is loaded already
+
     report_resume(result, run_dir)
     best = result.best_val_loss
     val = f"best val loss {best:.4f}" if math.isfinite(best) else "no validation run (weights: the last step)"
-    typer.echo(f"trained to step {result.step}; {val}; weights: {run_dir / 'model.safetensors'}")
+    typer.echo(f"trained to step {result.step}; {val}; weights: {run_dir / EXPORTED_MODEL}")
 
 
 class TrainFlags:

@@ -36,12 +36,10 @@ def show_checkpoint(
 ) -> None:
     """Print a checkpoint's file facts and metadata, one ``key: value`` line each (``as_json``: all of it
     as JSON); ``notes(metadata)`` adds app-specific lines. Exits with one error line for a bad file."""
-    from dfm_core.checkpoints import EXPORTED_MODEL, describe_safetensors
+    from dfm_core.checkpoints import describe_safetensors, folder_given
 
-    if path.is_dir():
-        inside = path / EXPORTED_MODEL
-        hint = f"; did you mean {inside}?" if inside.is_file() else ""
-        fail(f"{path} is a folder, not a checkpoint file{hint}")
+    if (folder := folder_given(path)) is not None:
+        fail(folder)
     try:
         summary = describe_safetensors(path)
     except (ValueError, OSError) as e:

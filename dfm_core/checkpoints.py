@@ -10,6 +10,7 @@ describing a checkpoint without loading it. Training checkpoints (``last.pt``) a
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointSummary",
     "describe_safetensors",
     "export_safetensors",
+    "folder_given",
     "load_safetensors",
     "read_safetensors_metadata",
     "unwrap_compiled",
@@ -37,6 +39,16 @@ __all__ = [
 # that starts afresh removes it with the run's other outputs (dfm_core.training.train), so an old model
 # never sits beside new ones; a folder given where a checkpoint is expected is searched for it.
 EXPORTED_MODEL = "model.safetensors"
+
+
+def folder_given(path: Path, otherwise: str = "give the .safetensors file") -> str | None:
+    """The error for a checkpoint path that names a folder, ``None`` when it does not: it points at the
+    folder's exported model when there is one, else says ``otherwise``."""
+    if not path.is_dir():
+        return None
+    inside = path / EXPORTED_MODEL
+    hint = f"did you mean {inside}?" if inside.is_file() else otherwise
+    return f"checkpoint {path} is a folder, not a checkpoint file: {hint}"
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -118,10 +130,7 @@ def load_safetensors(
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a safetensors checkpoint, JSON-decoded, read from its header alone (no tensor is
     loaded or checked). Raises as :func:`load_safetensors` for a file that is not a safetensors file."""
-    raw = _read_header(Path(path)).get("__metadata__") or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a safetensors checkpoint: its __metadata__ is not a table")
-    return _decoded(raw)
+    return _header_metadata(_read_header(Path(path)), path)
 
 
 @dataclass(frozen=True)
@@ -141,17 +150,11 @@ def describe_safetensors(path: str | os.PathLike) -> CheckpointSummary:
     path = Path(path)
     header = _read_header(path)
     entries = [v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    values = 0
-    for entry in entries:
-        count = 1
-        for dim in entry.get("shape", []):
-            count *= int(dim)
-        values += count
     return CheckpointSummary(
         path=path,
-        metadata=read_safetensors_metadata(path),
+        metadata=_header_metadata(header, path),
         tensors=len(entries),
-        values=values,
+        values=sum(math.prod(int(d) for d in e.get("shape", [])) for e in entries),
         dtypes=tuple(sorted({str(e.get("dtype")) for e in entries})),
         size_bytes=path.stat().st_size,
     )
@@ -183,6 +186,14 @@ def _read_header(path: Path) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a safetensors checkpoint: its header is not a table")
     return header
+
+
+def _header_metadata(header: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON-decoded ``__metadata__`` of a header read by :func:`_read_header`."""
+    raw = header.get("__metadata__") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a safetensors checkpoint: its __metadata__ is not a table")
+    return _decoded(raw)
 
 
 def _decoded(raw: Mapping[str, str]) -> dict[str, Any]:

@@ -50,7 +50,6 @@ from dfm_core.runtime import keeps_global_rng, resolve_device, seed_everything
 
 __all__ = [
     "EMA",
-    "EXPORTED_MODEL",
     "TrainConfig",
     "fit_steps_to_budget",
     "TrainResult",

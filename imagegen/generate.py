@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.checkpoints import EXPORTED_MODEL, load_safetensors
+from dfm_core.checkpoints import folder_given, load_safetensors
 from dfm_core.paths import ProbabilityPath
 from dfm_core.runtime import batch_seed, resolve_device
 from dfm_core.sampler import sample
@@ -187,10 +187,8 @@ class ImageGenerator:
     def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str = "auto") -> ImageGenerator:
         """Load a ``model.safetensors`` written by :func:`imagegen.train.train_image_model`."""
         path = Path(checkpoint).expanduser()
-        if path.is_dir():
-            inside = path / EXPORTED_MODEL
-            hint = f"did you mean {inside}?" if inside.is_file() else "give the .safetensors file"
-            raise CheckpointError(f"checkpoint {path} is a folder, not a model file: {hint}")
+        if (folder := folder_given(path)) is not None:
+            raise CheckpointError(folder)
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
         try:

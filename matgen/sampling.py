@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.checkpoints import EXPORTED_MODEL, load_safetensors
+from dfm_core.checkpoints import EXPORTED_MODEL, folder_given, load_safetensors
 from dfm_core.runtime import resolve_device
 from dfm_core.sampler import sample
 from dfm_core.velocities import make_velocity
@@ -65,10 +65,8 @@ class CrystalGenerator:
         """Load a matgen checkpoint; ``compile`` wraps the network in ``torch.compile`` (worth it on a GPU
         for long runs: every step calls the network on the same shapes)."""
         path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
-        if path.is_dir():
-            inside = path / EXPORTED_MODEL
-            hint = f"; did you mean {inside}?" if inside.is_file() else ""
-            raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
+        if (folder := folder_given(path)) is not None:
+            raise CheckpointError(folder)
         if not path.is_file():
             hint = " (the shipped default model is missing from this install)" if checkpoint is None else ""
             raise CheckpointError(f"checkpoint not found: {path}{hint}")

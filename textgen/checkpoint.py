@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_core.checkpoints import EXPORTED_MODEL, export_safetensors, load_safetensors
+from dfm_core.checkpoints import export_safetensors, folder_given, load_safetensors
 from dfm_core.paths import MixturePath
 from dfm_core.runtime import resolve_device
 from textgen.model import TextModelConfig, build_model
@@ -64,14 +64,11 @@ class TextModel:
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> TextModel:
         file = Path(checkpoint)
-        if file.is_dir():
-            inside = file / EXPORTED_MODEL
-            hint = (
-                f"did you mean {inside}?"
-                if inside.is_file()
-                else "give a .safetensors file (a `textgen train` run writes <run-dir>/model.safetensors)"
-            )
-            raise CheckpointError(f"checkpoint {file} is a folder, not a file: {hint}")
+        folder = folder_given(
+            file, "give a .safetensors file (a `textgen train` run writes <run-dir>/model.safetensors)"
+        )
+        if folder is not None:
+            raise CheckpointError(folder)
         if not file.is_file():
             raise CheckpointError(f"checkpoint not found: {file}")
         try:
