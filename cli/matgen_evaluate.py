@@ -5,7 +5,6 @@ Registered in ``cli/matgen.py`` with ``app.command("evaluate")(evaluate_command)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -18,8 +17,8 @@ __all__ = ["evaluate_command"]
 def evaluate_command(
     inputs: Path = typer.Argument(
         ...,
-        help="Generated crystals: a folder of .cif files (POSCARs and .extxyz files in it are read too), one .cif, a .csv/.parquet with a 'cif' column, a .zip "
-        "of CIFs, an .extxyz of periodic frames, or a POSCAR.",
+        help="Generated crystals: a folder of .cif files (POSCARs and .extxyz files in it are read too), one "
+        ".cif, a .csv/.parquet with a 'cif' column, a .zip of CIFs, an .extxyz of periodic frames, or a POSCAR.",
         exists=True,
     ),
     out_text: str = typer.Option(
@@ -87,7 +86,7 @@ def evaluate_command(
         return f"; results computed so far are kept in {out}" if journal.is_file() else ""
 
     try:
-        evaluate(
+        summary = evaluate(
             inputs,
             out,
             data_dir=data_dir,
@@ -124,7 +123,7 @@ def evaluate_command(
     typer.echo(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'report.md'}")
     if not skip_stability:
         n = len(list((out / "candidates").glob("*.cif")))
-        known = json.loads((out / "summary.json").read_text()).get("n_candidates_known", 0)
+        known = summary.get("n_candidates_known", 0)
         also = (
             f"; {known} of them match held-out crystals of the data set (candidates.csv, known_as)"
             if known

@@ -20,6 +20,7 @@ import re
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,40 +269,43 @@ def _read_split_table(path: Path, limit: int | None, ids_only: bool = False) -> 
     with ``ids_only`` just its ``material_id`` column (the CIF column is not parsed)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for all rows), got {limit}")
-    kind = "parquet" if path.name.endswith(".parquet") else "CSV"
-    try:
-        if kind == "parquet":
+    parquet = path.name.endswith(".parquet")
+    with _table_errors(path, parquet):
+        if parquet:
             import pyarrow.parquet as pq
 
             columns = list(pq.read_schema(path).names)
         else:
             columns = list(pd.read_csv(path, nrows=0).columns)
-        columns = [c for c in columns if not str(c).startswith("Unnamed:")]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise _MissingColumns(
-                f"{path} lacks the required columns {missing} (a unique id per row and the CIF text); found "
-                f"{columns}: rename or add the columns"
-            )
-        wanted = ["material_id"] if ids_only else columns
-        if kind == "parquet":
+    columns = [c for c in columns if not str(c).startswith("Unnamed:")]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the required columns {missing} (a unique id per row and the CIF text); found "
+            f"{columns}: rename or add the columns"
+        )
+    wanted = ["material_id"] if ids_only else columns
+    with _table_errors(path, parquet):
+        if parquet:
             frame = pd.read_parquet(path, columns=wanted)
             frame = frame.head(limit) if limit is not None else frame
         else:
             frame = pd.read_csv(path, nrows=limit, usecols=wanted)[wanted]
-    except _MissingColumns:
-        raise
-    except (ValueError, UnicodeDecodeError, OSError, ImportError) as exc:  # parser errors (empty file, ...)
-        raise ValueError(
-            f"cannot read {path} as a {kind} table: {str(exc).strip().splitlines()[0]}"
-        ) from None
     frame = frame.reset_index(drop=True)
     _check_ids(frame["material_id"], path)
     return frame
 
 
-class _MissingColumns(ValueError):
-    """A split table without the columns every split needs."""
+@contextlib.contextmanager
+def _table_errors(path: Path, parquet: bool) -> Iterator[None]:
+    """Parser errors (an empty file, a wrong format, ...) of reading ``path`` as one ValueError naming it."""
+    try:
+        yield
+    except (ValueError, UnicodeDecodeError, OSError, ImportError) as exc:
+        kind = "parquet" if parquet else "CSV"
+        raise ValueError(
+            f"cannot read {path} as a {kind} table: {str(exc).strip().splitlines()[0]}"
+        ) from None
 
 
 def _check_ids(ids: pd.Series, path: Path) -> None:

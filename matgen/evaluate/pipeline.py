@@ -48,7 +48,7 @@ from matgen.evaluate.fingerprints import (
 from matgen.evaluate.hull import hull_compounds, load_hull
 from matgen.evaluate.inputs import InputItem, Inputs, error_text, parse_cif, read_inputs
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
-from matgen.evaluate.report import OUTPUT_FILES, remove_outputs
+from matgen.evaluate.report import OUTPUT_FILES, candidate_mask, remove_outputs
 from matgen.evaluate.validity import (
     SLAB_GAP,
     check_sanity,
@@ -221,16 +221,6 @@ def _check_out_folder(out: Path, ids: Sequence[str], overwrite: bool) -> None:
             f"{out} already holds {', '.join(theirs)} but no journal.jsonl of an evaluation: they would be "
             "replaced; move them away or use another output folder"
         )
-
-
-def _metastable(row: dict[str, Any]) -> bool:
-    eh = row.get("e_hull")
-    return (
-        (row.get("n_elements") or 0) >= 2
-        and eh is not None
-        and not math.isnan(eh)
-        and eh <= METASTABLE_CUTOFF
-    )
 
 
 def _held_out_sets(data_dir: str | Path | None) -> list[Any]:
@@ -533,17 +523,6 @@ def evaluate(
     novel = novelty_flags(sun_structures, training, progress=progress)
     timings["unique_novel_s"] = time.perf_counter() - t0
 
-    candidates = {  # metastable, unique, novel: are they in the held-out splits (known crystals)?
-        i: s
-        for i, s, row, u, n in zip(ids, sun_structures, rows, unique, novel, strict=True)
-        if s is not None
-        and u is True
-        and n is True
-        and i in relax_recs
-        and _metastable(row)
-        and not row["vacuum_gap"] > SLAB_GAP  # a slab or a molecule in a box is no bulk candidate
-    }
-    known = known_as(candidates, _held_out_sets(data_dir)) if candidates and not skip_stability else {}
     for row, u, n in zip(rows, unique, novel, strict=True):
         row["unique"] = u
         row["novel"] = n
@@ -557,10 +536,14 @@ def evaluate(
                 multi and eh is not None and not math.isnan(eh) and eh <= METASTABLE_CUTOFF
             )
             row["sun"] = bool(row["stable"] and u and n)
-        row["known_as"] = known.get(row["id"], "")
 
     # 6. outputs ------------------------------------------------------------------------------------------
     results = pd.DataFrame(rows)
+    # candidates that a held-out split holds are known crystals, not discoveries (novel = new to train)
+    chosen = results["id"][candidate_mask(results) & results["id"].isin(list(relax_recs))]
+    by_id = dict(zip(ids, sun_structures, strict=True))
+    known = known_as({i: by_id[i] for i in chosen}, _held_out_sets(data_dir)) if len(chosen) else {}
+    results["known_as"] = results["id"].map(known).fillna("")
     summary = _summarize(
         results,
         basic,

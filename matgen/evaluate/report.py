@@ -29,7 +29,7 @@ from pymatgen.core import Composition
 
 from dfm_core.atomic_io import atomic_write, atomic_write_text
 
-__all__ = ["OUTPUT_FILES", "print_summary", "remove_outputs", "write_outputs"]
+__all__ = ["OUTPUT_FILES", "candidate_mask", "print_summary", "remove_outputs", "write_outputs"]
 
 OUTPUT_FILES = (
     "results.csv",
@@ -75,16 +75,20 @@ def _candidate_stem(crystal_id: str, taken: set[str]) -> str:
     return unique
 
 
-def _write_candidates(out: Path, results: pd.DataFrame, relaxed_cifs: dict[str, str]) -> pd.DataFrame:
-    """``candidates/<id>.cif`` (relaxed) and ``candidates.csv`` for the M.S.U.N. crystals, by E_hull."""
-    if "metastable" not in results.columns:
-        return pd.DataFrame(columns=CANDIDATE_COLUMNS)
+def candidate_mask(results: pd.DataFrame) -> pd.Series:
+    """The candidates among ``results``: metastable, unique and novel (M.S.U.N.), and not slab-like."""
     from matgen.evaluate.validity import SLAB_GAP
 
+    if "metastable" not in results.columns:
+        return pd.Series(False, index=results.index)
     flags = results[["metastable", "unique", "novel"]].fillna(False).astype(bool)
     gap = results["vacuum_gap"].to_numpy(float) if "vacuum_gap" in results else np.zeros(len(results))
-    slab = gap > SLAB_GAP
-    chosen = results[flags.all(axis=1) & ~slab & results["id"].isin(list(relaxed_cifs))]
+    return flags.all(axis=1) & ~(gap > SLAB_GAP)
+
+
+def _write_candidates(out: Path, results: pd.DataFrame, relaxed_cifs: dict[str, str]) -> pd.DataFrame:
+    """``candidates/<id>.cif`` (relaxed) and ``candidates.csv`` for the M.S.U.N. crystals, by E_hull."""
+    chosen = results[candidate_mask(results) & results["id"].isin(list(relaxed_cifs))]
     chosen = chosen.sort_values("e_hull", kind="stable")
     rows, taken = [], set()
     for _, row in chosen.iterrows():
