@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dfm_core.draws import categorical
 from dfm_core.paths import MixturePath, ProbabilityPath
 from dfm_core.velocities import KineticOptimalVelocity, ProbabilityVelocity
 
@@ -65,21 +66,6 @@ def _check_tokens(x0: Tensor, V: int) -> Tensor:
     if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= V):
         raise ValueError(f"x0 holds tokens outside [0, {V}): min {int(x0.min())}, max {int(x0.max())}")
     return x0
-
-
-def categorical(
-    probs: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """Draw one index per row of unnormalised non-negative weights (..., V) by inverse CDF.
-
-    ``dtype`` sets the precision of the draw: float64 avoids the truncation bias of low-precision
-    Gumbel/categorical sampling noted for masked models (Zheng et al., 2024).
-    """
-    cdf = probs.cumsum(-1, dtype=dtype)
-    total = cdf[..., -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=dtype) * total
-    idx = torch.searchsorted(cdf, u, right=True)
-    return idx.clamp_max(probs.shape[-1] - 1).squeeze(-1)
 
 
 def posterior_probs(

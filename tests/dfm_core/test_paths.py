@@ -129,6 +129,21 @@ def test_metric_boundary_conditions_and_softmax_form(name):
     torch.testing.assert_close(path.probs(x1, t), w / w.sum(-1, keepdim=True))
 
 
+def test_metric_float32_rows_and_mixed_times_in_one_batch():
+    """float32 times gather a float32 copy of the matrix (equal to casting the float64 rows), and a batch
+    mixing t < 1 with t = 1 gets softmax rows and exact deltas side by side."""
+    path = METRICS["random-d"]
+    x1 = torch.tensor([[0, 3, 5], [2, 2, 1]])
+    assert torch.equal(path.distances(x1, torch.float32), path.distances(x1).to(torch.float32))
+    assert path.distances(x1).dtype == torch.float64  # no dtype asked: the matrix's own
+    t = torch.tensor([0.4, 1.0])
+    p = path.probs(x1, t)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p[1], torch.eye(V)[x1[1]], atol=0, rtol=0)
+    w = torch.exp(-path.beta.beta(torch.tensor(0.4, dtype=torch.float64)) * path.distances(x1[0]))
+    torch.testing.assert_close(p[0], (w / w.sum(-1, keepdim=True)).float())
+
+
 def test_metric_distance_validation_and_callable():
     with pytest.raises(ValueError):
         MetricPath(torch.ones(3, 3))  # non-zero diagonal
