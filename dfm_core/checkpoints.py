@@ -3,7 +3,9 @@
 :func:`export_safetensors` writes one atomically, :func:`load_safetensors` reads weights and metadata back
 with clear errors for the files people mistake for one (a torch ``.pt`` training checkpoint, a truncated
 download, a diverged run's NaN weights), and :func:`read_safetensors_metadata` reads only the header, for
-describing a checkpoint without loading it. Training checkpoints (``last.pt``) are
+describing a checkpoint without loading it. The apps load their models through :func:`read_checkpoint`
+(the file, its format and required metadata) and :func:`load_model_weights` (the architecture and its
+weights), which raise one :class:`CheckpointError` naming the file. Training checkpoints (``last.pt``) are
 :mod:`dfm_core.training`'s.
 """
 
@@ -13,7 +15,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,14 @@ from dfm_core.atomic_io import atomic_write
 
 __all__ = [
     "EXPORTED_MODEL",
+    "CheckpointError",
     "CheckpointSummary",
     "describe_safetensors",
     "export_safetensors",
     "folder_given",
+    "load_model_weights",
     "load_safetensors",
+    "read_checkpoint",
     "read_safetensors_metadata",
     "unwrap_compiled",
 ]
@@ -49,6 +54,75 @@ def folder_given(path: Path, otherwise: str = "give the .safetensors file") -> s
     inside = path / EXPORTED_MODEL
     hint = f"did you mean {inside}?" if inside.is_file() else otherwise
     return f"checkpoint {path} is a folder, not a checkpoint file: {hint}"
+
+
+class CheckpointError(ValueError):
+    """An app's checkpoint that is missing, unreadable, or not what the app loads; the message names the
+    file and what is wrong with it."""
+
+
+def read_checkpoint(
+    path: Path,
+    app: str,
+    checkpoint_format: str,
+    required: tuple[str, ...] = ("model_config",),
+    folder_advice: str = "give the .safetensors file",
+    missing_hint: str = "",
+    train_advice: str | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Weights and metadata of ``app``'s exported checkpoint, or a :class:`CheckpointError` that says why not.
+
+    The errors: a folder (pointing at its ``model.safetensors`` if it has one, else ``folder_advice``); no
+    file (``missing_hint`` appended); a file that is no safetensors checkpoint (pointing at the exported
+    model beside it, e.g. for a ``last.pt``); another ``format`` in the metadata or a ``required`` key
+    missing (``train_advice`` appended, by default "train one with `<app> train`").
+    """
+    if (folder := folder_given(path, folder_advice)) is not None:
+        raise CheckpointError(folder)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}{missing_hint}")
+    try:
+        state, meta = load_safetensors(path)
+    except (ValueError, OSError) as e:
+        exported = path.parent / EXPORTED_MODEL
+        beside = f"; {exported} is the model this training run exported" if exported.is_file() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}{beside}") from e
+    if meta.get("format") != checkpoint_format or any(key not in meta for key in required):
+        advice = train_advice or f"train one with `{app} train`"
+        raise CheckpointError(
+            f"{path} is a safetensors file but not {_article(app)} {app} checkpoint "
+            f"(format={meta.get('format')!r}); {advice}"
+        )
+    return state, meta
+
+
+def load_model_weights(
+    build: Callable[[], nn.Module], state: Mapping[str, Tensor], path: Path | str, app: str
+) -> nn.Module:
+    """``build()`` (the architecture a checkpoint's metadata describe, built without touching the caller's
+    RNG) with ``state`` loaded into it; a :class:`CheckpointError` if the metadata do not describe a
+    model or the weights do not fit it (the first mismatch named, the rest counted)."""
+    try:
+        with torch.random.fork_rng(devices=[]):  # a random init leaves the caller's RNG as it was
+            model = build()
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path}: its metadata does not describe {_article(app)} {app} model: {e}"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines if "size mismatch" in line or "Missing" in line), lines[-1])
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise CheckpointError(
+            f"{path}: weights do not fit the architecture in its metadata: {first}{more}"
+        ) from None
+    return model
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:

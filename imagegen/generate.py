@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.checkpoints import folder_given, load_safetensors
+from dfm_core.checkpoints import CheckpointError, load_model_weights, read_checkpoint
 from dfm_core.paths import ProbabilityPath
 from dfm_core.runtime import batch_seed, resolve_device
 from dfm_core.sampler import sample
@@ -50,10 +50,6 @@ __all__ = [
     "SamplingConfig",
     "resolve_labels",
 ]
-
-
-class CheckpointError(ValueError):
-    """The file is missing, unreadable, or not an imagegen checkpoint."""
 
 
 def _check_number(what: str, value: object, minimum: float, strict: bool = False) -> None:
@@ -187,19 +183,7 @@ class ImageGenerator:
     def from_checkpoint(cls, checkpoint: str | os.PathLike, device: str = "auto") -> ImageGenerator:
         """Load a ``model.safetensors`` written by :func:`imagegen.train.train_image_model`."""
         path = Path(checkpoint).expanduser()
-        if (folder := folder_given(path)) is not None:
-            raise CheckpointError(folder)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        try:
-            state, meta = load_safetensors(path)
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-        if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta or "path" not in meta:
-            raise CheckpointError(
-                f"{path} is a safetensors file but not an imagegen checkpoint (format={meta.get('format')!r}); "
-                "train one with `imagegen train`"
-            )
+        state, meta = read_checkpoint(path, "imagegen", CHECKPOINT_FORMAT, required=("model_config", "path"))
         vq_state = {k[3:]: v for k, v in state.items() if k.startswith("vq.")}
         state = {k: v for k, v in state.items() if not k.startswith("vq.")}
         if not isinstance(meta["path"], dict):
@@ -207,17 +191,14 @@ class ImageGenerator:
                 f"{path}: its path metadata must be a table of settings, got {meta['path']!r}"
             )
         try:
-            with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
-                model = PixelUNet(UNetConfig.from_dict(meta["model_config"]))
             path_config = PixelPathConfig.from_dict(
                 {k: v for k, v in meta["path"].items() if k != "vocab_size"}
             )
         except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: bad model or path config in its metadata: {e}") from e
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights do not fit the architecture in its metadata: {e}") from e
+            raise CheckpointError(f"{path}: bad path config in its metadata: {e}") from e
+        model = load_model_weights(
+            lambda: PixelUNet(UNetConfig.from_dict(meta["model_config"])), state, path, "imagegen"
+        )
         dev = resolve_device(device)
         model.to(dev).eval()
         vq = None

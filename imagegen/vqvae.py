@@ -298,12 +298,9 @@ def load_vqvae(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def vqvae_from_state(state: dict[str, Tensor], config: dict[str, Any], where: str) -> VQVAE:
     """A :class:`VQVAE` in eval mode from its config dict and state dict (``where`` names it in errors)."""
-    with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
-        model = VQVAE(VQVAEConfig.from_dict(config))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{where}: weights do not fit the VQ-VAE in its metadata: {e}") from e
+    from dfm_core.checkpoints import load_model_weights
+
+    model = load_model_weights(lambda: VQVAE(VQVAEConfig.from_dict(config)), state, where, "imagegen VQ-VAE")
     codebook = model.codebook
     if bool((codebook == codebook[:1]).all()):
         raise ValueError(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_core.checkpoints import EXPORTED_MODEL, folder_given, load_safetensors
+from dfm_core.checkpoints import CheckpointError, load_model_weights, read_checkpoint
 from dfm_core.runtime import resolve_device
 from dfm_core.sampler import sample
 from dfm_core.velocities import make_velocity
@@ -41,10 +41,6 @@ GROUP_COST = 64.0  # crystal-positions per extra sampler group (length_groups), 
 PAPER_TEMPERATURE = 0.7
 
 
-class CheckpointError(ValueError):
-    """The file is missing, unreadable, or not a matgen checkpoint."""
-
-
 @dataclass
 class CrystalGenerator:
     """A loaded crystal model with its path and the metadata it was trained with."""
@@ -65,46 +61,26 @@ class CrystalGenerator:
         """Load a matgen checkpoint; ``compile`` wraps the network in ``torch.compile`` (worth it on a GPU
         for long runs: every step calls the network on the same shapes)."""
         path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
-        if (folder := folder_given(path)) is not None:
-            raise CheckpointError(folder)
-        if not path.is_file():
-            hint = " (the shipped default model is missing from this install)" if checkpoint is None else ""
-            raise CheckpointError(f"checkpoint not found: {path}{hint}")
-        try:
-            state, meta = load_safetensors(path)
-        except (ValueError, OSError) as e:
-            exported = path.parent / EXPORTED_MODEL
-            hint = f"; {exported} is the model this training run exported" if exported.is_file() else ""
-            raise CheckpointError(f"cannot read checkpoint {path}: {e}{hint}") from e
-        if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:
-            raise CheckpointError(
-                f"{path} is a safetensors file but not a matgen checkpoint (format={meta.get('format')!r}); "
-                "train one with `matgen train` or pass the shipped default"
-            )
+        missing = " (the shipped default model is missing from this install)" if checkpoint is None else ""
+        state, meta = read_checkpoint(
+            path,
+            "matgen",
+            CHECKPOINT_FORMAT,
+            missing_hint=missing,
+            train_advice="train one with `matgen train` or pass the shipped default",
+        )
         kind = meta.get("kind", "dfm")
         for key, kind_of, what in (
+            ("model_config", dict, "a table of settings"),
             ("scheduler", str, "a scheduler name"),
             ("sampling", dict, "a table of sampling settings"),
         ):
             value = meta.get(key)
             if value is not None and not isinstance(value, kind_of):
                 raise CheckpointError(f"{path}: its metadata {key!r} is not {what}: {value!r}")
-        try:
-            if not isinstance(meta["model_config"], dict):
-                raise ValueError("model_config is not a table of settings")
-            with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
-                model = build_model(kind, CrystalDiTConfig.from_dict(meta["model_config"]))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: its metadata does not describe a matgen model: {e}") from None
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            first = next((line for line in lines if "size mismatch" in line or "Missing" in line), lines[-1])
-            more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-            raise CheckpointError(
-                f"{path}: weights do not fit the architecture in its metadata: {first}{more}"
-            ) from None
+        model = load_model_weights(
+            lambda: build_model(kind, CrystalDiTConfig.from_dict(meta["model_config"])), state, path, "matgen"
+        )
         dev = resolve_device(device)
         model.to(dev).eval()
         if compile:

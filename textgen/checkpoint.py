@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_core.checkpoints import export_safetensors, folder_given, load_safetensors
+from dfm_core.checkpoints import CheckpointError, export_safetensors, load_model_weights, read_checkpoint
 from dfm_core.paths import MixturePath
 from dfm_core.runtime import resolve_device
 from textgen.model import TextModelConfig, build_model
@@ -28,10 +28,6 @@ __all__ = ["CHECKPOINT_FORMAT", "SOURCE_PMF_KEY", "CheckpointError", "TextModel"
 
 CHECKPOINT_FORMAT = "textgen-checkpoint-v1"
 SOURCE_PMF_KEY = "path.source_pmf"
-
-
-class CheckpointError(ValueError):
-    """The file is missing, unreadable, or not a textgen checkpoint."""
 
 
 def export_text_model(
@@ -64,22 +60,12 @@ class TextModel:
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> TextModel:
         file = Path(checkpoint)
-        folder = folder_given(
-            file, "give a .safetensors file (a `textgen train` run writes <run-dir>/model.safetensors)"
+        state, meta = read_checkpoint(
+            file,
+            "textgen",
+            CHECKPOINT_FORMAT,
+            folder_advice="give a .safetensors file (a `textgen train` run writes <run-dir>/model.safetensors)",
         )
-        if folder is not None:
-            raise CheckpointError(folder)
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint not found: {file}")
-        try:
-            state, meta = load_safetensors(file)
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"cannot read checkpoint {file}: {e}") from e
-        if meta.get("format") != CHECKPOINT_FORMAT or "model_config" not in meta:
-            raise CheckpointError(
-                f"{file} is a safetensors file but not a textgen checkpoint (format={meta.get('format')!r}); "
-                "train one with `textgen train`"
-            )
         kind = meta.get("kind", "dfm")
         if kind not in ("dfm", "ar"):
             raise CheckpointError(f"{file}: metadata kind must be 'dfm' or 'ar', got {kind!r}")
@@ -91,15 +77,12 @@ class TextModel:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise CheckpointError(f"{file}: metadata seq_len must be a whole number >= 1, got {seq_len!r}")
         pmf = state.pop(SOURCE_PMF_KEY, None)
-        try:
-            with torch.random.fork_rng(devices=[]):  # its random init leaves the caller's RNG as it was
-                model = build_model(kind, TextModelConfig.from_dict(meta["model_config"]))
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{file}: bad model_config in its metadata: {e}") from e
-        try:
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        except RuntimeError as e:
-            raise CheckpointError(f"{file}: weights do not fit the architecture in its metadata: {e}") from e
+        model = load_model_weights(
+            lambda: build_model(kind, TextModelConfig.from_dict(meta["model_config"])),
+            {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+            file,
+            "textgen",
+        )
         path = path_config = None
         if kind == "dfm":
             try:

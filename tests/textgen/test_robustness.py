@@ -397,7 +397,7 @@ def test_a_tokenizer_other_than_the_trained_one_is_pointed_out(
         ({"path": "[1, 2]"}, "bad path config"),
         ({"seq_len": "abc"}, "seq_len must be a whole number"),
         ({"seq_len": "0"}, "seq_len must be a whole number"),
-        ({"model_config": "not json"}, "bad model_config"),
+        ({"model_config": "not json"}, "does not describe a textgen model"),
         ({"kind": "xyz"}, "kind must be 'dfm' or 'ar'"),
     ],
 )
