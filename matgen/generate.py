@@ -241,6 +241,184 @@ def _rows_to_csv(rows: list[dict[str, Any]], header: bool) -> str:
 
 
 @holds_folder_lock("out_dir", "output folder")
+def _check_arguments(
+    n: int,
+    workers: int,
+    batch_size: int,
+    steps: int,
+    overwrite: bool,
+    resume: bool,
+    length_buckets: int | None,
+    resample_collisions: int,
+    num_atoms: int | None,
+) -> None:
+    """The checks of :func:`generate`'s arguments that need no checkpoint (a ValueError naming the value)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if overwrite and resume:
+        raise ValueError("choose one of overwrite and resume")
+    if length_buckets is not None and (isinstance(length_buckets, bool) or not 1 <= length_buckets <= 1000):
+        raise ValueError(f"length_buckets must be a whole number in [1, 1000], got {length_buckets}")
+    if isinstance(resample_collisions, bool) or not 0 <= resample_collisions <= 100:
+        raise ValueError(f"resample_collisions must be a whole number in [0, 100], got {resample_collisions}")
+    if num_atoms is not None and (isinstance(num_atoms, bool) or int(num_atoms) != num_atoms):
+        raise ValueError(f"num_atoms must be a whole number, got {num_atoms}")
+
+
+def _sampling_temperature(gen: CrystalGenerator, temperature: float | None) -> float:
+    """``temperature``, or when None the checkpoint's recommended one (else the paper's 0.7)."""
+    if temperature is not None:
+        return temperature
+    recommended = (gen.metadata.get("sampling") or {}).get("temperature", PAPER_TEMPERATURE)
+    try:
+        if isinstance(recommended, bool):
+            raise TypeError("a bool")
+        return float(recommended)
+    except (TypeError, ValueError):
+        raise CheckpointError(
+            f"{gen.checkpoint}: its recommended sampling temperature {recommended!r} is not a number; "
+            "pass --temperature"
+        ) from None
+
+
+def _prepare_folder(
+    out: Path,
+    settings: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    auto_buckets: bool,
+    size_of: Callable[[int], int],
+) -> list[dict[str, str]]:
+    """Make ``out`` ready for a run with ``settings``; returns the rows of batches already done (resume).
+
+    A folder with files is refused unless ``overwrite`` (this run's CIFs, ``samples.csv`` and
+    ``generation.json`` are removed) or ``resume`` (the earlier settings must match; ``settings`` takes
+    the earlier run's grouping when it was chosen automatically, and its order of the same elements).
+    """
+    samples_path, settings_path = out / "samples.csv", out / "generation.json"
+    if not (out.exists() and any(p.name != LOCK_NAME for p in out.iterdir())):
+        return []
+    if overwrite:
+        for f in out.glob(f"{settings['prefix']}_*.cif"):
+            f.unlink()
+        for f in (samples_path, settings_path):
+            f.unlink(missing_ok=True)
+        return []
+    if not resume:
+        raise FileExistsError(
+            f"{out} is not empty: pass --overwrite to replace its crystals or --resume to continue the run "
+            "(overwrite=True / resume=True in Python)"
+        )
+    if not settings_path.exists():
+        raise FileExistsError(f"{out} holds no generation.json: nothing to resume there")
+    try:
+        old = json.loads(settings_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot resume: {settings_path} is not valid JSON ({exc})") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"cannot resume: {settings_path} does not hold generation settings")
+    if auto_buckets:  # continue with the grouping the folder was written with
+        settings.pop("length_buckets", None)
+        if int(old.get("length_buckets", 1)) > 1:
+            settings["length_buckets"] = int(old["length_buckets"])
+    if old.get("elements") and settings["elements"] and set(old["elements"]) == set(settings["elements"]):
+        settings["elements"] = list(old["elements"])  # the same system, other order
+    if old != settings:
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        raise ValueError(f"cannot resume {out}: settings differ from the earlier run (old, new): {diff}")
+    remove_stale_temps(out)  # CIFs half-written when the earlier run was killed
+    return _read_done_rows(samples_path, size_of)
+
+
+def _sample_batch(
+    gen: CrystalGenerator,
+    size: int,
+    seed: int,
+    dist: torch.Tensor | None,
+    num_atoms: int | None,
+    sampling: dict[str, Any],
+    resample_collisions: int,
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """One batch of ``size`` token sequences (on the CPU), its atom counts drawn from ``dist`` (or all
+    ``num_atoms``) with a generator of its own seed; with ``resample_collisions``, also how many atoms
+    each crystal had re-drawn. ``sampling`` holds :meth:`CrystalGenerator.sample_tokens`' settings."""
+    g = torch.Generator(device=gen.device).manual_seed(seed)
+    if dist is None:
+        counts = torch.full((size,), int(num_atoms), dtype=torch.long)
+    else:
+        counts = torch.multinomial(
+            dist, size, replacement=True, generator=torch.Generator().manual_seed(seed ^ 1)
+        )
+    tokens = gen.sample_tokens(counts, generator=g, **sampling)
+    resampled = None
+    if resample_collisions:
+        settings = {k: v for k, v in sampling.items() if k not in ("progress", "length_buckets")}
+        tokens, drawn = gen.resample_coincident_atoms(
+            tokens, counts, resample_collisions, generator=g, **settings
+        )
+        resampled = drawn.cpu().numpy()
+    return tokens.cpu(), resampled
+
+
+def _check_model_options(
+    gen: CrystalGenerator,
+    temperature: float | None,
+    velocity: str,
+    corrector: float,
+    scheduler: str | None,
+    resample_collisions: int,
+    num_atoms: int | None,
+    elements: Sequence[str] | None,
+) -> float:
+    """The checks of :func:`generate`'s options against the loaded model, before any file is written (a
+    ValueError naming the option; a warning for elements no training crystal held); returns the
+    temperature to sample at (the checkpoint's recommended one when ``temperature`` is None)."""
+    if gen.kind == "ar" and (velocity != "ko" or corrector or scheduler is not None):
+        raise ValueError(
+            f"{gen.checkpoint} is an autoregressive model: it samples token by token, so velocity, corrector "
+            "and scheduler do not apply (leave them at their defaults)"
+        )
+    if resample_collisions and gen.kind != "dfm":
+        raise ValueError(
+            f"resample_collisions needs a DFM checkpoint; {gen.checkpoint} is an autoregressive ({gen.kind}) model"
+        )
+    if num_atoms is not None and not 1 <= num_atoms <= gen.max_atoms:
+        raise ValueError(
+            f"num_atoms (--num-atoms) must be between 1 and {gen.max_atoms} for this model, got {num_atoms}"
+        )
+    unseen = gen.unseen_elements(elements) if elements else None
+    if unseen:
+        warnings.warn(
+            f"no training crystal of {gen.checkpoint.name} holds {', '.join(unseen)}: the model never learned "
+            "where such atoms go, so crystals with them follow no learned chemistry",
+            stacklevel=3,  # the caller of generate
+        )
+
+    temperature = check_temperature(_sampling_temperature(gen, temperature))
+    if velocity.strip().lower() == "power":
+        raise ValueError(
+            "the power velocity needs an alpha, which matgen takes none of: use ko, power-inf or campbell"
+        )
+    make_velocity(velocity, corrector=corrector)  # an unknown velocity or scheduler fails before any file
+    crystal_path(scheduler or gen.metadata.get("scheduler", "ko"))
+    return temperature
+
+
+def _constraint_label(elements: Sequence[str] | None, num_atoms: int | None) -> str:
+    """What ``samples.csv`` says produced each crystal: ``elements=Li,Fe;num_atoms=8``, or ``none``."""
+    parts = [
+        f"elements={','.join(elements)}" if elements else "",
+        f"num_atoms={num_atoms}" if num_atoms else "",
+    ]
+    return ";".join(p for p in parts if p) or "none"
+
+
 def generate(
     n: int,
     out_dir: str | os.PathLike,
@@ -286,68 +464,19 @@ def generate(
             CPU, where it takes 0.5-0.8 of the time; 1 on GPUs, where each group adds a sampler loop's
             launches (not timed there yet); on ``resume``, what the earlier run used.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if overwrite and resume:
-        raise ValueError("choose one of overwrite and resume")
-    if length_buckets is not None and (isinstance(length_buckets, bool) or not 1 <= length_buckets <= 1000):
-        raise ValueError(f"length_buckets must be a whole number in [1, 1000], got {length_buckets}")
-    if isinstance(resample_collisions, bool) or not 0 <= resample_collisions <= 100:
-        raise ValueError(f"resample_collisions must be a whole number in [0, 100], got {resample_collisions}")
+    _check_arguments(
+        n, workers, batch_size, steps, overwrite, resume, length_buckets, resample_collisions, num_atoms
+    )
     if elements is not None:
         elements = normalize_elements(elements)
-    if num_atoms is not None and (isinstance(num_atoms, bool) or int(num_atoms) != num_atoms):
-        raise ValueError(f"num_atoms must be a whole number, got {num_atoms}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} exists and is not a folder")
     gen = CrystalGenerator.from_checkpoint(checkpoint, device, compile=compile)
-    if gen.kind == "ar" and (velocity != "ko" or corrector or scheduler is not None):
-        raise ValueError(
-            f"{gen.checkpoint} is an autoregressive model: it samples token by token, so velocity, corrector "
-            "and scheduler do not apply (leave them at their defaults)"
-        )
-    if resample_collisions and gen.kind != "dfm":
-        raise ValueError(
-            f"resample_collisions needs a DFM checkpoint; {gen.checkpoint} is an autoregressive ({gen.kind}) model"
-        )
-    if num_atoms is not None and not 1 <= num_atoms <= gen.max_atoms:
-        raise ValueError(
-            f"num_atoms (--num-atoms) must be between 1 and {gen.max_atoms} for this model, got {num_atoms}"
-        )
+    temperature = _check_model_options(
+        gen, temperature, velocity, corrector, scheduler, resample_collisions, num_atoms, elements
+    )
     num_atoms = int(num_atoms) if num_atoms is not None else None
-    unseen = gen.unseen_elements(elements) if elements else None
-    if unseen:
-        warnings.warn(
-            f"no training crystal of {gen.checkpoint.name} holds {', '.join(unseen)}: the model never learned "
-            "where such atoms go, so crystals with them follow no learned chemistry",
-            stacklevel=2,
-        )
-
-    if temperature is None:
-        recommended = (gen.metadata.get("sampling") or {}).get("temperature", PAPER_TEMPERATURE)
-        try:
-            if isinstance(recommended, bool):
-                raise TypeError("a bool")
-            temperature = float(recommended)
-        except (TypeError, ValueError):
-            raise CheckpointError(
-                f"{gen.checkpoint}: its recommended sampling temperature {recommended!r} is not a number; "
-                "pass --temperature"
-            ) from None
-    check_temperature(temperature)
-    if velocity.strip().lower() == "power":
-        raise ValueError(
-            "the power velocity needs an alpha, which matgen takes none of: use ko, power-inf or campbell"
-        )
-    make_velocity(velocity, corrector=corrector)  # an unknown velocity or scheduler fails before any file
-    crystal_path(scheduler or gen.metadata.get("scheduler", "ko"))
     dist = None if num_atoms is not None else gen.atom_count_distribution()
     settings = {
         "n": n,
@@ -376,61 +505,25 @@ def generate(
     def size_of(b: int) -> int:
         return min(batch_size, n - b * batch_size) if 0 <= b < n_batches else -1
 
-    done_rows: list[dict[str, str]] = []
-    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        if resume:
-            if not settings_path.exists():
-                raise FileExistsError(f"{out} holds no generation.json: nothing to resume there")
-            try:
-                old = json.loads(settings_path.read_text())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ValueError(f"cannot resume: {settings_path} is not valid JSON ({exc})") from None
-            if not isinstance(old, dict):
-                raise ValueError(f"cannot resume: {settings_path} does not hold generation settings")
-            if auto_buckets:  # continue with the grouping the folder was written with
-                settings.pop("length_buckets", None)
-                length_buckets = int(old.get("length_buckets", 1))
-                if length_buckets > 1:
-                    settings["length_buckets"] = length_buckets
-            if (
-                old.get("elements")
-                and settings["elements"]
-                and set(old["elements"]) == set(settings["elements"])
-            ):
-                settings["elements"] = elements = list(old["elements"])  # the same system, other order
-            if old != settings:
-                diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-                raise ValueError(
-                    f"cannot resume {out}: settings differ from the earlier run (old, new): {diff}"
-                )
-            remove_stale_temps(out)  # CIFs half-written when the earlier run was killed
-            done_rows = _read_done_rows(samples_path, size_of)
-        elif overwrite:
-            for f in out.glob(f"{prefix}_*.cif"):
-                f.unlink()
-            for f in (samples_path, settings_path):
-                f.unlink(missing_ok=True)
-        else:
-            raise FileExistsError(
-                f"{out} is not empty: pass --overwrite to replace its crystals or --resume to continue the run "
-                "(overwrite=True / resume=True in Python)"
-            )
+    done_rows = _prepare_folder(out, settings, resume, overwrite, auto_buckets, size_of)
+    length_buckets = int(settings.get("length_buckets", 1))  # on resume: what the earlier run used
+    elements = settings["elements"]  # on resume: the earlier run's order of the same elements
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
     atomic_write_text(samples_path, _rows_to_csv(done_rows, header=True))
     done_batches = {int(r["batch"]) for r in done_rows}
 
-    constraint = (
-        ";".join(
-            c
-            for c in (
-                f"elements={','.join(elements)}" if elements else "",
-                f"num_atoms={num_atoms}" if num_atoms else "",
-            )
-            if c
-        )
-        or "none"
-    )
+    constraint = _constraint_label(elements, num_atoms)
+    sampling = {
+        "steps": steps,
+        "temperature": temperature,
+        "scheduler": scheduler,
+        "velocity": velocity,
+        "corrector": corrector,
+        "elements": elements,
+        "progress": progress,
+        "length_buckets": length_buckets,
+    }
     start = time.perf_counter()
     written = failed = repaired = 0
     todo = (b for b in range(n_batches) if b not in done_batches)
@@ -464,44 +557,9 @@ def generate(
     try:
         for b in iterator:
             size = size_of(b)
-            g = torch.Generator(device=gen.device).manual_seed(batch_seed(seed, b))
-            if dist is None:
-                counts = torch.full((size,), int(num_atoms), dtype=torch.long)
-            else:
-                counts = torch.multinomial(
-                    dist,
-                    size,
-                    replacement=True,
-                    generator=torch.Generator().manual_seed(batch_seed(seed, b) ^ 1),
-                )
-            tokens = gen.sample_tokens(
-                counts,
-                steps=steps,
-                temperature=temperature,
-                scheduler=scheduler,
-                velocity=velocity,
-                corrector=corrector,
-                elements=elements,
-                generator=g,
-                progress=progress,
-                length_buckets=length_buckets,
+            tokens, resampled = _sample_batch(
+                gen, size, batch_seed(seed, b), dist, num_atoms, sampling, resample_collisions
             )
-            resampled = None
-            if resample_collisions:
-                tokens, resampled = gen.resample_coincident_atoms(
-                    tokens,
-                    counts,
-                    resample_collisions,
-                    steps=steps,
-                    temperature=temperature,
-                    scheduler=scheduler,
-                    velocity=velocity,
-                    corrector=corrector,
-                    elements=elements,
-                    generator=g,
-                )
-                resampled = resampled.cpu().numpy()
-            tokens = tokens.cpu()
             first_id = b * batch_size
             if pool is None:
                 futures = [

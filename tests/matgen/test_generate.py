@@ -212,8 +212,11 @@ def test_elements_the_model_never_saw_in_training_are_named_in_a_warning(
     never = next(s for s in tok.ELEMENT_SYMBOLS if s not in expected)
     seen = sorted(expected, key=expected.get)[-2:]
     run = dict(checkpoint=tiny_run / "model.safetensors", steps=2, device="cpu", progress=False)
-    with pytest.warns(UserWarning, match=rf"no training crystal of model.safetensors holds {never}:"):
+    with pytest.warns(
+        UserWarning, match=rf"no training crystal of model.safetensors holds {never}:"
+    ) as caught:
         generate(1, tmp_path / "a", elements=[*seen, never], **run)
+    assert caught[0].filename == __file__  # attributed to the caller's line, not to matgen's internals
     import warnings
 
     with warnings.catch_warnings():
