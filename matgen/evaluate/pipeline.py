@@ -411,24 +411,7 @@ def evaluate(
                     recs = []
                     for local, res in batch:
                         k = to_relax[local]
-                        recs.append(
-                            {
-                                "stage": "relax",
-                                "id": ids[k],
-                                "digest": digests[ids[k]],
-                                **relax_settings,
-                                "e_initial_per_atom": res.initial_energy_per_atom,
-                                "e_relaxed": res.energy,
-                                "e_relaxed_per_atom": res.energy_per_atom,
-                                "relax_steps": res.n_steps,
-                                "relax_converged": res.converged,
-                                "relax_fmax": res.fmax,
-                                "relax_error": res.error,
-                                "relaxed": structure_to_json(res.structure)
-                                if res.structure is not None
-                                else None,
-                            }
-                        )
+                        recs.append(_relax_record(ids[k], digests[ids[k]], relax_settings, res))
                     journal.append(recs)
 
                 relax_structures(
@@ -450,7 +433,6 @@ def evaluate(
 
     # 4. E_hull -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    rows = []
     from tqdm.auto import tqdm
 
     hull_bar = tqdm(
@@ -460,53 +442,10 @@ def evaluate(
         disable=not progress or skip_stability,
         leave=False,
     )
-    for k, (i, rec) in enumerate(hull_bar):
-        row = {key: rec.get(key) for key in rec if key not in ("stage", "struct_fp", "comp_fp")}
-        row["id"] = i
-        s_k = structures[k]
-        row["vacuum_gap"] = round(largest_vacuum_gap(s_k), 3) if s_k is not None else float("nan")
-        r = relax_recs.get(i)
-        nan = float("nan")
-        row.update(
-            e_initial_per_atom=nan,
-            e_relaxed=nan,
-            e_relaxed_per_atom=nan,
-            relax_steps=None,
-            relax_converged=None,
-            e_hull=nan,
-            hull_compounds=nan,
-            stability_reason=None,
-        )
-        if not skip_stability:
-            if r is None:
-                row["stability_reason"] = "not relaxed: " + (
-                    "structurally invalid"
-                    if rec["parsed"] and rec["sane"]
-                    else "not parsed / failed sanity bounds"
-                )
-            elif r.get("relax_error"):
-                row["stability_reason"] = r["relax_error"]
-                row["relax_steps"] = r.get("relax_steps")
-            else:
-                row.update(
-                    e_initial_per_atom=r["e_initial_per_atom"],
-                    e_relaxed=r["e_relaxed"],
-                    e_relaxed_per_atom=r["e_relaxed_per_atom"],
-                    relax_steps=r["relax_steps"],
-                    relax_converged=r["relax_converged"],
-                )
-                assert hull_ref is not None  # stability on: the hull was loaded before stage 1
-                try:
-                    relaxed = structure_from_json(r["relaxed"])
-                    row["e_hull"] = float(hull_ref.e_above_hull(relaxed.composition, r["e_relaxed_per_atom"]))
-                    row["hull_compounds"] = hull_compounds(hull_ref, relaxed.composition)
-                except Exception as exc:
-                    row["stability_reason"] = f"E_hull failed: {exc}"
-                if not r["relax_converged"]:
-                    row["stability_reason"] = (
-                        f"relaxation not converged in {r['relax_steps']} steps (E_hull kept)"
-                    )
-        rows.append(row)
+    rows = [
+        _stability_row(i, rec, structures[k], relax_recs.get(i), hull_ref, skip_stability)
+        for k, (i, rec) in enumerate(hull_bar)
+    ]
     timings["hull_s"] = time.perf_counter() - t0
 
     # 5. uniqueness and novelty ---------------------------------------------------------------------------
@@ -526,16 +465,7 @@ def evaluate(
     for row, u, n in zip(rows, unique, novel, strict=True):
         row["unique"] = u
         row["novel"] = n
-        eh = row["e_hull"]
-        multi = (row.get("n_elements") or 0) >= 2
-        if skip_stability:
-            row["stable"] = row["metastable"] = row["sun"] = None
-        else:
-            row["stable"] = bool(multi and eh is not None and not math.isnan(eh) and eh <= 0.0)
-            row["metastable"] = bool(
-                multi and eh is not None and not math.isnan(eh) and eh <= METASTABLE_CUTOFF
-            )
-            row["sun"] = bool(row["stable"] and u and n)
+        row.update(_stability_flags(row, skip_stability))
 
     # 6. outputs ------------------------------------------------------------------------------------------
     results = pd.DataFrame(rows)
@@ -575,6 +505,95 @@ def evaluate(
 
     write_outputs(out, results, summary, reference, relax_recs, console=console)
     return summary
+
+
+def _relax_record(id_: str, digest: str, relax_settings: dict[str, Any], res: Any) -> dict[str, Any]:
+    """The journal record of one relaxation (a :class:`matgen.evaluate.relax.RelaxResult`)."""
+    return {
+        "stage": "relax",
+        "id": id_,
+        "digest": digest,
+        **relax_settings,
+        "e_initial_per_atom": res.initial_energy_per_atom,
+        "e_relaxed": res.energy,
+        "e_relaxed_per_atom": res.energy_per_atom,
+        "relax_steps": res.n_steps,
+        "relax_converged": res.converged,
+        "relax_fmax": res.fmax,
+        "relax_error": res.error,
+        "relaxed": structure_to_json(res.structure) if res.structure is not None else None,
+    }
+
+
+def _stability_row(
+    id_: str,
+    rec: dict[str, Any],
+    structure: Structure | None,
+    r: dict[str, Any] | None,
+    hull_ref: Any,
+    skip_stability: bool,
+) -> dict[str, Any]:
+    """One crystal's row of ``results.csv`` up to S.U.N.: its stage-1 record (fingerprints left out), the
+    vacuum gap, and, unless ``skip_stability``, its relaxation (journal record ``r``) and E_hull, or why
+    there are none."""
+    nan = float("nan")
+    row = {key: rec.get(key) for key in rec if key not in ("stage", "struct_fp", "comp_fp")}
+    row["id"] = id_
+    row["vacuum_gap"] = round(largest_vacuum_gap(structure), 3) if structure is not None else nan
+    row.update(
+        e_initial_per_atom=nan,
+        e_relaxed=nan,
+        e_relaxed_per_atom=nan,
+        relax_steps=None,
+        relax_converged=None,
+        e_hull=nan,
+        hull_compounds=nan,
+        stability_reason=None,
+    )
+    if skip_stability:
+        return row
+    if r is None:
+        row["stability_reason"] = "not relaxed: " + (
+            "structurally invalid" if rec["parsed"] and rec["sane"] else "not parsed / failed sanity bounds"
+        )
+        return row
+    if r.get("relax_error"):
+        row["stability_reason"] = r["relax_error"]
+        row["relax_steps"] = r.get("relax_steps")
+        return row
+    row.update(
+        e_initial_per_atom=r["e_initial_per_atom"],
+        e_relaxed=r["e_relaxed"],
+        e_relaxed_per_atom=r["e_relaxed_per_atom"],
+        relax_steps=r["relax_steps"],
+        relax_converged=r["relax_converged"],
+    )
+    assert hull_ref is not None  # stability on: the hull was loaded before stage 1
+    try:
+        composition = structure_from_json(r["relaxed"]).composition
+        row["e_hull"] = float(hull_ref.e_above_hull(composition, r["e_relaxed_per_atom"]))
+        row["hull_compounds"] = hull_compounds(hull_ref, composition)
+    except Exception as exc:
+        row["stability_reason"] = f"E_hull failed: {exc}"
+    if not r["relax_converged"]:
+        row["stability_reason"] = f"relaxation not converged in {r['relax_steps']} steps (E_hull kept)"
+    return row
+
+
+def _stability_flags(row: dict[str, Any], skip_stability: bool) -> dict[str, bool | None]:
+    """stable (E_hull <= 0 with >= 2 elements, the paper's rule), metastable (<= METASTABLE_CUTOFF) and
+    S.U.N. (stable, unique, novel) of a row that has its ``unique`` and ``novel`` flags."""
+    if skip_stability:
+        return {"stable": None, "metastable": None, "sun": None}
+    eh = row["e_hull"]
+    multi = (row.get("n_elements") or 0) >= 2
+    known = eh is not None and not math.isnan(eh)
+    stable = bool(multi and known and eh <= 0.0)
+    return {
+        "stable": stable,
+        "metastable": bool(multi and known and eh <= METASTABLE_CUTOFF),
+        "sun": bool(stable and row["unique"] and row["novel"]),
+    }
 
 
 def _summarize(
