@@ -62,7 +62,7 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(
-    path: Path,
+    path: str | os.PathLike,
     app: str,
     checkpoint_format: str,
     required: tuple[str, ...] = ("model_config",),
@@ -77,6 +77,7 @@ def read_checkpoint(
     model beside it, e.g. for a ``last.pt``); another ``format`` in the metadata or a ``required`` key
     missing (``train_advice`` appended, by default "train one with `<app> train`").
     """
+    path = Path(path).expanduser()  # "~/model.safetensors" from Python as from a shell
     if (folder := folder_given(path, folder_advice)) is not None:
         raise CheckpointError(folder)
     if not path.is_file():

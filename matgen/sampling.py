@@ -60,7 +60,7 @@ class CrystalGenerator:
     ) -> CrystalGenerator:
         """Load a matgen checkpoint; ``compile`` wraps the network in ``torch.compile`` (worth it on a GPU
         for long runs: every step calls the network on the same shapes)."""
-        path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        path = Path(checkpoint).expanduser() if checkpoint is not None else DEFAULT_CHECKPOINT
         missing = " (the shipped default model is missing from this install)" if checkpoint is None else ""
         state, meta = read_checkpoint(
             path,

@@ -59,7 +59,7 @@ class TextModel:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> TextModel:
-        file = Path(checkpoint)
+        file = Path(checkpoint).expanduser()
         state, meta = read_checkpoint(
             file,
             "textgen",

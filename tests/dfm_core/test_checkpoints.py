@@ -21,9 +21,12 @@ def _export(path: Path, **metadata) -> Path:
     return export_safetensors(nn.Linear(3, 2), path, {"format": FORMAT, "model_config": {"n": 3}, **metadata})
 
 
-def test_read_checkpoint_returns_weights_and_metadata(tmp_path: Path):
+def test_read_checkpoint_returns_weights_and_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     state, meta = read_checkpoint(_export(tmp_path / "m.safetensors"), "toyapp", FORMAT)
     assert set(state) == {"weight", "bias"} and meta["model_config"] == {"n": 3}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, again = read_checkpoint("~/m.safetensors", "toyapp", FORMAT)  # a notebook's "~" is expanded
+    assert again == meta
 
 
 def test_each_wrong_file_gets_its_own_message_naming_it(tmp_path: Path):
