@@ -331,7 +331,7 @@ def _locked_handle(path: Path, lock_path: Path, what: str):  # -> an open file h
 
 def holds_folder_lock(parameter: str, what: str = "folder") -> Callable:
     """Decorate a function so that it runs under :func:`folder_lock` of its argument ``parameter`` (no
-    lock when that argument is ``None``). The wrapper adds one frame: a warning raised in the decorated
+    lock when that argument is ``None``; a leading ``~`` is expanded first). The wrapper adds one frame: a warning raised in the decorated
     function names its caller with a ``stacklevel`` one higher than without the decorator."""
 
     def decorate(fn: Callable) -> Callable:
@@ -344,6 +344,9 @@ def holds_folder_lock(parameter: str, what: str = "folder") -> Callable:
             folder = bound.arguments.get(parameter)
             if folder is None:
                 return fn(*args, **kwargs)
+            if str(folder).startswith("~"):  # "~/runs/x" from Python as from a shell, not a folder named "~"
+                bound.arguments[parameter] = folder = Path(folder).expanduser()
+                args, kwargs = bound.args, bound.kwargs
             with folder_lock(folder, what):
                 return fn(*args, **kwargs)
 

@@ -240,7 +240,6 @@ def _rows_to_csv(rows: list[dict[str, Any]], header: bool) -> str:
     return buf.getvalue()
 
 
-@holds_folder_lock("out_dir", "output folder")
 def _check_arguments(
     n: int,
     workers: int,
@@ -419,6 +418,7 @@ def _constraint_label(elements: Sequence[str] | None, num_atoms: int | None) -> 
     return ";".join(p for p in parts if p) or "none"
 
 
+@holds_folder_lock("out_dir", "output folder")
 def generate(
     n: int,
     out_dir: str | os.PathLike,
