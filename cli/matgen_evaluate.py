@@ -71,6 +71,9 @@ def evaluate_command(
         False, "--overwrite", help="Replace an earlier evaluation of other crystals in --out."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    quiet: bool = typer.Option(
+        False, "--quiet", help="No progress bars (as --no-progress; the other commands' flag)."
+    ),
 ) -> None:
     """Evaluate generated crystals: validity, coverage, distributions, CHGNet stability, S.U.N."""
     from dfm_core.atomic_io import FolderInUse
@@ -103,7 +106,7 @@ def evaluate_command(
             cache_dir=cache_dir,
             overwrite=overwrite,
             cov_cutoffs=tuple(float_list(cov_cutoffs, "--cov-cutoffs")),  # evaluate checks the two numbers
-            progress=progress,
+            progress=progress and not quiet,
             console=True,
         )
     except DownloadError as e:

@@ -176,6 +176,7 @@ def sample(
         False, "--hide-special", help="Drop <|endoftext|> from the printed texts."
     ),
     tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
+    quiet: bool = typer.Option(False, help="No progress bar (on stderr; the texts go to stdout)."),
 ) -> None:
     """Sample texts from a trained model and print them (or write them with --out)."""
     from dfm_core.atomic_io import check_writable
@@ -213,6 +214,7 @@ def sample(
             float64=float64,
             seed=seed,
             batch_size=batch_size,
+            progress=not quiet,
         )
         if out is not None:
             write_texts(result, out)
@@ -347,10 +349,12 @@ def prepare(
     data_dir: Path | None = typer.Option(None, help=_DATA_HELP),
     tokenizer: Path | None = typer.Option(None, help=_TOKENIZER_HELP),
     cache_dir: Path | None = typer.Option(None, help=_CACHE_HELP),
+    quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Tokenize corpora into the token cache ahead of training / evaluation and list their sizes."""
     from rich.console import Console
     from rich.table import Table
+    from tqdm.auto import tqdm
 
     from textgen.data import EVAL_CORPORA, load_corpus, resolve_corpora
     from textgen.tokenizer import TextTokenizer
@@ -360,7 +364,10 @@ def prepare(
         table = Table(title="token cache")
         for col in ("corpus", "documents", "tokens", "source"):
             table.add_column(col, justify="left" if col in ("corpus", "source") else "right")
-        for corpus_name, p, reader in resolve_corpora(data or ["train", *EVAL_CORPORA], data_dir):
+        corpora = resolve_corpora(data or ["train", *EVAL_CORPORA], data_dir)
+        bar = tqdm(corpora, desc="tokenizing", unit="corpus", disable=quiet)
+        for corpus_name, p, reader in bar:
+            bar.set_postfix_str(corpus_name)  # a single-document corpus is one long, silent step
             c = load_corpus(corpus_name, p, reader, tok, cache_dir)
             table.add_row(corpus_name, str(c.num_documents), f"{len(c):,}", str(p))
     except (ValueError, OSError) as e:

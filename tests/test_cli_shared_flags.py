@@ -135,3 +135,26 @@ def test_an_empty_output_folder_is_refused_not_taken_for_the_current_folder(
     result = runner.invoke(importlib.import_module(module).app, [*argv, ""])
     one_line_error(result, "is empty")
     assert sorted(p.name for p in cwd.iterdir()) == ["report.md"]
+
+
+@pytest.mark.parametrize(
+    ("app_name", "command"),
+    [
+        ("matgen", "train"),
+        ("matgen", "generate"),
+        ("matgen", "evaluate"),
+        ("textgen", "train"),
+        ("textgen", "sample"),
+        ("textgen", "evaluate"),
+        ("textgen", "prepare"),
+        ("imagegen", "train"),
+        ("imagegen", "train-vq"),
+        ("imagegen", "sample"),
+        ("imagegen", "evaluate"),
+    ],
+)
+def test_every_long_command_takes_quiet(app_name: str, command: str) -> None:
+    """One flag turns the progress bars off everywhere (matgen evaluate also keeps its --no-progress)."""
+    app = importlib.import_module(f"cli.{app_name}").app
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--quiet" in result.output, result.output

@@ -35,7 +35,7 @@ def _sample(ckpt: Path, tokenizer_dir: Path, *extra: str) -> str:
         ],
     )
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout  # the texts; the progress bar goes to stderr
 
 
 def test_version():
@@ -51,6 +51,20 @@ def test_sample_prints_texts_and_seeds_reproduce(tiny_run: Path, tokenizer_dir: 
     assert body.strip() and "[MASK]" not in out
     assert _sample(ckpt, tokenizer_dir, "--seed", "1") == out
     assert _sample(ckpt, tokenizer_dir, "--seed", "2") != out
+    args = [
+        "sample",
+        "--checkpoint",
+        str(ckpt),
+        "--n",
+        "1",
+        "--steps",
+        "3",
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
+    shown, hidden = runner.invoke(app, args), runner.invoke(app, [*args, "--quiet"])
+    assert "sampling" in shown.stderr and "sampling" not in shown.stdout  # a bar, kept out of the texts
+    assert hidden.stderr == "" and hidden.stdout == shown.stdout
 
 
 def test_sample_prompt_infill_and_file_output(tiny_run: Path, tokenizer_dir: Path, tokenizer, tmp_path: Path):
