@@ -292,7 +292,7 @@ def evaluate(
             tok = TextTokenizer(tokenizer)
             the_judge = load_judge(judge, device, tok) if judge is not None else None
             if the_judge is not None:
-                console.print(f"judge: {the_judge.name}")
+                console.print(f"judge: {the_judge.name}", markup=False)
             elif samples > 0:
                 console.print("judge: none (pass --judge for generative perplexity)")
             report = run(
@@ -318,7 +318,7 @@ def evaluate(
                 corrector=corrector,
                 alpha=alpha,
                 out_dir=out,
-                log=console.print,
+                log=lambda line: console.print(line, markup=False),  # names and paths: text, not markup
             )
         except (
             JudgeUnavailable,
@@ -338,7 +338,9 @@ def evaluate(
             console.print(report.likelihood_table())
         if report.samples:
             console.print(report.samples_table())
-        console.print("wrote " + ", ".join(str(out / n) for n in REPORT_FILES if (out / n).is_file()))
+        console.print(
+            "wrote " + ", ".join(str(out / n) for n in REPORT_FILES if (out / n).is_file()), markup=False
+        )
 
 
 @app.command()
@@ -353,6 +355,7 @@ def prepare(
 ) -> None:
     """Tokenize corpora into the token cache ahead of training / evaluation and list their sizes."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
     from tqdm.auto import tqdm
 
@@ -369,7 +372,7 @@ def prepare(
         for corpus_name, p, reader in bar:
             bar.set_postfix_str(corpus_name)  # a single-document corpus is one long, silent step
             c = load_corpus(corpus_name, p, reader, tok, cache_dir)
-            table.add_row(corpus_name, str(c.num_documents), f"{len(c):,}", str(p))
+            table.add_row(escape(corpus_name), str(c.num_documents), f"{len(c):,}", escape(str(p)))
     except (ValueError, OSError) as e:
         fail(str(e))
     Console().print(table)

@@ -251,26 +251,30 @@ class EvaluationReport:
 
     def likelihood_table(self):
         """A rich Table like the paper's Table 1: perplexity (``<`` marks an ELBO bound)."""
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title="Perplexity (< : ELBO bound, eq 37 / E.1; AR: exact)")
         table.add_column("model")
         for d in self.datasets():
-            table.add_column(d, justify="right")
+            table.add_column(escape(d), justify="right")  # user names: "[red]" is text, not a style
         for m in self.models():
-            table.add_row(m, *[(c.cell() if (c := self.cell(m, d)) else "-") for d in self.datasets()])
+            table.add_row(
+                escape(m), *[(c.cell() if (c := self.cell(m, d)) else "-") for d in self.datasets()]
+            )
         return table
 
     def samples_table(self):
+        from rich.markup import escape
         from rich.table import Table
 
         judge = next((s.judge for s in self.samples if s.judge), None)
-        table = Table(title=f"Samples (judge: {judge or 'none'})")
+        table = Table(title=f"Samples (judge: {escape(judge or 'none')})")
         for col in ("model", "NFE", "n", "unigram entropy", "gen. perplexity"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for s in self.samples:
             table.add_row(
-                s.model,
+                escape(s.model),
                 str(s.nfe) if s.nfe else "AR",
                 str(s.n),
                 f"{s.unigram_entropy:.3f}",
@@ -548,7 +552,8 @@ def evaluate(
             key = {
                 "cell": "likelihood",
                 "checkpoint_sha256": model_digest,
-                "sequences_sha256": seqs_digest,
+                "sequences_sha256": seqs_digest,  # of the bytes: the same stream cut at another length
+                "sequences_shape": list(seqs.shape),  # can have the same bytes, so the shape is kept too
                 "n_points": n_points,
                 "batch_size": batch_size,
                 "chunk": chunk,

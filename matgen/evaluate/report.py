@@ -269,6 +269,7 @@ SUMMARY_ROWS = [
 def print_summary(summary: dict[str, Any]) -> None:
     """A rich table of the main numbers, with the stability caveat."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="matgen evaluate", show_header=True)
@@ -279,12 +280,15 @@ def print_summary(summary: dict[str, Any]) -> None:
             table.add_row(label, _fmt(summary[key]))
     console = Console()
     console.print(table)
-    console.print(
+    console.print(  # names and paths of the user's data: text, not rich markup
         f"reference: {summary.get('reference')}; novelty vs {summary.get('novelty_reference')};"
-        f"{_cutoffs_text(summary).rstrip('.').lower()}"
+        f"{_cutoffs_text(summary).rstrip('.').lower()}",
+        markup=False,
     )
     if "stability_note" in summary:
-        console.print(f"[bold yellow]{summary['stability_note']}[/] Hull: {summary.get('hull_reference')}")
+        console.print(
+            f"[bold yellow]{escape(summary['stability_note'])}[/] Hull: {escape(str(summary.get('hull_reference')))}"
+        )
 
 
 def _cutoffs_text(summary: dict[str, Any]) -> str:

@@ -386,3 +386,19 @@ def test_a_prompt_too_long_or_filling_the_sequence_is_refused_with_its_size(
     one_line_error(runner.invoke(app, [*base, "--prompt", long_prompt]), "needs 40 tokens", "--length")
     one_line_error(runner.invoke(app, [*base, "--prompt", full_prompt]), "fills all 16 tokens", "--length")
     assert "word" in _sample(ckpt, tokenizer_dir, "--prompt", full_prompt, "--length", "20")
+
+
+def test_evaluate_does_not_reuse_a_cell_of_another_sequence_length(
+    tiny_run: Path, tiny_corpus: Path, tokenizer_dir: Path, tmp_path: Path
+):
+    """--limit 2 --seq-len 4 and --limit 1 --seq-len 8 cut the same 8 tokens: the same bytes, other
+    sequences. The second run computes its own cell instead of reusing the first one's number."""
+    args = ["evaluate", "--checkpoint", str(tiny_run / "model.safetensors"), "--out", str(tmp_path / "ev")]
+    args += ["--datasets", f"a={tiny_corpus}", "--points", "4", "--samples", "0", "--device", "cpu"]
+    args += ["--tokenizer", str(tokenizer_dir), "--quiet"]
+    first = runner.invoke(app, [*args, "--limit", "2", "--seq-len", "4"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [*args, "--limit", "1", "--seq-len", "8"])
+    assert second.exit_code == 0, second.output
+    assert "reused" not in second.output
+    assert len((tmp_path / "ev" / "cells.jsonl").read_text().splitlines()) == 2

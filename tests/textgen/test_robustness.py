@@ -421,3 +421,23 @@ def test_sample_out_with_a_trailing_slash_is_not_written_as_a_file(
     args = _sample_args(tiny_run / "model.safetensors", tokenizer_dir)
     assert "--out must name a file" in _error(*args, "--out", f"{tmp_path / 'texts'}/")
     assert not (tmp_path / "texts").exists()
+
+
+# 11. names with square brackets are printed as they are, not read as rich markup ---------------------
+
+
+def test_tables_print_bracketed_names_verbatim():
+    from rich.console import Console
+
+    from textgen.evaluate import EvaluationReport, LikelihoodResult, SampleQuality
+
+    report = EvaluationReport(
+        likelihood=[LikelihoodResult("ko/mask [model] #2", "c", "[red]", 1.0, False, 1, 8, 4, 0.1)],
+        samples=[SampleQuality("run[bold]A", "c", 4, 2, 8, 1.0, 3.0, None, "[i]judge", 0.1)],
+    )
+    console = Console(record=True, width=200)
+    console.print(report.likelihood_table())
+    console.print(report.samples_table())
+    text = console.export_text()
+    for name in ("ko/mask [model] #2", "[red]", "run[bold]A", "[i]judge"):
+        assert name in text, text

@@ -227,3 +227,21 @@ def test_a_folder_is_read_for_poscars_and_extxyz_too_but_not_for_an_evaluations_
     items = read_inputs(folder)
     assert sorted(it.id for it in items) == ["frames.extxyz:0", "frames.extxyz:1", "salt.cif", "vasp/POSCAR"]
     assert all(it.read_error is None for it in items)
+
+
+def test_summary_prints_bracketed_paths_verbatim(capsys: pytest.CaptureFixture[str]):
+    """Data folders and hull files named with square brackets are text on the terminal, not rich markup."""
+    from matgen.evaluate.report import print_summary
+
+    print_summary(
+        {
+            "n_inputs": 1,
+            "reference": "[red]my data[/red] test (2 crystals)",
+            "novelty_reference": "[b]train",
+            "stability_note": "CHGNet numbers [approx]",
+            "hull_reference": "/data/[hull]/mp.csv",
+        }
+    )
+    out = capsys.readouterr().out
+    for text in ("[red]my data[/red] test", "[b]train", "CHGNet numbers [approx]", "/data/[hull]/mp.csv"):
+        assert text in out, out
