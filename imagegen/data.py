@@ -367,12 +367,15 @@ def _to_8bit(img, file_format: str | None = None):
     * 16-bit ("I;16*", and the "I" mode in which some Pillow versions hold 16-bit PNGs): value / 257;
     * 32-bit integer ("I", e.g. TIFF): 0..255 kept, 0..65535 as 16-bit, anything larger refused;
     * floating point ("F", e.g. TIFF): 0..1 scaled by 255, 0..255 kept, anything else refused.
+
+    A tRNS transparency key (a 16-bit PNG's) is kept as an alpha channel ("LA").
     """
     from PIL import Image
 
     if img.mode not in (*_SIXTEEN_BIT_MODES, "I", "F"):
         return img
-    arr = np.asarray(img).astype(np.float64)
+    raw = np.asarray(img)
+    arr = raw.astype(np.float64)
     low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0:
         raise ValueError(f"{img.mode}-mode pixel values from {low:g} to {high:g}: not an image's range")
@@ -385,7 +388,12 @@ def _to_8bit(img, file_format: str | None = None):
         if high > 65535.0:
             raise ValueError(f"32-bit pixel values up to {high:g}: expected at most 16-bit (65535)")
         arr = arr / 257.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):  # a tRNS grey key: the pixels of that value
+        alpha = Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8), "L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
 
 
 def _flatten_alpha(img):
@@ -393,7 +401,7 @@ def _flatten_alpha(img):
     arbitrary (often black or a leftover), while icons and drawings are meant to be seen on a page."""
     from PIL import Image
 
-    if img.mode == "P" and "transparency" in img.info:
+    if "transparency" in img.info:  # a palette entry, or a tRNS colour key of a grey or RGB image
         img = img.convert("RGBA")
     if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
         return img

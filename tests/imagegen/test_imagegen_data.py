@@ -178,6 +178,22 @@ def test_transparent_pixels_are_composited_over_white(tmp_path: Path) -> None:
     assert (grey[1] == 255).all() and (grey[0, 0, 1:, 2:] == 255).all()
 
 
+def test_a_trns_colour_key_is_transparency_too(tmp_path: Path) -> None:
+    """Grey, RGB and 16-bit grey PNGs can mark one colour transparent (tRNS) instead of an alpha channel:
+    those pixels are white too, the others keep their value."""
+    folder = tmp_path / "keyed"
+    folder.mkdir()
+    Image.new("L", (4, 4), 0).save(folder / "a.png", transparency=0)
+    Image.new("RGB", (4, 4), (0, 0, 0)).save(folder / "b.png", transparency=(0, 0, 0))
+    deep = Image.new("I;16", (4, 4), 0)
+    deep.putpixel((0, 0), 25700)  # 100 in 8 bits, opaque
+    deep.save(folder / "c.png", transparency=0)
+    Image.new("L", (4, 4), 0).save(folder / "d.png")  # no key: black stays black
+    a, b, c, d = load_image_folder(folder, size=4, channels=1).images
+    assert (a == 255).all() and (b == 255).all() and (d == 0).all()
+    assert int(c[0, 0, 0]) == 100 and (c.flatten()[1:] == 255).all()
+
+
 def test_tokens_round_trip_and_dataset_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     images = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
     tokens = images_to_tokens(images)
