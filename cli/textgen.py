@@ -221,7 +221,8 @@ def sample(
     except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
         fail(str(e))
     if out is not None:
-        typer.echo(f"wrote {len(result.texts)} texts ({model.label}, NFE {steps}) to {out}")
+        nfe = f", NFE {steps}" if model.kind == "dfm" else ""  # AR: one network call per token
+        typer.echo(f"wrote {len(result.texts)} texts ({model.label}{nfe}) to {out}")
         return
     for i, text in enumerate(result.texts):
         typer.echo(f"=== sample {i} ({model.label}{f', NFE {steps}' if model.kind == 'dfm' else ''}) ===")

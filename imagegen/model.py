@@ -66,7 +66,8 @@ class UNetConfig:
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(
                 f"image size {self.image_size} cannot be halved {len(self.channel_mult) - 1} times "
-                f"(channel_mult {self.channel_mult}); use fewer levels"
+                f"(channel_mult {self.channel_mult}): use a size divisible by {2 ** (len(self.channel_mult) - 1)}, "
+                "or fewer levels in channel_mult"
             )
         if any(not 0 <= lv < len(self.channel_mult) for lv in self.attention_levels):
             raise ValueError(

@@ -105,6 +105,15 @@ class ImagegenTrainConfig:
             check_count(self.train_limit, "train_limit (training images to use)")
         if self.image_size is not None:
             check_count(self.image_size, "image_size")
+            halvings = len(self.model.channel_mult) - 1
+            if self.latent is None and self.image_size % 2**halvings:  # refused before any image is decoded
+                step = 2**halvings
+                raise ValueError(
+                    f"image size {self.image_size} cannot be halved {halvings} time(s) by the U-Net (channel_mult "
+                    f"{tuple(self.model.channel_mult)}): use a multiple of {step} (--image-size "
+                    f"{max(step, self.image_size // step * step)}), or fewer levels (channel_mult in the [model] "
+                    "table of a --config file)"
+                )
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
 

@@ -232,6 +232,9 @@ def generate_tokens(
     return torch.cat(out)
 
 
+_DFM_ONLY = ("steps", "velocity", "corrector", "alpha")  # sampler settings that an AR model ignores
+
+
 def generate_texts(
     model: TextModel,
     tokenizer: TextTokenizer,
@@ -257,7 +260,12 @@ def generate_texts(
         "n": n,
         "length": length,
         "prompt": prompt,
-        **{k: v for k, v in kwargs.items() if k != "progress"},
+        # what produced the texts: the AR baseline samples token by token, so no NFE or velocity
+        **{
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("progress", *(_DFM_ONLY if model.kind == "ar" else ()))
+        },
     }
     return GeneratedTexts(tokens, tokenizer.decode_batch(tokens, show_special), settings)
 

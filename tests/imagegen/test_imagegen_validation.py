@@ -403,6 +403,24 @@ def test_an_image_size_too_large_for_memory_is_refused_before_decoding(tmp_path:
     one_line_error(result, "--image-size")
 
 
+def test_an_image_size_the_unet_cannot_halve_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--image-size 7 with the tiny U-Net (one halving) was refused only after every image was decoded,
+    with advice ("use fewer levels") that no flag can follow; now at once, naming a size that works."""
+    import imagegen.data
+
+    data = gray_folder(tmp_path / "data")
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images decoded before the size was checked")
+
+    monkeypatch.setattr(imagegen.data, "load_image_folder", no_decoding)
+    args = ["train", "--dataset", "folder", "--data-dir", str(data), "--image-size", "7", "--size", "tiny"]
+    result = runner.invoke(app, [*args, "--run-dir", str(tmp_path / "run"), "--steps", "1", "--quiet"])
+    one_line_error(result, "image size 7 cannot be halved", "--image-size 6")
+
+
 def test_an_unknown_split_of_an_image_folder_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """`--reference-split validation` read the whole folder, training images included, as the reference."""
     data = gray_folder(tmp_path / "data")

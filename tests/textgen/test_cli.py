@@ -101,6 +101,10 @@ def test_ar_checkpoint_samples_prompts_but_refuses_infilling(tmp_path: Path, tok
     )
     out = _sample(ckpt, tokenizer_dir, "--prompt", "Hello")
     assert "(AR) ===" in out and out.count("\nHello") == 2
+    written = _sample(ckpt, tokenizer_dir, "--prompt", "Hello", "--out", str(tmp_path / "t.jsonl"))
+    assert "(AR) to" in written and "NFE" not in written  # no sampler steps for a token-by-token model
+    record = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])
+    assert not {"steps", "velocity", "corrector", "alpha"} & set(record) and record["float64"] is True
     assert _sample(ckpt, tokenizer_dir, "--prompt", "Hello [[3]]").count("\nHello") == 2  # a trailing gap
     for flags in (["--velocity", "power-inf"], ["--corrector", "2"], ["--alpha", "2", "--velocity", "power"]):
         bad = runner.invoke(
