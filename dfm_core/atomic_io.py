@@ -367,7 +367,32 @@ def visible_files(
     """Files under ``folder`` whose lower-cased name ends in one of ``suffixes`` (``("",)``: every file),
     sorted per directory; hidden names (:func:`hidden_name`) and folders for which ``skip_dir`` is true
     are skipped. A symlinked folder is followed once (a folder linked twice is read once), and one that
-    links back to ``folder`` or above it is not followed: it would read the folders beside ``folder``."""
+    links back to ``folder`` or above it is not followed: it would read the folders beside ``folder``.
+    Likewise a file is read once: a link to a file that is listed too is skipped (with one warning)."""
+    found = list(_walk_visible(folder, suffixes, skip_dir))
+    reals = [os.path.realpath(p) for p in found]
+    plain = {r for p, r in zip(found, reals, strict=True) if not p.is_symlink()}
+    seen: set[str] = set()
+    repeats: list[tuple[Path, str]] = []
+    for path, real in zip(found, reals, strict=True):
+        if real in seen or (path.is_symlink() and real in plain):
+            repeats.append((path, real))
+            continue
+        seen.add(real)
+        yield path
+    if repeats:
+        path, real = repeats[0]
+        warnings.warn(
+            f"{folder}: skipped {len(repeats)} file(s) that link to a file read already (e.g. {path} -> {real}); "
+            "each file is read once",
+            stacklevel=1,  # one place: a folder listed twice (cache key, then reading) warns once
+        )
+
+
+def _walk_visible(
+    folder: str | os.PathLike, suffixes: tuple[str, ...], skip_dir: Callable[[Path], bool] | None
+) -> Iterator[Path]:
+    """The walk of :func:`visible_files`, links to files included."""
     top = os.path.realpath(folder)
 
     def links_up(d: Path) -> bool:

@@ -259,3 +259,22 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
             (folder / "last.pt").write_text("x")
             assert not (folder / LOCK_NAME).exists()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt"]
+
+
+def test_visible_files_reads_a_linked_file_once(tmp_path):
+    """A link beside the file it points to (or two links to one file elsewhere) is one file, not two:
+    the plain file is kept, and one warning names what was skipped."""
+    from dfm_core.atomic_io import visible_files
+
+    folder, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "z.cif").write_text("z")
+    (folder / "a_link.cif").symlink_to(folder / "z.cif")  # sorts first, but the plain file is kept
+    (elsewhere / "out.cif").write_text("o")
+    (folder / "m1.cif").symlink_to(elsewhere / "out.cif")
+    (folder / "m2.cif").symlink_to(elsewhere / "out.cif")
+    (folder / "gone.cif").symlink_to(tmp_path / "missing.cif")  # dangling: kept, its reader says why
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) that link to a file read already"):
+        names = [p.name for p in visible_files(folder, (".cif",))]
+    assert names == ["gone.cif", "m1.cif", "z.cif"]
