@@ -396,7 +396,7 @@ def _check_model_options(
         warnings.warn(
             f"no training crystal of {gen.checkpoint.name} holds {', '.join(unseen)}: the model never learned "
             "where such atoms go, so crystals with them follow no learned chemistry",
-            stacklevel=3,  # the caller of generate
+            stacklevel=4,  # the caller of generate (past generate and its folder-lock wrapper)
         )
 
     temperature = check_temperature(_sampling_temperature(gen, temperature))
