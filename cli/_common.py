@@ -131,6 +131,24 @@ class CommandGroup(TyperGroup):
                 "error: interrupted; files are written whole or not at all, so none is left half-written"
             )
             raise typer.Exit(130) from None
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            _print_error(
+                f"error: out of memory ({first[:200]}): use a smaller --batch-size (or smaller inputs); files "
+                "are written whole or not at all, and a training run resumes from its last checkpoint"
+            )
+            raise typer.Exit(1) from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says that memory ran out: Python's MemoryError, torch's (CUDA) OutOfMemoryError, or
+    the RuntimeError of torch's CPU allocator."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
 
 
 def _print_error(line: str) -> None:

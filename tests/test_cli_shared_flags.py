@@ -158,3 +158,42 @@ def test_every_long_command_takes_quiet(app_name: str, command: str) -> None:
     app = importlib.import_module(f"cli.{app_name}").app
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--quiet" in result.output, result.output
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """torch's CPU allocator (and CUDA) raise a RuntimeError with a page of text when a batch does not fit:
+    the command says so in one line with what to change; any other RuntimeError is not disguised."""
+    import torch
+
+    import matgen.generate
+
+    app = importlib.import_module("cli.matgen").app
+    args = ["generate", "--n", "2", "--out", str(tmp_path / "g"), "--quiet"]
+    for error in (
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 214748364800 bytes.\nmore lines"
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ):
+
+        def no_memory(*a, _error=error, **k):
+            raise _error
+
+        monkeypatch.setattr(matgen.generate, "generate", no_memory)
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert (
+            len(lines) == 1 and lines[0].startswith("error: out of memory (") and "--batch-size" in lines[0]
+        )
+        assert "more lines" not in lines[0]
+
+    def other(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(matgen.generate, "generate", other)
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
