@@ -144,7 +144,7 @@ class EvalRow:
 
     def as_csv(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["score"] = f"{self.score:.4f}"
+        d["score"] = repr(float(self.score))  # exact: a resumed point prints what the first run printed
         d["seconds"] = f"{self.seconds:.1f}"
         return {k: ("" if v is None else v) for k, v in d.items()}
 
