@@ -131,6 +131,9 @@ class CommandGroup(TyperGroup):
                 "error: interrupted; files are written whole or not at all, so none is left half-written"
             )
             raise typer.Exit(130) from None
+        except EOFError as e:  # a truncated compressed file that no reader named: click says only "Aborted."
+            _print_error(f"error: a file ended too early (truncated or still being written?): {e}")
+            raise typer.Exit(1) from None
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise

@@ -20,6 +20,7 @@ import re
 import urllib.error
 import urllib.request
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +291,8 @@ def _read_split_table(path: Path, limit: int | None, ids_only: bool = False) -> 
             frame = pd.read_parquet(path, columns=wanted)
             frame = frame.head(limit) if limit is not None else frame
         else:
-            frame = pd.read_csv(path, nrows=limit, usecols=wanted)[wanted]
+            # ids are text: "00001" is not 1 (nor a repeat of another "1")
+            frame = pd.read_csv(path, nrows=limit, usecols=wanted, dtype={"material_id": str})[wanted]
     frame = frame.reset_index(drop=True)
     _check_ids(frame["material_id"], path)
     return frame
@@ -301,7 +303,8 @@ def _table_errors(path: Path, parquet: bool) -> Iterator[None]:
     """Parser errors (an empty file, a wrong format, ...) of reading ``path`` as one ValueError naming it."""
     try:
         yield
-    except (ValueError, UnicodeDecodeError, OSError, ImportError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError, ImportError, EOFError, zlib.error) as exc:
+        # EOFError: a truncated .gz (click would turn it into a bare "Aborted.")
         kind = "parquet" if parquet else "CSV"
         raise ValueError(
             f"cannot read {path} as a {kind} table: {str(exc).strip().splitlines()[0]}"
@@ -344,6 +347,12 @@ def _parse_cifs(
         # pymatgen warns per CIF about rounded coordinates; thousands of those drown real problems.
         warnings.simplefilter("ignore")
         for material_id, cif in tqdm(rows, total=len(frame), desc=desc, disable=not progress):
+            if isinstance(cif, bytes | bytearray):  # a parquet column of bytes
+                try:
+                    cif = bytes(cif).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    failed[material_id] = f"CIF is not UTF-8 text: {exc}"
+                    continue
             if not isinstance(cif, str) or not cif.strip():
                 failed[material_id] = "empty CIF"
                 continue

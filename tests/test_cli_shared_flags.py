@@ -191,6 +191,14 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(
         )
         assert "more lines" not in lines[0]
 
+    def truncated(*a, **k):  # click turns an EOFError into a bare "Aborted."
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(matgen.generate, "generate", truncated)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Aborted" not in result.output, result.output
+    assert result.output.startswith("error: a file ended too early") and "end-of-stream" in result.output
+
     def other(*a, **k):
         raise RuntimeError("a bug")
 

@@ -274,7 +274,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
     try:
         if name.endswith((".parquet", ".pq")):
             return pd.read_parquet(path)
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype=dict.fromkeys(ID_COLUMNS, str))  # ids "00001" and "1" stay apart
     except Exception as exc:  # pandas/pyarrow raise many types for a bad file
         raise ValueError(f"cannot read the table {path}: {error_text(exc)}") from None
 

@@ -179,3 +179,35 @@ def test_cache_files_are_named_after_the_data_set_they_come_from(tmp_path, rows)
     (own / "val.csv").rename(mp20 / "val.csv")
     load_token_dataset("val", mp20, cache_dir=tmp_path / "tokens", progress=False)
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "tokens").iterdir()) == ["carbon_24", "mp20"]
+
+
+def test_ids_are_text_cifs_may_be_bytes_and_a_truncated_gzip_is_named(tmp_path, rows):
+    """Ids "00000" and "0" are two crystals (pandas read both as the number 0: a false "repeated id"); a
+    parquet column of CIF bytes is read like text; a half-copied .csv.gz is one error naming the file
+    (its EOFError reached click, which printed only "Aborted.")."""
+    from matgen.evaluate.inputs import read_inputs
+
+    own = tmp_path / "own"
+    own.mkdir()
+    numbered = rows.assign(material_id=["00000", "0", "007", "7", "1e3", "1000"])
+    for split in SPLITS:
+        numbered.to_csv(own / f"{split}.csv", index=False)
+    assert list(load_split("train", own)["material_id"]) == ["00000", "0", "007", "7", "1e3", "1000"]
+    split = load_token_dataset("train", own, cache=False, progress=False)
+    assert sorted(split.ids) == sorted(["00000", "0", "007", "7", "1e3", "1000"])
+    assert [item.id for item in read_inputs(own / "test.csv")] == ["00000", "0", "007", "7", "1e3", "1000"]
+
+    as_bytes = tmp_path / "bytes"
+    as_bytes.mkdir()
+    for split in SPLITS:
+        rows.assign(cif=rows["cif"].str.encode("utf-8")).to_parquet(as_bytes / f"{split}.parquet")
+    assert len(load_token_dataset("val", as_bytes, cache=False, progress=False)) == len(rows)
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for split in SPLITS:
+        rows.to_csv(cut / f"{split}.csv.gz", index=False)
+    whole = (cut / "train.csv.gz").read_bytes()
+    (cut / "train.csv.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*train.csv.gz as a CSV table: Compressed file ended"):
+        load_split("train", cut)
