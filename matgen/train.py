@@ -142,6 +142,12 @@ class PaddedCrystals:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def digest(self) -> str:
+        """SHA-256 of what training sees (ids and tokens): an edited CIF under the same id changes it."""
+        h = hashlib.sha256(ids_digest(self.ids).encode())
+        h.update(self.tokens.numpy().tobytes())
+        return h.hexdigest()
+
     def element_counts(self) -> dict[str, int]:
         """How many crystals hold each element (symbols of Z = 1..94, zero counts left out)."""
         atoms = self.tokens[:, 6:].reshape(len(self), -1, 4)[:, :, 0]
@@ -236,7 +242,9 @@ def train_crystal_model(
 
     metadata = {
         "model_config": model_cfg.to_dict(),
-        "matgen_config": config.to_dict(),
+        "matgen_config": dataclasses.replace(
+            config, model=model_cfg
+        ).to_dict(),  # one max_atoms, the one used
         "data": {  # which data, even when it came from $MATGEN_DATA (config.data_dir is then None)
             "data_set": data_set_name(config.data_dir).strip("'"),
             "data_dir": str(resolve_data_dir(config.data_dir).resolve()),
@@ -246,6 +254,8 @@ def train_crystal_model(
             },
             "train_ids_sha256": ids_digest(train_data.ids),
             "val_ids_sha256": ids_digest(val_data.ids),
+            "train_tokens_sha256": train_data.digest(),
+            "val_tokens_sha256": val_data.digest(),
             "n_train": len(train_data),
             "n_val": len(val_data),
             "train_skipped": len(train_split.skipped),
@@ -272,6 +282,9 @@ def train_crystal_model(
             "scheduler": config.scheduler if config.kind == "dfm" else None,
             "train_ids_sha256": metadata["data"]["train_ids_sha256"],
             "val_ids_sha256": metadata["data"]["val_ids_sha256"],
+            # the crystals themselves: a split edited under the same ids is other data
+            "train_tokens_sha256": metadata["data"]["train_tokens_sha256"],
+            "val_tokens_sha256": metadata["data"]["val_tokens_sha256"],
         },
     )
     out = run_dir / EXPORTED_MODEL

@@ -3,7 +3,9 @@ format that is not read, repeated ids; and the checkpoint and the evaluation say
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -106,6 +108,7 @@ def test_the_checkpoint_names_the_data_it_was_trained_on_when_it_came_from_matge
     monkeypatch.setenv("MATGEN_DATA", str(own))  # no data_dir in the config: it names nothing
     cfg = MatgenTrainConfig(
         model=CrystalDiTConfig.tiny(),
+        max_atoms=24,
         train=TrainConfig(steps=1, batch_size=2, eval_every=0, device="cpu", bf16=False),
     )
     train_crystal_model(cfg, tmp_path / "run", resume=False, progress=False)
@@ -116,6 +119,19 @@ def test_the_checkpoint_names_the_data_it_was_trained_on_when_it_came_from_matge
     assert data["train_file_sha256"] == file_sha256(own / "train.csv")
     assert data["val_file_sha256"] == file_sha256(own / "val.csv")
     assert data["val_skipped"] == 0 and data["n_train"] == 6
+    # the config records the max_atoms the model was built with, not the preset's 20 beside it
+    assert meta["matgen_config"]["model"]["max_atoms"] == meta["model_config"]["max_atoms"] == 24
+
+    # the same ids with edited crystals are other data: the run is not continued on them
+    edited = rows.copy()
+    edited.loc[0, "cif"] = re.sub(r"(_cell_length_a\s+)\S+", r"\g<1>9.5", rows.loc[0, "cif"])
+    assert edited.loc[0, "cif"] != rows.loc[0, "cif"]
+    edited.to_csv(own / "train.csv", index=False)
+    more = MatgenTrainConfig(
+        model=CrystalDiTConfig.tiny(), max_atoms=24, train=dataclasses.replace(cfg.train, steps=2)
+    )
+    with pytest.raises(ValueError, match="trained on other data.*train_tokens_sha256"):
+        train_crystal_model(more, tmp_path / "run", progress=False)
 
 
 def test_the_evaluation_names_the_data_folder_it_used_when_it_came_from_matgen_data(
