@@ -151,6 +151,7 @@ class ReferenceSet:
         density: ``(N,)`` g/cm^3.
         n_elements, n_atoms: ``(N,)``.
         formulas: ``(N,)`` full formulas (``Composition.formula``), for element statistics.
+        sampled: whether the rows are a seeded random subset of the split (``test_limit`` below its size).
     """
 
     ids: np.ndarray
@@ -160,22 +161,29 @@ class ReferenceSet:
     n_elements: np.ndarray
     n_atoms: np.ndarray
     formulas: np.ndarray
+    sampled: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, mask: np.ndarray) -> ReferenceSet:
-        return ReferenceSet(**{k: getattr(self, k)[mask] for k in self.__dataclass_fields__})
+        rows = {k: getattr(self, k)[mask] for k in self.__dataclass_fields__ if k != "sampled"}
+        return ReferenceSet(**rows, sampled=self.sampled)
 
 
 def _reference_row(item: tuple[str, str]) -> dict[str, Any]:
     """The reference fields of one data-set row, or ``{"ids", "error"}`` when the row cannot be read or
     described (a data set of one's own may hold a dummy species, a broken CIF ...)."""
     from matgen.evaluate.inputs import error_text, parse_cif
+    from matgen.evaluate.validity import check_sanity, in_reduced_cell
 
     material_id, cif = item
     try:
         s = parse_cif(cif if isinstance(cif, str) else "")
+        # the bounds generated crystals must pass (a partly occupied site has no fingerprint, and its density
+        # would still enter the distributions)
+        if (insane := check_sanity(in_reduced_cell(s))) is not None:
+            return {"ids": material_id, "error": f"fails the sanity bounds: {insane}"}
         fp = structure_fingerprint(s)
         return {
             "ids": material_id,
@@ -294,7 +302,8 @@ def load_test_reference(
 
     frame = load_split(split, data_dir)
     n = len(frame)
-    if test_limit is not None and test_limit < n:
+    sampled = test_limit is not None and test_limit < n  # against the split's rows, readable or not
+    if sampled:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=test_limit, replace=False))
         frame = frame.iloc[rows].reset_index(drop=True)
     split_file = ensure_split_file(split, data_dir, download=False)
@@ -312,8 +321,8 @@ def load_test_reference(
     if failed:
         examples = "; ".join(f"{m}: {why}" for m, why in list(failed.items())[:3])
         warnings.warn(
-            f"{len(failed)} row(s) of {split_file} could not be read and are left out of the reference "
-            f"set (e.g. {examples})",
+            f"{len(failed)} row(s) of {split_file} could not be read or fail the sanity bounds, and are left "
+            f"out of the reference set (e.g. {examples})",
             stacklevel=2,
         )
     kept = [m for m in frame["material_id"] if m in have]
@@ -328,4 +337,5 @@ def load_test_reference(
         n_elements=stored["n_elements"][idx].astype(int),
         n_atoms=stored["n_atoms"][idx].astype(int),
         formulas=stored["formulas"][idx].astype(str),
+        sampled=sampled,
     )

@@ -274,9 +274,15 @@ def _read_frame(path: Path) -> pd.DataFrame:
     try:
         if name.endswith((".parquet", ".pq")):
             return pd.read_parquet(path)
-        return pd.read_csv(path, dtype=dict.fromkeys(ID_COLUMNS, str))  # ids "00001" and "1" stay apart
+        frame = pd.read_csv(path, dtype=dict.fromkeys(ID_COLUMNS, str))  # ids "00001" and "1" stay apart
     except Exception as exc:  # pandas/pyarrow raise many types for a bad file
         raise ValueError(f"cannot read the table {path}: {error_text(exc)}") from None
+    # an id column of whole numbers with a gap is written by pandas as floats (1.0, , 3.0): the ids were 1, 3
+    for column in (c for c in ID_COLUMNS if c in frame.columns):
+        ids = frame[column].dropna()
+        if len(ids) and ids.str.fullmatch(r"-?\d+\.0").all():
+            frame[column] = frame[column].str.removesuffix(".0")
+    return frame
 
 
 def _cell_text(value: object) -> str | None:

@@ -480,7 +480,6 @@ def evaluate(
         reference,
         skip_stability,
         hull_ref,
-        test_limit,
         train_limit,
         training,
         data_set_name(data_dir),  # "MP-20", or the name of a data folder of one's own
@@ -602,7 +601,6 @@ def _summarize(
     reference: Any,
     skip_stability: bool,
     hull_ref: Any,
-    test_limit: int | None,
     train_limit: int | None,
     training: Any,
     data_name: str = "MP-20",
@@ -630,10 +628,8 @@ def _summarize(
     fps = [(decode_array(b["struct_fp"]), decode_array(b["comp_fp"]), bool(b["valid"])) for b in basic]
     have = [(sf, cf, v) for sf, cf, v in fps if sf is not None and cf is not None]
     ref_ok = np.isfinite(reference.struct_fp).all(axis=1)
-    subset = (
-        test_limit is not None and len(reference) >= test_limit
-    )  # a limit above the set's size: all of it
-    s["reference"] = f"{data_name} test ({len(reference)} crystals{', seeded subset' if subset else ''})"
+    subset = ", seeded subset" if reference.sampled else ""
+    s["reference"] = f"{data_name} test ({len(reference)} crystals{subset})"
     s["n_reference"] = len(reference)
     if have:
         gs = np.stack([h[0] for h in have])

@@ -81,7 +81,10 @@ def candidate_mask(results: pd.DataFrame) -> pd.Series:
 
     if "metastable" not in results.columns:
         return pd.Series(False, index=results.index)
-    flags = results[["metastable", "unique", "novel"]].fillna(False).astype(bool)
+    # True only where a flag is True (None / NaN: not judged); no fillna on object columns (deprecated)
+    flags = results[["metastable", "unique", "novel"]].apply(
+        lambda column: column.map(lambda v: isinstance(v, bool | np.bool_) and bool(v))
+    )
     gap = results["vacuum_gap"].to_numpy(float) if "vacuum_gap" in results else np.zeros(len(results))
     return flags.all(axis=1) & ~(gap > SLAB_GAP)
 
@@ -259,7 +262,7 @@ SUMMARY_ROWS = [
     ("n_stable_no_reference_compounds", "  of which no reference compound in system"),
     ("metastable_rate", "E_hull <= 0.1 eV/atom"),
     ("sun_rate", "S.U.N."),
-    ("n_candidates_known", "  candidates that are held-out MP-20 crystals"),
+    ("n_candidates_known", "  candidates that are held-out crystals (val/test splits)"),
     ("n_slab_like", "slab-like (> 7 A of vacuum; not candidates)"),
     ("msun_rate", "M.S.U.N. (<= 0.1)"),
     ("e_hull_median", "median E_hull (eV/atom), converged"),

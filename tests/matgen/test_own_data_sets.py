@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -227,3 +228,37 @@ def test_ids_are_text_cifs_may_be_bytes_and_a_truncated_gzip_is_named(tmp_path, 
     (cut / "train.csv.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"cannot read .*train.csv.gz as a CSV table: Compressed file ended"):
         load_split("train", cut)
+
+
+def test_the_reference_set_holds_only_crystals_that_pass_the_sanity_bounds_and_says_when_it_is_sampled(
+    tmp_path, rows
+):
+    """A partly occupied test row had no structure fingerprint, so coverage left it out while the
+    distributions and the reference count kept it; now it is left out of the reference, with a warning.
+    "seeded subset" is said when a limit below the split's rows really samples it, not otherwise."""
+    from pymatgen.core import Lattice, Structure
+
+    disordered = Structure(
+        Lattice.cubic(4.0), [{"Ba": 0.5, "Sr": 0.5}, "Ti", "O"], [[0, 0, 0], [0.5] * 3, [0.5, 0.5, 0]]
+    )
+    own = tmp_path / "own"
+    own.mkdir()
+    table = pd.concat(
+        [
+            rows,
+            pd.DataFrame(
+                {"material_id": ["half-ba"], "cif": [disordered.to(fmt="cif")], "pretty_formula": ["x"]}
+            ),
+        ]
+    )
+    table.to_csv(own / "test.csv", index=False)
+    with pytest.warns(
+        UserWarning, match=r"1 row\(s\) .* left out .*half-ba: fails the sanity bounds: disordered"
+    ):
+        reference = load_test_reference(own, cache_dir=tmp_path / "fp", progress=False)
+    assert len(reference) == len(rows) and "half-ba" not in reference.ids and not reference.sampled
+    assert np.isfinite(reference.struct_fp).all()
+    whole = load_test_reference(own, test_limit=len(table), cache_dir=tmp_path / "fp", progress=False)
+    assert not whole.sampled  # a limit of the split's size takes all of it
+    part = load_test_reference(own, test_limit=len(table) - 1, cache_dir=tmp_path / "fp", progress=False)
+    assert part.sampled and part.subset(np.ones(len(part), bool)).sampled
