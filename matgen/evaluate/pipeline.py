@@ -246,6 +246,9 @@ def _described(inputs: Inputs, n: int | None = None) -> str:
     return what if n is None else f"{what} ({n} crystals)"
 
 
+JOURNAL_EVERY_S = 15.0  # stage 1 writes its finished crystals at least this often
+
+
 @holds_folder_lock("out_dir", "output folder")
 def evaluate(
     inputs: Inputs,
@@ -361,6 +364,7 @@ def evaluate(
                 stacklevel=3,
             )
         buffer: list[dict[str, Any]] = []
+        last_write = time.monotonic()
         try:
             for rec in parallel_map(
                 analyze_crystal,
@@ -370,9 +374,11 @@ def evaluate(
                 progress=progress,
             ):
                 buffer.append({**rec, "digest": digests[rec["id"]]})
-                if len(buffer) >= chunk_size:
+                # every chunk_size crystals, and at least every JOURNAL_EVERY_S: large cells take seconds
+                # each, and a SIGKILL (no finally) must not lose minutes of them
+                if len(buffer) >= chunk_size or time.monotonic() - last_write > JOURNAL_EVERY_S:
                     journal.append(buffer)
-                    buffer = []
+                    buffer, last_write = [], time.monotonic()
         finally:  # also when interrupted: the crystals finished so far are not done again
             journal.append(buffer)
         basic = [journal.get("basic", i) for i in ids]

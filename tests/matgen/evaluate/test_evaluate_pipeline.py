@@ -378,3 +378,23 @@ def test_records_of_earlier_reading_rules_are_redone(mp20_dir, hull_dir, fp_cach
     with pytest.warns(UserWarning, match="or by earlier reading rules; they are evaluated again"):
         _run(folder, tmp_path / "out", mp20_dir, hull_dir, fp_cache)
     assert analysed == ["salt.cif"]
+
+
+def test_stage_one_writes_its_journal_on_a_clock_too(
+    reference_folder, mp20_dir, hull_dir, fp_cache, tmp_path, monkeypatch
+):
+    """A SIGKILL runs no `finally`: with large cells (seconds each) a run killed before a full chunk of 64
+    lost all its crystals. The journal is now also written every JOURNAL_EVERY_S."""
+    monkeypatch.setattr(pipeline, "JOURNAL_EVERY_S", -1.0)  # the clock always says "write now"
+    journal, on_disk = tmp_path / "out" / "journal.jsonl", []
+    real = pipeline.analyze_crystal
+
+    def watching(payload):
+        on_disk.append(
+            sum('"basic"' in line for line in journal.read_text().splitlines()) if journal.exists() else 0
+        )
+        return real(payload)
+
+    monkeypatch.setattr(pipeline, "analyze_crystal", watching)
+    _run(reference_folder, tmp_path / "out", mp20_dir, hull_dir, fp_cache, chunk_size=1000)
+    assert on_disk == list(range(TEST_LIMIT))  # before crystal k, the k crystals before it were on disk
