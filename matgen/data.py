@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from pymatgen.core import Structure
@@ -69,7 +70,7 @@ REQUIRED_COLUMNS = ("material_id", "cif")
 # written before train_element_counts was recorded are matched to these facts by their ids digest.
 MP20_TRAIN_IDS_SHA256 = "a4f61b0728b180b5a3b7d78d06ec31ffaa61f8555ee9f99993a45b50ca7dc4a0"
 MP20_TRAIN_ABSENT_ELEMENTS = ("Ar", "Po", "At", "Rn", "Fr", "Ra")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: a crystal whose cell as written does not tokenize is tried in its Niggli cell
 
 
 class DownloadError(OSError):
@@ -433,6 +434,25 @@ def _load_cached(path: Path) -> TokenizedSplit:
     return TokenizedSplit(ids, tokens, num_atoms.long(), dict(payload["skipped"]))
 
 
+def encode_in_some_cell(tokenizer: CrystalTokenizer, structure: Structure) -> torch.LongTensor:
+    """The tokens of ``structure`` in its cell as written, or, when that cell does not fit the vocabulary
+    (a length over 49.9 A or an angle under 1 deg of a needlessly skewed basis), in its Niggli-reduced
+    cell: the same crystal. Raises the first :class:`TokenizationError` when neither fits."""
+    try:
+        return tokenizer.encode(structure)
+    except TokenizationError as first:
+        try:
+            reduced = structure.get_reduced_structure()
+        except Exception:  # a degenerate lattice has no reduced cell
+            raise first from None
+        if np.allclose(reduced.lattice.matrix, structure.lattice.matrix):
+            raise
+        try:
+            return tokenizer.encode(reduced)
+        except TokenizationError:
+            raise first from None
+
+
 def load_token_dataset(
     split: str,
     data_dir: str | Path | None = None,
@@ -468,7 +488,7 @@ def load_token_dataset(
     tokens: list[torch.LongTensor] = []
     for material_id, structure in zip(ids, structures, strict=True):
         try:
-            tokens.append(tokenizer.encode(structure))
+            tokens.append(encode_in_some_cell(tokenizer, structure))
         except TokenizationError as exc:
             skipped[material_id] = f"tokenization error: {exc}"
             continue

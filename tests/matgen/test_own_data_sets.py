@@ -262,3 +262,32 @@ def test_the_reference_set_holds_only_crystals_that_pass_the_sanity_bounds_and_s
     assert not whole.sampled  # a limit of the split's size takes all of it
     part = load_test_reference(own, test_limit=len(table) - 1, cache_dir=tmp_path / "fp", progress=False)
     assert part.sampled and part.subset(np.ones(len(part), bool)).sampled
+
+
+def test_a_crystal_in_a_needlessly_skewed_cell_is_trained_on_in_its_reduced_cell(tmp_path, rows):
+    """A row written in a basis with a 60 A axis (the same crystal as a 4 A cube) does not fit the
+    vocabulary as written; it is tokenized in its Niggli cell instead of being skipped. A cell that is
+    really too large is still skipped with the reason."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Lattice, Structure
+
+    from matgen.tokenizer import CrystalTokenizer
+
+    skewed = Structure(Lattice([[4, 0, 0], [0, 4, 0], [60, 0, 4]]), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    huge = Structure(Lattice.cubic(60.0), ["Na"], [[0, 0, 0]])
+    extra = pd.DataFrame(
+        {
+            "material_id": ["skewed", "huge"],
+            "cif": [skewed.to(fmt="cif"), huge.to(fmt="cif")],
+            "pretty_formula": ["NaCl", "Na"],
+        }
+    )
+    own = tmp_path / "own"
+    own.mkdir()
+    for split in SPLITS:
+        pd.concat([rows, extra]).to_csv(own / f"{split}.csv", index=False)
+    with pytest.warns(UserWarning, match="skipped 1 of"):
+        split = load_token_dataset("train", own, cache=False, progress=False)
+    assert "skewed" in split.ids and "huge" in split.skipped and "49.9" in split.skipped["huge"]
+    decoded = CrystalTokenizer().decode(split.tokens[split.ids.index("skewed")])
+    assert max(decoded.lattice.abc) < 5 and StructureMatcher().fit(decoded, skewed)
