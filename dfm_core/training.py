@@ -626,6 +626,7 @@ def _check_resumable(
     config: TrainConfig,
     metadata: Mapping,
     identity: Mapping | None = None,
+    identity_added_later: tuple[str, ...] = (),
 ) -> None:
     saved, current = ckpt["architecture"], _architecture(model)
     if saved != current:
@@ -643,6 +644,13 @@ def _check_resumable(
                 f"({saved_meta['model_config']} vs {metadata['model_config']}). {_START_AFRESH}"
             )
     saved_identity = ckpt.get("identity")
+    unchecked = [k for k in identity_added_later if saved_identity and identity and k not in saved_identity]
+    if unchecked:  # a checkpoint of an earlier version, which did not record these facts yet
+        identity = {k: v for k, v in (identity or {}).items() if k not in unchecked}
+        warnings.warn(
+            f"this checkpoint predates the record of {', '.join(unchecked)}: resuming without checking them",
+            stacklevel=4,
+        )
     if saved_identity and identity is not None and saved_identity != identity:
         diff = {k: (saved_identity.get(k), identity.get(k)) for k in set(saved_identity) | set(identity)}
         diff = {k: v for k, v in diff.items() if v[0] != v[1]}
@@ -678,6 +686,7 @@ def train(
     progress: bool = True,
     identity: Mapping[str, Any] | None = None,
     exported: str = EXPORTED_MODEL,
+    identity_added_later: tuple[str, ...] = (),
 ) -> TrainResult:
     """Train ``model`` to minimise ``loss_fn``; see the module docstring for what it writes.
 
@@ -704,6 +713,8 @@ def train(
             new config from the resumed step on (e.g. more ``steps`` extend the cosine decay).
         exported: the file in ``run_dir`` the app exports the run's weights to; a run started afresh
             (``resume=False``) removes an old one with the run's other outputs.
+        identity_added_later: keys of ``identity`` that checkpoints of earlier versions lack: such a
+            checkpoint still resumes (with a warning that those facts were not checked).
 
     Returns:
         :class:`TrainResult`.
@@ -758,7 +769,7 @@ def train(
                 stacklevel=3,
             )
         config = _resumed_config(config, ckpt)
-        _check_resumable(ckpt, model, config, metadata, identity)
+        _check_resumable(ckpt, model, config, metadata, identity, identity_added_later)
         unwrap_compiled(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moments; the hyperparameters come from config:
         for group, weight_decay in zip(optimizer.param_groups, (config.weight_decay, 0.0), strict=True):

@@ -286,6 +286,7 @@ def train_crystal_model(
             "train_tokens_sha256": metadata["data"]["train_tokens_sha256"],
             "val_tokens_sha256": metadata["data"]["val_tokens_sha256"],
         },
+        identity_added_later=("train_tokens_sha256", "val_tokens_sha256"),  # runs of before 2026-11-24
     )
     out = run_dir / EXPORTED_MODEL
     export_checkpoint(run_dir, out, config, metadata)

@@ -388,6 +388,38 @@ def test_resume_refuses_another_identity(tmp_path):
     assert train(tiny_model(), config=config(steps=4), identity={"data": "a"}, **run).step == 4
 
 
+def test_a_checkpoint_that_predates_an_identity_key_still_resumes(tmp_path):
+    """An app that starts recording a new fact of its runs (matgen: a digest of the crystals) names it in
+    identity_added_later: a run started by the earlier version resumes with a warning, instead of being
+    refused as "other data"; once recorded, the fact is checked like the others."""
+    run = dict(loss_fn=denoise_loss, train_batches=batches, run_dir=tmp_path, progress=False)
+    train(tiny_model(), config=config(steps=2), identity={"data": "a"}, **run)  # the earlier version
+    newer = {"data": "a", "crystals": "x"}
+    with pytest.raises(ValueError, match="'crystals': \\(None, 'x'\\)"):
+        train(tiny_model(), config=config(steps=3), identity=newer, **run)
+    with pytest.warns(UserWarning, match="predates the record of crystals"):
+        result = train(
+            tiny_model(), config=config(steps=3), identity=newer, identity_added_later=("crystals",), **run
+        )
+    assert result.step == 3
+    with pytest.raises(ValueError, match="'crystals': \\('x', 'y'\\)"):  # recorded now: checked
+        train(
+            tiny_model(),
+            config=config(steps=4),
+            identity={**newer, "crystals": "y"},
+            identity_added_later=("crystals",),
+            **run,
+        )
+    with pytest.raises(ValueError, match="'data': \\('a', 'b'\\)"):  # the old facts are still checked
+        train(
+            tiny_model(),
+            config=config(steps=4),
+            identity={**newer, "data": "b"},
+            identity_added_later=("crystals",),
+            **run,
+        )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
