@@ -296,7 +296,19 @@ def _read_split_table(path: Path, limit: int | None, ids_only: bool = False) -> 
             frame = pd.read_csv(path, nrows=limit, usecols=wanted, dtype={"material_id": str})[wanted]
     frame = frame.reset_index(drop=True)
     _check_ids(frame["material_id"], path)
+    if (
+        "cif" in frame.columns
+    ):  # a parquet column of bytes: text for every reader (training, reference, novelty)
+        frame["cif"] = frame["cif"].map(_cif_text)
     return frame
+
+
+def _cif_text(value: object) -> object:
+    """A CIF cell as text: bytes decoded as UTF-8 (undecodable bytes become U+FFFD and the CIF then fails
+    to parse, with that reason); anything else as it is."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value
 
 
 @contextlib.contextmanager
@@ -348,12 +360,6 @@ def _parse_cifs(
         # pymatgen warns per CIF about rounded coordinates; thousands of those drown real problems.
         warnings.simplefilter("ignore")
         for material_id, cif in tqdm(rows, total=len(frame), desc=desc, disable=not progress):
-            if isinstance(cif, bytes | bytearray):  # a parquet column of bytes
-                try:
-                    cif = bytes(cif).decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    failed[material_id] = f"CIF is not UTF-8 text: {exc}"
-                    continue
             if not isinstance(cif, str) or not cif.strip():
                 failed[material_id] = "empty CIF"
                 continue

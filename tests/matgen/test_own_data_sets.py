@@ -219,6 +219,11 @@ def test_ids_are_text_cifs_may_be_bytes_and_a_truncated_gzip_is_named(tmp_path, 
     for split in SPLITS:
         rows.assign(cif=rows["cif"].str.encode("utf-8")).to_parquet(as_bytes / f"{split}.parquet")
     assert len(load_token_dataset("val", as_bytes, cache=False, progress=False)) == len(rows)
+    # and as the evaluation's reference and novelty sets, which read the splits themselves
+    from matgen.evaluate.sun import TrainingSet
+
+    assert len(load_test_reference(as_bytes, cache_dir=tmp_path / "fp", progress=False)) == len(rows)
+    assert TrainingSet(as_bytes).unreadable == 0
 
     cut = tmp_path / "cut"
     cut.mkdir()
