@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 STRUCT_FP_DIM = 61
-_REFERENCE_FORMAT = 1
+_REFERENCE_FORMAT = 2  # 2: rows pass the sanity bounds (format-1 caches are migrated, not rebuilt)
 _FEATURIZERS: dict[str, Any] = {}
 
 
@@ -283,6 +283,35 @@ def _fingerprint_into_cache(
     return stored
 
 
+def _migrated_format_1(old: Path, new: Path, frame: Any) -> dict[str, np.ndarray]:
+    """The rows of a format-1 cache (built before reference rows had to pass the sanity bounds) that pass
+    them, saved as ``new``: parsing the CIFs again takes seconds, fingerprinting them took many minutes.
+    ``{}`` when there is no such cache."""
+    from matgen.evaluate.inputs import parse_cif
+    from matgen.evaluate.validity import check_sanity, in_reduced_cell
+
+    stored = _read_cache(old)
+    if not stored:
+        return {}
+    cifs = dict(zip(frame["material_id"].astype(str), frame["cif"], strict=True))
+
+    def passes(material_id: str) -> bool:
+        try:
+            return check_sanity(in_reduced_cell(parse_cif(cifs[material_id]))) is None
+        except Exception:  # unreadable now: computed (and reported) again with the rows not cached
+            return False
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen's per-CIF notes
+        keep = np.array([passes(str(i)) for i in stored["ids"]], dtype=bool)
+    migrated = {f: v[keep] for f, v in stored.items()}
+    try:
+        _save_npz_atomic(new, migrated)
+    except OSError:  # a read-only cache: used as it is, migrated again next time
+        pass
+    return migrated
+
+
 def load_test_reference(
     data_dir: str | Path | None = None,
     *,
@@ -300,7 +329,7 @@ def load_test_reference(
     """
     from matgen.data import cache_file_prefix, ensure_split_file, load_split
 
-    frame = load_split(split, data_dir)
+    frame = whole = load_split(split, data_dir)
     n = len(frame)
     sampled = test_limit is not None and test_limit < n  # against the split's rows, readable or not
     if sampled:
@@ -309,9 +338,10 @@ def load_test_reference(
     split_file = ensure_split_file(split, data_dir, download=False)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     prefix = cache_file_prefix(split_file)
-    path = cache / f"{prefix}-{split}-reference-{file_sha256(split_file)[:16]}-v{_REFERENCE_FORMAT}.npz"
+    stem = f"{prefix}-{split}-reference-{file_sha256(split_file)[:16]}"
+    path = cache / f"{stem}-v{_REFERENCE_FORMAT}.npz"
 
-    stored = _read_cache(path)
+    stored = _read_cache(path) or _migrated_format_1(cache / f"{stem}-v1.npz", path, whole)
     have = {str(i): k for k, i in enumerate(stored.get("ids", np.array([], dtype=str)))}
     todo = [(m, c) for m, c in zip(frame["material_id"], frame["cif"], strict=True) if m not in have]
     failed: dict[str, str] = {}

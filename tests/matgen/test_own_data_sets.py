@@ -269,6 +269,37 @@ def test_the_reference_set_holds_only_crystals_that_pass_the_sanity_bounds_and_s
     assert part.sampled and part.subset(np.ones(len(part), bool)).sampled
 
 
+def test_a_reference_cache_of_the_earlier_format_is_migrated_not_rebuilt(tmp_path, rows, monkeypatch):
+    """A format-1 cache (rows not yet held to the sanity bounds) keeps its fingerprints, which took minutes
+    to compute, and loses the rows that fail the bounds."""
+    from pymatgen.core import Lattice, Structure
+
+    import matgen.evaluate.fingerprints as fingerprints
+    import matgen.evaluate.validity as validity
+
+    disordered = Structure(Lattice.cubic(4.0), [{"Ba": 0.5, "Sr": 0.5}, "Ti"], [[0, 0, 0], [0.5] * 3])
+    own = tmp_path / "own"
+    own.mkdir()
+    extra = pd.DataFrame(
+        {"material_id": ["half-ba"], "cif": [disordered.to(fmt="cif")], "pretty_formula": ["x"]}
+    )
+    pd.concat([rows, extra]).to_csv(own / "test.csv", index=False)
+    with monkeypatch.context() as old_rules:  # the earlier version: no sanity bounds for reference rows
+        old_rules.setattr(validity, "check_sanity", lambda *a, **k: None)
+        assert "half-ba" in load_test_reference(own, cache_dir=tmp_path / "fp", progress=False).ids
+    (built,) = (tmp_path / "fp").iterdir()
+    built.rename(built.with_name(built.name.replace(f"-v{fingerprints._REFERENCE_FORMAT}.", "-v1.")))
+
+    def no_fingerprints(*a, **k):
+        raise AssertionError("a cached row was fingerprinted again")
+
+    monkeypatch.setattr(fingerprints, "structure_fingerprint", no_fingerprints)
+    with pytest.warns(UserWarning, match="half-ba: fails the sanity bounds"):
+        reference = load_test_reference(own, cache_dir=tmp_path / "fp", progress=False)
+    assert sorted(reference.ids) == sorted(rows["material_id"])
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "fp").iterdir()) == ["v1.npz", "v2.npz"]
+
+
 def test_a_crystal_in_a_needlessly_skewed_cell_is_trained_on_in_its_reduced_cell(tmp_path, rows):
     """A row written in a basis with a 60 A axis (the same crystal as a 4 A cube) does not fit the
     vocabulary as written; it is tokenized in its Niggli cell instead of being skipped. A cell that is
