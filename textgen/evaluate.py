@@ -559,7 +559,7 @@ def evaluate(
                 "chunk": chunk,
                 "seed": seed,
             }
-            if cells is not None and (found := cells.get(key)) is not None:
+            if cells is not None and (found := _likelihood_cell(cells, key, seqs)) is not None:
                 _reused(log, f"{label} on {name}", json.dumps(key, sort_keys=True) in done_here)
                 report.likelihood.append(
                     LikelihoodResult(
@@ -625,6 +625,17 @@ def evaluate(
     if out_dir is not None:
         report.write(out_dir)
     return report
+
+
+def _likelihood_cell(cells: ResultLog, key: dict[str, Any], seqs: Tensor) -> dict[str, Any] | None:
+    """The finished likelihood cell of ``key``; also one logged by the earlier version, whose key lacked the
+    sequences' shape, when its result was computed on as many sequences (same bytes, same rows: same shape)."""
+    found = cells.get(key)
+    if found is None:
+        legacy = cells.get({k: v for k, v in key.items() if k != "sequences_shape"})
+        if legacy is not None and legacy.get("num_sequences") == int(seqs.shape[0]):
+            found = legacy
+    return found
 
 
 def _reused(log: Callable[[str], None] | None, what: str, in_this_run: bool = False) -> None:
