@@ -401,7 +401,13 @@ def _flatten_alpha(img):
     arbitrary (often black or a leftover), while icons and drawings are meant to be seen on a page."""
     from PIL import Image
 
-    if "transparency" in img.info:  # a palette entry, or a tRNS colour key of a grey or RGB image
+    key = img.info.get("transparency")
+    if img.mode == "RGB" and isinstance(key, tuple) and max(key) > 255:
+        # a 16-bit RGB PNG: Pillow keeps the 16-bit key but gives 8-bit pixels, so no pixel equals the key;
+        # the pixels whose 8 high bits match it are taken (within 1/256 of the key colour)
+        alpha = ~np.all(np.asarray(img) == np.array([v >> 8 for v in key], dtype=np.uint8), axis=-1)
+        img = Image.merge("RGBA", (*img.split(), Image.fromarray(alpha.astype(np.uint8) * 255, "L")))
+    elif key is not None:  # a palette entry, or a tRNS colour key of a grey or RGB image
         img = img.convert("RGBA")
     if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
         return img

@@ -192,6 +192,36 @@ def test_a_trns_colour_key_is_transparency_too(tmp_path: Path) -> None:
     a, b, c, d = load_image_folder(folder, size=4, channels=1).images
     assert (a == 255).all() and (b == 255).all() and (d == 0).all()
     assert int(c[0, 0, 0]) == 100 and (c.flatten()[1:] == 255).all()
+    # a 16-bit RGB PNG (written by hand: Pillow writes none), its key a 16-bit colour that Pillow keeps while
+    # it gives 8-bit pixels
+    from imagegen.data import _flatten_alpha
+
+    png = _rgb16_png([[(0x1234, 0x5678, 0x9ABC), (0xFFFF, 0, 0)]], (0x1234, 0x5678, 0x9ABC))
+    with Image.open(io.BytesIO(png)) as keyed:
+        assert np.asarray(_flatten_alpha(keyed)).tolist() == [[[255, 255, 255], [255, 0, 0]]]
+
+
+def _rgb16_png(rows: list[list[tuple[int, int, int]]], key: tuple[int, int, int]) -> bytes:
+    """A 16-bit RGB PNG with a tRNS colour key, chunk by chunk."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    raw = b"".join(b"\x00" + b"".join(struct.pack(">HHH", *p) for p in row) for row in rows)
+    header = struct.pack(">IIBBBBB", len(rows[0]), len(rows), 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"tRNS", struct.pack(">HHH", *key))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_tokens_round_trip_and_dataset_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
