@@ -220,12 +220,12 @@ def sample(
             write_texts(result, out)
     except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
         fail(str(e))
+    nfe = f", NFE {steps}" if model.kind == "dfm" else ""  # AR: one network call per token
     if out is not None:
-        nfe = f", NFE {steps}" if model.kind == "dfm" else ""  # AR: one network call per token
         typer.echo(f"wrote {len(result.texts)} texts ({model.label}{nfe}) to {out}")
         return
     for i, text in enumerate(result.texts):
-        typer.echo(f"=== sample {i} ({model.label}{f', NFE {steps}' if model.kind == 'dfm' else ''}) ===")
+        typer.echo(f"=== sample {i} ({model.label}{nfe}) ===")
         typer.echo(text)
 
 

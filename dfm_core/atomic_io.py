@@ -369,13 +369,12 @@ def visible_files(
     are skipped. A symlinked folder is followed once (a folder linked twice is read once), and one that
     links back to ``folder`` or above it is not followed: it would read the folders beside ``folder``.
     Likewise a file is read once: a link to a file that is listed too is skipped (with one warning)."""
-    found = list(_walk_visible(folder, suffixes, skip_dir))
-    reals = [os.path.realpath(p) for p in found]
-    plain = {r for p, r in zip(found, reals, strict=True) if not p.is_symlink()}
+    found = [(p, os.path.realpath(p), p.is_symlink()) for p in _walk_visible(folder, suffixes, skip_dir)]
+    plain = {real for _, real, link in found if not link}
     seen: set[str] = set()
     repeats: list[tuple[Path, str]] = []
-    for path, real in zip(found, reals, strict=True):
-        if real in seen or (path.is_symlink() and real in plain):
+    for path, real, link in found:
+        if real in seen or (link and real in plain):
             repeats.append((path, real))
             continue
         seen.add(real)

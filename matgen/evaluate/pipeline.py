@@ -48,7 +48,7 @@ from matgen.evaluate.fingerprints import (
 from matgen.evaluate.hull import hull_compounds, load_hull
 from matgen.evaluate.inputs import InputItem, Inputs, error_text, parse_cif, read_inputs
 from matgen.evaluate.journal import Journal, structure_from_json, structure_to_json
-from matgen.evaluate.report import OUTPUT_FILES, candidate_mask, remove_outputs
+from matgen.evaluate.report import OUTPUT_FILES, candidate_mask, judged_true, remove_outputs
 from matgen.evaluate.validity import (
     SLAB_GAP,
     check_sanity,
@@ -673,8 +673,7 @@ def _summarize(
         )
     )
 
-    uniq = results["unique"].map(lambda v: v is True)
-    nov = results["novel"].map(lambda v: v is True)
+    uniq, nov = judged_true(results["unique"]), judged_true(results["novel"])
     s["unique_rate"] = frac(uniq)
     s["novel_rate"] = frac(nov)
     s["unique_novel_rate"] = frac(uniq & nov)

@@ -29,7 +29,14 @@ from pymatgen.core import Composition
 
 from dfm_core.atomic_io import atomic_write, atomic_write_text
 
-__all__ = ["OUTPUT_FILES", "candidate_mask", "print_summary", "remove_outputs", "write_outputs"]
+__all__ = [
+    "OUTPUT_FILES",
+    "candidate_mask",
+    "judged_true",
+    "print_summary",
+    "remove_outputs",
+    "write_outputs",
+]
 
 OUTPUT_FILES = (
     "results.csv",
@@ -75,16 +82,19 @@ def _candidate_stem(crystal_id: str, taken: set[str]) -> str:
     return unique
 
 
+def judged_true(flags: pd.Series) -> pd.Series:
+    """True where a flag column holds True; None / NaN (not judged) count as False. No ``fillna`` on an
+    object column (pandas deprecates its downcast)."""
+    return flags.map(lambda v: isinstance(v, bool | np.bool_) and bool(v))
+
+
 def candidate_mask(results: pd.DataFrame) -> pd.Series:
     """The candidates among ``results``: metastable, unique and novel (M.S.U.N.), and not slab-like."""
     from matgen.evaluate.validity import SLAB_GAP
 
     if "metastable" not in results.columns:
         return pd.Series(False, index=results.index)
-    # True only where a flag is True (None / NaN: not judged); no fillna on object columns (deprecated)
-    flags = results[["metastable", "unique", "novel"]].apply(
-        lambda column: column.map(lambda v: isinstance(v, bool | np.bool_) and bool(v))
-    )
+    flags = results[["metastable", "unique", "novel"]].apply(judged_true)
     gap = results["vacuum_gap"].to_numpy(float) if "vacuum_gap" in results else np.zeros(len(results))
     return flags.all(axis=1) & ~(gap > SLAB_GAP)
 
