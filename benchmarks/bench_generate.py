@@ -14,7 +14,9 @@ decoding beside them (on a shared CPU the CPU time is the steadier figure).
 Reference in the same run (``--reference``, on by default): the identical pipeline with
 ``dfm_core.sampler.sample`` swapped for flow_matching's ``MixtureDiscreteEulerSolver`` (same model,
 same masked/temperature-scaled posterior, same kappa_t through a ``ConvexScheduler`` adapter around
-the checkpoint's dfm_core scheduler, same NFE, same batches), so the ratio isolates the sampler.
+the checkpoint's dfm_core scheduler, same NFE, same batches), so the ratio isolates the sampler. Ours
+runs the network only on the crystals that change in a step (``skip_idle_rows``, the default of
+``sample_tokens``); flow_matching's solver runs every crystal in every step.
 
 Checkpoint: ``--checkpoint`` if given, else the shipped ``matgen/checkpoints/ko_dfm_mp20.safetensors``,
 else a random-weight checkpoint of ``--size`` built in a temp dir (KO scheduler, atom counts uniform

@@ -88,7 +88,7 @@ def generate(
         min=1,
         max=1000,
         help="Sample each batch in up to K groups of similar atom count, padded only to each group's "
-        "largest crystal (default: up to 16 on CPU, 1 on GPU; on --resume, as before).",
+        "largest crystal (default: 1; on --resume, as before).",
     ),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:

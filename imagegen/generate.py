@@ -252,8 +252,11 @@ class ImageGenerator:
     def class_names(self) -> list[str] | None:
         return self.metadata.get("class_names")
 
-    def model_fn(self, labels: Tensor | None, guidance: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
-        """``f(x (B, L), t (B,)) -> logits (B, L, V)`` for the sampler (guided if ``guidance > 0``)."""
+    def model_fn(
+        self, labels: Tensor | None, guidance: float = 0.0
+    ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """``f(x (R, L), t (R,), rows (R,) | None) -> logits (R, L, V)`` for the sampler, ``rows`` being the
+        batch rows that ``x`` holds (``skip_idle_rows``; None: all); guided if ``guidance > 0``."""
         V = self.path.vocab_size
         y = None if labels is None else labels.to(self.device)
         use_bf16 = self.device.type == "cuda"
@@ -263,13 +266,16 @@ class ImageGenerator:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 return self.model(x, t, yy).float()
 
-        def fn(x: Tensor, t: Tensor) -> Tensor:
-            if guidance > 0 and y is not None:
-                both = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+        def fn(x: Tensor, t: Tensor, rows: Tensor | None = None) -> Tensor:
+            yy = y if y is None or rows is None else y[rows]
+            if guidance > 0 and yy is not None:
+                both = forward(
+                    torch.cat([x, x]), torch.cat([t, t]), torch.cat([yy, torch.full_like(yy, null)])
+                )
                 cond, uncond = both.log_softmax(-1).chunk(2)
                 logits = (1.0 + guidance) * cond - guidance * uncond
             else:
-                logits = forward(x, t, y)
+                logits = forward(x, t, yy)
             return pad_logits(logits, V)
 
         return fn
@@ -299,6 +305,7 @@ class ImageGenerator:
             float64=sampling.float64,
             generator=generator,
             return_trajectory=return_trajectory,
+            skip_idle_rows=True,  # with a mask path, an image goes through the network only when it changes
         )
 
     def sample(

@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 COINCIDENT_TOLERANCE = 1e-3  # A
-AUTO_MAX_GROUPS = 16  # default cap on CPU (the split is O(groups * distinct counts^2))
 SAMPLES_COLUMNS = [
     "id",
     "file",
@@ -460,9 +459,10 @@ def generate(
         resample_collisions: rounds of :meth:`CrystalGenerator.resample_coincident_atoms` for crystals
             with two atoms on one site (0: the paper's sampler, such sequences are not written).
         length_buckets: sample each batch in up to this many groups of similar atom count
-            (:func:`length_groups`; padding only to each group's largest crystal). Default: up to 16 on
-            CPU, where it takes 0.5-0.8 of the time; 1 on GPUs, where each group adds a sampler loop's
-            launches (not timed there yet); on ``resume``, what the earlier run used.
+            (:func:`length_groups`; padding only to each group's largest crystal). Default: 1. Since the
+            sampler skips idle crystals, groups took 0.99-1.35 of its time on a 2-core CPU, and on an
+            H100 they took 1.06-1.09 even before (``benchmarks/bench_length_buckets.py``). On ``resume``,
+            what the earlier run used.
     """
     _check_arguments(
         n, workers, batch_size, steps, overwrite, resume, length_buckets, resample_collisions, num_atoms
@@ -496,7 +496,7 @@ def generate(
         settings["resample_collisions"] = int(resample_collisions)
     auto_buckets = length_buckets is None
     if auto_buckets:
-        length_buckets = min(gen.max_atoms, AUTO_MAX_GROUPS) if gen.device.type == "cpu" else 1
+        length_buckets = 1  # with idle crystals skipped, more groups cost more loops than they save
     if length_buckets > 1:  # absent when 1 (one group per batch), as folders written before the option
         settings["length_buckets"] = int(length_buckets)
     samples_path, settings_path = out / "samples.csv", out / "generation.json"

@@ -202,6 +202,7 @@ def generate_tokens(
     if model.kind == "ar" and template is not None and not template.is_prompt:
         raise ValueError("the autoregressive baseline can only continue a prompt, not infill")
     vel = make_velocity(velocity, alpha=alpha, corrector=corrector) if model.kind == "dfm" else None
+    logits = model.logits_fn() if model.kind == "dfm" else None
     out = []
     for b, start in enumerate(range(0, n, batch_size)):
         size = min(batch_size, n - start)
@@ -216,7 +217,7 @@ def generate_tokens(
             clamp_mask = template.mask.to(model.device).expand(size, -1)
             clamp_values = template.values.to(model.device).expand(size, -1)
         res = sample(
-            model.logits_fn(),
+            lambda x, t, rows: logits(x, t),  # the network needs nothing per sequence but the tokens
             model.path,
             x0,
             steps=steps,
@@ -227,6 +228,7 @@ def generate_tokens(
             float64=float64,
             generator=g,
             progress=progress,
+            skip_idle_rows=True,  # a sequence goes through the network only in the steps where it changes
         )
         out.append(res.tokens.cpu())
     return torch.cat(out)
