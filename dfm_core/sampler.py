@@ -43,7 +43,8 @@ class SampleResult:
     trajectory: list[Tensor] | None = None
     times: Tensor | None = None
     network_rows: int = 0
-    """Sequences passed through the network, summed over the steps (batch x steps without skipping)."""
+    """Rows handed to the model function, summed over the steps (batch x steps without skipping; a guided
+    model may run each twice)."""
 
 
 def whole_number(value: object, name: str) -> int:

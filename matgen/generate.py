@@ -460,9 +460,9 @@ def generate(
             with two atoms on one site (0: the paper's sampler, such sequences are not written).
         length_buckets: sample each batch in up to this many groups of similar atom count
             (:func:`length_groups`; padding only to each group's largest crystal). Default: 1. Since the
-            sampler skips idle crystals, groups took 0.99-1.35 of its time on a 2-core CPU, and on an
-            H100 they took 1.06-1.09 even before (``benchmarks/bench_length_buckets.py``). On ``resume``,
-            what the earlier run used.
+            sampler skips idle crystals, groups took 0.99-1.35 of its time on a 2-core CPU (1.04-1.10
+            at the default batch of 500), and on an H100 they took 1.06-1.09 even before
+            (``benchmarks/bench_length_buckets.py``). On ``resume``, what the earlier run used.
     """
     _check_arguments(
         n, workers, batch_size, steps, overwrite, resume, length_buckets, resample_collisions, num_atoms
@@ -496,7 +496,7 @@ def generate(
         settings["resample_collisions"] = int(resample_collisions)
     auto_buckets = length_buckets is None
     if auto_buckets:
-        length_buckets = 1  # with idle crystals skipped, more groups cost more loops than they save
+        length_buckets = 1  # with idle crystals skipped, groups' extra loops cost about what they save
     if length_buckets > 1:  # absent when 1 (one group per batch), as folders written before the option
         settings["length_buckets"] = int(length_buckets)
     samples_path, settings_path = out / "samples.csv", out / "generation.json"
