@@ -47,7 +47,12 @@ def generate(
     checkpoint: Path | None = typer.Option(
         None, help="matgen checkpoint (.safetensors); default: the shipped model."
     ),
-    steps: int = typer.Option(500, min=1, help="Sampler steps (NFE); the paper uses 500."),
+    steps: int = typer.Option(
+        500,
+        min=1,
+        help="Sampler steps (NFE); the paper uses 500. A crystal goes through the network only in the "
+        "steps where one of its tokens is unmasked.",
+    ),
     temperature: float | None = typer.Option(
         None,
         help="Posterior softmax temperature (default: the checkpoint's recommendation, else the paper's 0.7).",
