@@ -1,5 +1,6 @@
-# Sourced by textgen_run.sh, imagegen_run.sh and imagegen_latent_run.sh, and by the matgen scripts after
-# their env.sh (which installs the wheels): no wheels, the repo on PYTHONPATH, a work folder for unpacked data / caches / runs, a deadline for the whole call,
+# Sourced by textgen_run.sh, imagegen_run.sh and imagegen_latent_run.sh, and by the matgen scripts through
+# matgen_env.sh (after env.sh, which installs the wheels): no wheels, the repo on PYTHONPATH, a work folder
+# for unpacked data / caches / runs, a deadline for the whole call,
 # and helpers that put results under $OUT within its limits (8 files, 16 MiB each, 64 MiB together).
 # See benchmarks/device/PLAN_text_images.md.
 #

@@ -18,14 +18,7 @@ CARRY=${MG_CARRY:-.devcarry} W=${MG_WORK:-out}
 # test split: MG_ANCHOR=.devdata/mp_20/test.csv.gz MG_ANCHOR_NAME=ev_test. MG_ANCHOR_ONLY=1: steps 3-4 only
 ANCHOR=${MG_ANCHOR:-$CARRY/mp20_test_1k_seed0.csv} ANAME=${MG_ANCHOR_NAME:-ev_test1k}
 N=${MG_N:-10000} STEPS=${MG_STEPS:-500} DEVICE=${MG_DEVICE:-cuda} WORKERS=${MG_WORKERS:-14}
-if [ -z "${MG_LOCAL:-}" ]; then
-    source benchmarks/device/env.sh
-else
-    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-$PWD/$W/device}
-    mkdir -p "$OUT"
-fi
-DEV_DEVICE=$DEVICE source benchmarks/device/env_common.sh
-export TIMING_FILE=$OUT/timing.txt
+source benchmarks/device/matgen_env.sh
 log=$OUT/log_eval.txt
 exec > >(tee -a "$log") 2>&1
 nproc --all

@@ -10,14 +10,7 @@
 #   MG_LOCAL=1 MG_N=16 MG_STEPS=5 MG_RELAX=2 MG_DEVICE=cpu OUT=/tmp/mgspeed bash benchmarks/device/matgen_speed_run.sh
 export DEV_T0=${DEV_T0:-$(date +%s)}  # the deadline counts from the start of the call, wheel installs included
 N=${MG_N:-10000} STEPS=${MG_STEPS:-500} DEVICE=${MG_DEVICE:-cuda} RELAX=${MG_RELAX:-128} W=${MG_WORK:-out}
-if [ -z "${MG_LOCAL:-}" ]; then
-    source benchmarks/device/env.sh
-else
-    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-$PWD/$W/device}
-    mkdir -p "$OUT"
-fi
-DEV_DEVICE=$DEVICE source benchmarks/device/env_common.sh
-export TIMING_FILE=$OUT/timing.txt
+source benchmarks/device/matgen_env.sh
 exec > >(tee -a "$OUT/log_speed.txt") 2>&1
 dev_info || exit 1
 
