@@ -228,8 +228,11 @@ def sample(
                 jump = cand & (u >= stay)
             # the rows with a jump (one host sync, as the boolean indexing by ``jump`` below has)
             rows = jump.any(-1).nonzero().squeeze(-1) if skip_idle_rows else None
+            logits = None
             if rows is None or len(rows):
                 logits = call_model(x, t_dev[k], rows)[jump if rows is None else jump[rows]]
+            # a step without jumps draws nothing either way, so both settings use the generator alike
+            if logits is not None and len(logits):
                 post = _masked_softmax(
                     logits, temperature, None if banned is None else banned[jump], torch.float32
                 )
