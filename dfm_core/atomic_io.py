@@ -331,8 +331,9 @@ def _locked_handle(path: Path, lock_path: Path, what: str):  # -> an open file h
 
 def holds_folder_lock(parameter: str, what: str = "folder") -> Callable:
     """Decorate a function so that it runs under :func:`folder_lock` of its argument ``parameter`` (no
-    lock when that argument is ``None``; a leading ``~`` is expanded first). The wrapper adds one frame: a warning raised in the decorated
-    function names its caller with a ``stacklevel`` one higher than without the decorator."""
+    lock when that argument is ``None``; a leading ``~`` is expanded first). The wrapper adds one frame: a
+    warning raised in the decorated function names its caller with a ``stacklevel`` one higher than
+    without the decorator."""
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)

@@ -63,10 +63,10 @@ class UNetConfig:
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
-        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+        if self.image_size % self.size_step:
             raise ValueError(
-                f"image size {self.image_size} cannot be halved {len(self.channel_mult) - 1} times "
-                f"(channel_mult {self.channel_mult}): use a size divisible by {2 ** (len(self.channel_mult) - 1)}, "
+                f"image size {self.image_size} cannot be halved {self.halvings} times "
+                f"(channel_mult {self.channel_mult}): use a size divisible by {self.size_step}, "
                 "or fewer levels in channel_mult"
             )
         if any(not 0 <= lv < len(self.channel_mult) for lv in self.attention_levels):
@@ -75,6 +75,16 @@ class UNetConfig:
             )
         if self.input_vocab < self.num_levels:
             raise ValueError("input_vocab must cover the pixel values")
+
+    @property
+    def halvings(self) -> int:
+        """How often the U-Net halves the image side: once per level after the first."""
+        return len(self.channel_mult) - 1
+
+    @property
+    def size_step(self) -> int:
+        """The image side must be a multiple of this (``2 ** halvings``)."""
+        return 2**self.halvings
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -257,7 +267,7 @@ class PixelUNet(nn.Module):
                     layers.append(AttentionBlock(ch, cfg.head_channels, g))
                 self.down.append(_Stage(layers))
                 skips.append(ch)
-            if level < len(cfg.channel_mult) - 1:
+            if level < cfg.halvings:
                 self.down.append(_Stage([Downsample(ch)]))
                 skips.append(ch)
         self.middle = _Stage(

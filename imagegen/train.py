@@ -105,12 +105,11 @@ class ImagegenTrainConfig:
             check_count(self.train_limit, "train_limit (training images to use)")
         if self.image_size is not None:
             check_count(self.image_size, "image_size")
-            halvings = len(self.model.channel_mult) - 1
-            if self.latent is None and self.image_size % 2**halvings:  # refused before any image is decoded
-                step = 2**halvings
+            step = self.model.size_step
+            if self.latent is None and self.image_size % step:  # refused before any image is decoded
                 raise ValueError(
-                    f"image size {self.image_size} cannot be halved {halvings} time(s) by the U-Net (channel_mult "
-                    f"{tuple(self.model.channel_mult)}): use a multiple of {step} (--image-size "
+                    f"image size {self.image_size} cannot be halved {self.model.halvings} time(s) by the U-Net "
+                    f"(channel_mult {tuple(self.model.channel_mult)}): use a multiple of {step} (--image-size "
                     f"{max(step, self.image_size // step * step)}), or fewer levels (channel_mult in the [model] "
                     "table of a --config file)"
                 )
@@ -158,11 +157,10 @@ def model_config_for(config: ImagegenTrainConfig, data: ImageDataset, vq: VQVAE 
     except ValueError as e:
         if vq is None:
             raise
-        halvings = len(config.model.channel_mult) - 1
         raise ValueError(
-            f"the VQ-VAE's {H}x{H} code grid cannot be halved {halvings} time(s) by the U-Net ({e}): train the "
-            f"VQ-VAE with fewer downsamplings (e.g. `imagegen train-vq --num-down 1` for 28x28 images) or give "
-            "the U-Net fewer levels (channel_mult in the [model] table of a --config file)"
+            f"the VQ-VAE's {H}x{H} code grid cannot be halved {config.model.halvings} time(s) by the U-Net ({e}): "
+            "train the VQ-VAE with fewer downsamplings (e.g. `imagegen train-vq --num-down 1` for 28x28 images) "
+            "or give the U-Net fewer levels (channel_mult in the [model] table of a --config file)"
         ) from None
 
 

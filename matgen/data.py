@@ -296,9 +296,8 @@ def _read_split_table(path: Path, limit: int | None, ids_only: bool = False) -> 
             frame = pd.read_csv(path, nrows=limit, usecols=wanted, dtype={"material_id": str})[wanted]
     frame = frame.reset_index(drop=True)
     _check_ids(frame["material_id"], path)
-    if (
-        "cif" in frame.columns
-    ):  # a parquet column of bytes: text for every reader (training, reference, novelty)
+    # a parquet column of bytes becomes text for every reader (training, reference, novelty)
+    if "cif" in frame.columns:
         frame["cif"] = frame["cif"].map(_cif_text)
     return frame
 

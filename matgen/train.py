@@ -242,9 +242,8 @@ def train_crystal_model(
 
     metadata = {
         "model_config": model_cfg.to_dict(),
-        "matgen_config": dataclasses.replace(
-            config, model=model_cfg
-        ).to_dict(),  # one max_atoms, the one used
+        # the model section as built (one max_atoms: the one used, not the preset's)
+        "matgen_config": dataclasses.replace(config, model=model_cfg).to_dict(),
         "data": {  # which data, even when it came from $MATGEN_DATA (config.data_dir is then None)
             "data_set": data_set_name(config.data_dir).strip("'"),
             "data_dir": str(resolve_data_dir(config.data_dir).resolve()),

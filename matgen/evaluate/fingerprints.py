@@ -171,18 +171,23 @@ class ReferenceSet:
         return ReferenceSet(**rows, sampled=self.sampled)
 
 
+def _sanity_problem(structure: Any) -> str | None:
+    """Why a reference crystal fails the sanity bounds that generated crystals must pass, or None. A partly
+    occupied site, for one, has no fingerprint, and its density would still enter the distributions."""
+    from matgen.evaluate.validity import check_sanity, in_reduced_cell
+
+    return check_sanity(in_reduced_cell(structure))
+
+
 def _reference_row(item: tuple[str, str]) -> dict[str, Any]:
     """The reference fields of one data-set row, or ``{"ids", "error"}`` when the row cannot be read or
     described (a data set of one's own may hold a dummy species, a broken CIF ...)."""
     from matgen.evaluate.inputs import error_text, parse_cif
-    from matgen.evaluate.validity import check_sanity, in_reduced_cell
 
     material_id, cif = item
     try:
         s = parse_cif(cif if isinstance(cif, str) else "")
-        # the bounds generated crystals must pass (a partly occupied site has no fingerprint, and its density
-        # would still enter the distributions)
-        if (insane := check_sanity(in_reduced_cell(s))) is not None:
+        if (insane := _sanity_problem(s)) is not None:
             return {"ids": material_id, "error": f"fails the sanity bounds: {insane}"}
         fp = structure_fingerprint(s)
         return {
@@ -288,7 +293,6 @@ def _migrated_format_1(old: Path, new: Path, frame: Any) -> dict[str, np.ndarray
     them, saved as ``new``: parsing the CIFs again takes seconds, fingerprinting them took many minutes.
     ``{}`` when there is no such cache."""
     from matgen.evaluate.inputs import parse_cif
-    from matgen.evaluate.validity import check_sanity, in_reduced_cell
 
     stored = _read_cache(old)
     if not stored:
@@ -297,7 +301,7 @@ def _migrated_format_1(old: Path, new: Path, frame: Any) -> dict[str, np.ndarray
 
     def passes(material_id: str) -> bool:
         try:
-            return check_sanity(in_reduced_cell(parse_cif(cifs[material_id]))) is None
+            return _sanity_problem(parse_cif(cifs[material_id])) is None
         except Exception:  # unreadable now: computed (and reported) again with the rows not cached
             return False
 
